@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what is missing and runs the demo stack on 127.0.0.1:
+#   ClickHouse :18123, FerretDB :27018, the STAND-IN legacy FHIR server :18080,
+#   and fhir-group-proxy in front of it on :8080 (foreground; Ctrl-C stops all).
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+PROXY_PORT="${FGP_DEMO_PROXY_PORT:-8080}"
+STANDIN_PORT="${FGP_DEMO_STANDIN_PORT:-18080}"
+
+ensure_all_installed
+start_services
+cd "$REPO_ROOT"
+log "building (release)"
+cargo build --release --workspace --quiet
+bin="$CARGO_TARGET_DIR/release"
+
+cleanup() {
+  [ -n "${standin_pid:-}" ] && kill "$standin_pid" 2>/dev/null
+  stop_services
+}
+trap cleanup EXIT
+
+mkdir -p "$RUN_DIR/standin"
+"$bin/standin-legacy-fhir" --listen "127.0.0.1:$STANDIN_PORT" \
+  --mongo-uri "$FGP_TEST_MONGO_URI" --database fhir_demo \
+  </dev/null >"$RUN_DIR/standin/log" 2>&1 &
+standin_pid=$!
+wait_until "stand-in legacy FHIR server" 30 port_open "$STANDIN_PORT"
+
+cat >&2 <<MSG
+
+  fhir-group-proxy demo stack
+  ---------------------------
+  proxy (use this)           http://127.0.0.1:$PROXY_PORT/4_0_0
+  stand-in legacy server     http://127.0.0.1:$STANDIN_PORT/4_0_0   (log: $RUN_DIR/standin/log)
+  ClickHouse                 $FGP_TEST_CLICKHOUSE_URL
+  FerretDB (MongoDB wire)    $FGP_TEST_MONGO_URI  database fhir_demo
+
+  try:
+    curl -s -XPOST localhost:$PROXY_PORT/4_0_0/Group -H 'content-type: application/fhir+json' \\
+         -d '{"resourceType":"Group","id":"demo","type":"person","actual":true}'
+    curl -s localhost:$PROXY_PORT/4_0_0/Group/demo
+  Ctrl-C stops everything.
+
+MSG
+
+FGP_LISTEN="127.0.0.1:$PROXY_PORT" \
+FGP_UPSTREAM_URL="http://127.0.0.1:$STANDIN_PORT" \
+FGP_CLICKHOUSE_URL="$FGP_TEST_CLICKHOUSE_URL" FGP_CLICKHOUSE_DATABASE=fhir_demo \
+FGP_MONGO_URI="$FGP_TEST_MONGO_URI" FGP_MONGO_DATABASE=fhir_demo \
+  "$bin/fhir-group-proxy" --config "$REPO_ROOT/config/fhir-group-proxy.toml" serve

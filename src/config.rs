@@ -1,0 +1,640 @@
+//! Settings of the proxy: one TOML file, overridden by environment variables and
+//! command-line flags (flag > environment > file > built-in default).
+//!
+//! The file format is documented by `config/fhir-group-proxy.toml`; every key has
+//! a default so an empty file is valid.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use url::Url;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("setting {key} = {value:?} is not valid: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub fhir: FhirSettings,
+    pub clickhouse: ClickHouseSettings,
+    pub mongo: MongoSettings,
+    pub members: MemberSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address the proxy listens on.
+    pub listen: String,
+    /// Worker threads; 0 means one per CPU core.
+    pub threads: usize,
+    /// After SIGTERM/SIGINT, seconds to keep accepting while load balancers notice.
+    pub grace_period_seconds: u64,
+    /// Then at most this many seconds for in-flight requests to finish.
+    pub graceful_shutdown_timeout_seconds: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            threads: 0,
+            grace_period_seconds: 1,
+            graceful_shutdown_timeout_seconds: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSettings {
+    /// Base URL of the legacy FHIR server, e.g. `http://127.0.0.1:3000`.
+    pub url: String,
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the next bytes from the upstream (also time to first byte).
+    pub read_timeout_ms: u64,
+    pub write_timeout_ms: u64,
+    /// Idle upstream keep-alive connections are closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Forward the client's `Host` header unchanged (the upstream then builds links
+    /// that point at the proxy). When false, `Host` is set to the upstream authority.
+    pub preserve_host: bool,
+    /// Add `X-Forwarded-For` (appended), `X-Forwarded-Proto` and `X-Forwarded-Host`
+    /// (only when absent, so values set by an outer TLS-terminating balancer survive).
+    pub forwarded_headers: bool,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:3000".into(),
+            connect_timeout_ms: 2_000,
+            read_timeout_ms: 60_000,
+            write_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
+            preserve_host: true,
+            forwarded_headers: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FhirSettings {
+    /// Path prefixes under which the FHIR API lives, e.g. `/4_0_0`.
+    pub base_paths: Vec<String>,
+    /// Largest request body the proxy reads itself (intercepted requests only;
+    /// passthrough bodies are streamed and not limited here).
+    pub max_intercepted_body_bytes: usize,
+    /// Most JSON Patch operations accepted in one member PATCH.
+    pub max_patch_operations: usize,
+}
+
+impl Default for FhirSettings {
+    fn default() -> Self {
+        Self {
+            base_paths: vec!["/4_0_0".into()],
+            max_intercepted_body_bytes: 16 * 1024 * 1024,
+            max_patch_operations: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseSettings {
+    /// HTTP interface of ClickHouse.
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl Default for ClickHouseSettings {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8123".into(),
+            database: "fhir".into(),
+            user: "default".into(),
+            password: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MongoSettings {
+    /// Any MongoDB connection string, replica sets included.
+    pub uri: String,
+    pub database: String,
+}
+
+impl Default for MongoSettings {
+    fn default() -> Self {
+        Self {
+            uri: "mongodb://127.0.0.1:27017/".into(),
+            database: "fhir".into(),
+        }
+    }
+}
+
+/// How PATCHes of `Group.member` are handled by the proxy itself.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemberSettings {
+    /// Handle member PATCHes in the proxy (false: forward everything).
+    pub enabled: bool,
+    /// Status for a stale `If-Match`: 412 (FHIR R4) or 409 (as HAPI answers).
+    pub version_conflict_status: u16,
+    /// Answer 400 to member PATCHes without `If-Match`.
+    pub require_if_match: bool,
+    /// Patches mixing member and other ops: "split" (other ops go upstream as
+    /// their own PATCH, one version in total) or "reject" (422).
+    pub mixed_patch: MixedPatchPolicy,
+    /// Group commit: most rows in one ClickHouse insert ...
+    pub batch_max_rows: usize,
+    /// ... and longest wait for more writers after the first one.
+    pub batch_max_delay_ms: u64,
+    /// A member write holding a Group longer than this is presumed dead.
+    pub lease_ttl_ms: u64,
+    /// How long a write waits for a busy Group before answering 503.
+    pub write_wait_ms: u64,
+    /// Worker threads of the store runtime (MongoDB, ClickHouse clients).
+    pub store_threads: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPatchPolicy {
+    Split,
+    Reject,
+}
+
+impl Default for MemberSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            version_conflict_status: 412,
+            require_if_match: false,
+            mixed_patch: MixedPatchPolicy::Split,
+            batch_max_rows: 10_000,
+            batch_max_delay_ms: 5,
+            lease_ttl_ms: 30_000,
+            write_wait_ms: 10_000,
+            store_threads: 2,
+        }
+    }
+}
+
+/// Values from the environment or the command line that win over the file.
+/// Each field maps to exactly one key of [`Config`].
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// Address to listen on [server.listen]
+    #[arg(long, env = "FGP_LISTEN", global = true)]
+    pub listen: Option<String>,
+    /// Worker threads, 0 = one per core [server.threads]
+    #[arg(long, env = "FGP_THREADS", global = true)]
+    pub threads: Option<usize>,
+    /// Seconds to keep accepting after SIGTERM [server.grace_period_seconds]
+    #[arg(long, env = "FGP_GRACE_PERIOD_SECONDS", global = true)]
+    pub grace_period_seconds: Option<u64>,
+    /// Seconds in-flight requests get to finish on shutdown [server.graceful_shutdown_timeout_seconds]
+    #[arg(long, env = "FGP_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", global = true)]
+    pub graceful_shutdown_timeout_seconds: Option<u64>,
+    /// Base URL of the legacy FHIR server [upstream.url]
+    #[arg(long, env = "FGP_UPSTREAM_URL", global = true)]
+    pub upstream_url: Option<String>,
+    /// Upstream connect timeout in ms [upstream.connect_timeout_ms]
+    #[arg(long, env = "FGP_UPSTREAM_CONNECT_TIMEOUT_MS", global = true)]
+    pub upstream_connect_timeout_ms: Option<u64>,
+    /// Upstream read timeout in ms [upstream.read_timeout_ms]
+    #[arg(long, env = "FGP_UPSTREAM_READ_TIMEOUT_MS", global = true)]
+    pub upstream_read_timeout_ms: Option<u64>,
+    /// Upstream write timeout in ms [upstream.write_timeout_ms]
+    #[arg(long, env = "FGP_UPSTREAM_WRITE_TIMEOUT_MS", global = true)]
+    pub upstream_write_timeout_ms: Option<u64>,
+    /// Idle upstream connection lifetime in ms [upstream.idle_timeout_ms]
+    #[arg(long, env = "FGP_UPSTREAM_IDLE_TIMEOUT_MS", global = true)]
+    pub upstream_idle_timeout_ms: Option<u64>,
+    /// Forward the client's Host header unchanged [upstream.preserve_host]
+    #[arg(long, env = "FGP_UPSTREAM_PRESERVE_HOST", global = true)]
+    pub upstream_preserve_host: Option<bool>,
+    /// Add X-Forwarded-For/-Proto/-Host [upstream.forwarded_headers]
+    #[arg(long, env = "FGP_UPSTREAM_FORWARDED_HEADERS", global = true)]
+    pub upstream_forwarded_headers: Option<bool>,
+    /// FHIR base paths, comma-separated [fhir.base_paths]
+    #[arg(
+        long,
+        env = "FGP_FHIR_BASE_PATHS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub fhir_base_paths: Option<Vec<String>>,
+    /// Largest body of a request the proxy handles itself, in bytes [fhir.max_intercepted_body_bytes]
+    #[arg(long, env = "FGP_FHIR_MAX_INTERCEPTED_BODY_BYTES", global = true)]
+    pub fhir_max_intercepted_body_bytes: Option<usize>,
+    /// Most JSON Patch operations in one member PATCH [fhir.max_patch_operations]
+    #[arg(long, env = "FGP_FHIR_MAX_PATCH_OPERATIONS", global = true)]
+    pub fhir_max_patch_operations: Option<usize>,
+    /// ClickHouse HTTP URL [clickhouse.url]
+    #[arg(long, env = "FGP_CLICKHOUSE_URL", global = true)]
+    pub clickhouse_url: Option<String>,
+    /// ClickHouse database [clickhouse.database]
+    #[arg(long, env = "FGP_CLICKHOUSE_DATABASE", global = true)]
+    pub clickhouse_database: Option<String>,
+    /// ClickHouse user [clickhouse.user]
+    #[arg(long, env = "FGP_CLICKHOUSE_USER", global = true)]
+    pub clickhouse_user: Option<String>,
+    /// ClickHouse password (prefer the environment variable) [clickhouse.password]
+    #[arg(
+        long,
+        env = "FGP_CLICKHOUSE_PASSWORD",
+        hide_env_values = true,
+        global = true
+    )]
+    pub clickhouse_password: Option<String>,
+    /// MongoDB connection string [mongo.uri]
+    #[arg(long, env = "FGP_MONGO_URI", hide_env_values = true, global = true)]
+    pub mongo_uri: Option<String>,
+    /// MongoDB database of the legacy FHIR server [mongo.database]
+    #[arg(long, env = "FGP_MONGO_DATABASE", global = true)]
+    pub mongo_database: Option<String>,
+    /// Handle member PATCHes in the proxy [members.enabled]
+    #[arg(long, env = "FGP_MEMBERS_ENABLED", global = true)]
+    pub members_enabled: Option<bool>,
+    /// Status for a stale If-Match, 412 or 409 [members.version_conflict_status]
+    #[arg(long, env = "FGP_MEMBERS_VERSION_CONFLICT_STATUS", global = true)]
+    pub members_version_conflict_status: Option<u16>,
+    /// Require If-Match on member PATCHes [members.require_if_match]
+    #[arg(long, env = "FGP_MEMBERS_REQUIRE_IF_MATCH", global = true)]
+    pub members_require_if_match: Option<bool>,
+    /// Mixed member/other patches: split or reject [members.mixed_patch]
+    #[arg(long, env = "FGP_MEMBERS_MIXED_PATCH", global = true)]
+    pub members_mixed_patch: Option<MixedPatchPolicy>,
+    /// Most rows per ClickHouse insert [members.batch_max_rows]
+    #[arg(long, env = "FGP_MEMBERS_BATCH_MAX_ROWS", global = true)]
+    pub members_batch_max_rows: Option<usize>,
+    /// Longest group-commit wait in ms [members.batch_max_delay_ms]
+    #[arg(long, env = "FGP_MEMBERS_BATCH_MAX_DELAY_MS", global = true)]
+    pub members_batch_max_delay_ms: Option<u64>,
+    /// Write lease lifetime in ms [members.lease_ttl_ms]
+    #[arg(long, env = "FGP_MEMBERS_LEASE_TTL_MS", global = true)]
+    pub members_lease_ttl_ms: Option<u64>,
+    /// Longest wait for a busy Group in ms [members.write_wait_ms]
+    #[arg(long, env = "FGP_MEMBERS_WRITE_WAIT_MS", global = true)]
+    pub members_write_wait_ms: Option<u64>,
+    /// Store runtime worker threads [members.store_threads]
+    #[arg(long, env = "FGP_MEMBERS_STORE_THREADS", global = true)]
+    pub members_store_threads: Option<usize>,
+}
+
+impl Config {
+    /// Reads `path` (if given), applies `overrides`, and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        fn set<T: Clone>(target: &mut T, value: &Option<T>) {
+            if let Some(value) = value {
+                *target = value.clone();
+            }
+        }
+        set(&mut self.server.listen, &o.listen);
+        set(&mut self.server.threads, &o.threads);
+        set(
+            &mut self.server.grace_period_seconds,
+            &o.grace_period_seconds,
+        );
+        set(
+            &mut self.server.graceful_shutdown_timeout_seconds,
+            &o.graceful_shutdown_timeout_seconds,
+        );
+        set(&mut self.upstream.url, &o.upstream_url);
+        set(
+            &mut self.upstream.connect_timeout_ms,
+            &o.upstream_connect_timeout_ms,
+        );
+        set(
+            &mut self.upstream.read_timeout_ms,
+            &o.upstream_read_timeout_ms,
+        );
+        set(
+            &mut self.upstream.write_timeout_ms,
+            &o.upstream_write_timeout_ms,
+        );
+        set(
+            &mut self.upstream.idle_timeout_ms,
+            &o.upstream_idle_timeout_ms,
+        );
+        set(&mut self.upstream.preserve_host, &o.upstream_preserve_host);
+        set(
+            &mut self.upstream.forwarded_headers,
+            &o.upstream_forwarded_headers,
+        );
+        set(&mut self.fhir.base_paths, &o.fhir_base_paths);
+        set(
+            &mut self.fhir.max_intercepted_body_bytes,
+            &o.fhir_max_intercepted_body_bytes,
+        );
+        set(
+            &mut self.fhir.max_patch_operations,
+            &o.fhir_max_patch_operations,
+        );
+        set(&mut self.clickhouse.url, &o.clickhouse_url);
+        set(&mut self.clickhouse.database, &o.clickhouse_database);
+        set(&mut self.clickhouse.user, &o.clickhouse_user);
+        set(&mut self.clickhouse.password, &o.clickhouse_password);
+        set(&mut self.mongo.uri, &o.mongo_uri);
+        set(&mut self.mongo.database, &o.mongo_database);
+        let m = &mut self.members;
+        set(&mut m.enabled, &o.members_enabled);
+        set(
+            &mut m.version_conflict_status,
+            &o.members_version_conflict_status,
+        );
+        set(&mut m.require_if_match, &o.members_require_if_match);
+        set(&mut m.mixed_patch, &o.members_mixed_patch);
+        set(&mut m.batch_max_rows, &o.members_batch_max_rows);
+        set(&mut m.batch_max_delay_ms, &o.members_batch_max_delay_ms);
+        set(&mut m.lease_ttl_ms, &o.members_lease_ttl_ms);
+        set(&mut m.write_wait_ms, &o.members_write_wait_ms);
+        set(&mut m.store_threads, &o.members_store_threads);
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("server.listen", &self.server.listen, e))?;
+        UpstreamTarget::parse(&self.upstream.url)?;
+        for base in &self.fhir.base_paths {
+            if !base.starts_with('/') || (base.len() > 1 && base.ends_with('/')) {
+                return Err(invalid(
+                    "fhir.base_paths",
+                    base,
+                    "a base path starts with '/' and has no trailing '/'",
+                ));
+            }
+        }
+        if self.fhir.base_paths.is_empty() {
+            return Err(invalid("fhir.base_paths", "[]", "at least one is needed"));
+        }
+        if self.fhir.max_patch_operations == 0 {
+            return Err(invalid("fhir.max_patch_operations", "0", "must be > 0"));
+        }
+        if !matches!(self.members.version_conflict_status, 409 | 412) {
+            return Err(invalid(
+                "members.version_conflict_status",
+                &self.members.version_conflict_status.to_string(),
+                "must be 412 or 409",
+            ));
+        }
+        if self.fhir.max_patch_operations >= crate::store::schema::MAX_OPS_PER_VERSION {
+            return Err(invalid(
+                "fhir.max_patch_operations",
+                &self.fhir.max_patch_operations.to_string(),
+                format!(
+                    "must be below {}",
+                    crate::store::schema::MAX_OPS_PER_VERSION
+                ),
+            ));
+        }
+        if self.members.batch_max_rows == 0 {
+            return Err(invalid("members.batch_max_rows", "0", "must be > 0"));
+        }
+        Url::parse(&self.clickhouse.url)
+            .map_err(|e| invalid("clickhouse.url", &self.clickhouse.url, e))?;
+        if !is_identifier(&self.clickhouse.database) {
+            return Err(invalid(
+                "clickhouse.database",
+                &self.clickhouse.database,
+                "use letters, digits and '_' only (it is spliced into DDL)",
+            ));
+        }
+        if !self.mongo.uri.starts_with("mongodb://")
+            && !self.mongo.uri.starts_with("mongodb+srv://")
+        {
+            return Err(invalid(
+                "mongo.uri",
+                "(hidden)",
+                "must start with mongodb:// or mongodb+srv://",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn upstream_target(&self) -> Result<UpstreamTarget, ConfigError> {
+        UpstreamTarget::parse(&self.upstream.url)
+    }
+
+    /// The effective configuration as TOML with secrets masked, for `config show`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.clickhouse.password.is_empty() {
+            shown.clickhouse.password = "***".into();
+        }
+        shown.mongo.uri = redact_url_password(&shown.mongo.uri);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+impl UpstreamSettings {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
+/// Where passthrough traffic goes, resolved once at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    /// `host:port` as written in the URL, used for `Host` when not preserved.
+    pub authority: String,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix of the upstream URL (without trailing '/'), prepended to every
+    /// forwarded path, so `http://legacy/fhir` works as well as `http://legacy`.
+    pub path_prefix: String,
+}
+
+impl UpstreamTarget {
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let url = Url::parse(raw).map_err(|e| invalid("upstream.url", raw, e))?;
+        if url.scheme() != "http" {
+            return Err(invalid(
+                "upstream.url",
+                raw,
+                "only http:// upstreams are supported (terminate TLS to the legacy server in a sidecar)",
+            ));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| invalid("upstream.url", raw, "has no host"))?
+            .to_string();
+        let port = url.port_or_known_default().unwrap_or(80);
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid(
+                "upstream.url",
+                raw,
+                "must not have a query or fragment",
+            ));
+        }
+        let authority = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
+        Ok(Self {
+            authority,
+            host,
+            port,
+            path_prefix: url.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+fn invalid(key: &'static str, value: &str, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+fn redact_url_password(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        _ => raw.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = Config::from_toml("").expect("empty TOML is valid");
+        assert_eq!(config.server.listen, "127.0.0.1:8080");
+        assert_eq!(config.fhir.base_paths, vec!["/4_0_0".to_string()]);
+        config.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn documented_example_file_parses_and_validates() {
+        let text = include_str!("../config/fhir-group-proxy.toml");
+        let config = Config::from_toml(text).expect("example parses");
+        config.validate().expect("example validates");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::from_toml("[upstream]\nurll = \"http://x\"\n").unwrap_err();
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn overrides_win_over_file() {
+        let mut config = Config::from_toml("[upstream]\nurl = \"http://a:1\"\n").unwrap();
+        config.apply(&Overrides {
+            upstream_url: Some("http://b:2/fhir/".into()),
+            fhir_base_paths: Some(vec!["/r4".into(), "/4_0_0".into()]),
+            ..Overrides::default()
+        });
+        assert_eq!(config.upstream.url, "http://b:2/fhir/");
+        let target = config.upstream_target().unwrap();
+        assert_eq!(target.authority, "b:2");
+        assert_eq!(target.path_prefix, "/fhir");
+        assert_eq!(config.fhir.base_paths, vec!["/r4", "/4_0_0"]);
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let mut config = Config::default();
+        config.upstream.url = "https://legacy.example".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("upstream.url"), "{err}");
+
+        let mut config = Config::default();
+        config.clickhouse.database = "fhir; DROP TABLE x".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("clickhouse.database"), "{err}");
+
+        let mut config = Config::default();
+        config.fhir.base_paths = vec!["4_0_0/".into()];
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn redacted_output_hides_secrets() {
+        let mut config = Config::default();
+        config.clickhouse.password = "s3cret".into();
+        config.mongo.uri = "mongodb://user:pw@db:27017/".into();
+        let shown = config.to_redacted_toml();
+        assert!(
+            !shown.contains("s3cret") && !shown.contains(":pw@"),
+            "{shown}"
+        );
+    }
+}

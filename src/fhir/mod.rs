@@ -1,0 +1,9 @@
+//! Pure FHIR logic: resources, OperationOutcome, JSON Patch analysis. No I/O here,
+//! so everything in this module is unit-tested without servers.
+
+pub mod member_patch;
+pub mod outcome;
+pub mod reference;
+
+/// Media type of FHIR JSON responses.
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";

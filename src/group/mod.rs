@@ -1,0 +1,135 @@
+//! Use cases that join the two stores: member writes (and their recovery).
+//! Everything here runs on the store runtime (see [`StoreRuntime`]).
+
+pub mod patch;
+pub mod recovery;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::fhir::outcome::{IssueType, Outcome};
+use crate::store::events::{EventStore, EventStoreError};
+use crate::store::group_commit::BatchSettings;
+use crate::store::group_documents::{DocumentStoreError, GroupDocuments, GroupHead};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The client gets exactly this outcome.
+    #[error("{0:?}")]
+    Outcome(Outcome),
+    /// The Group still holds its members inline: the legacy path serves it.
+    #[error("Group members are still stored inline (not migrated)")]
+    NotMigrated,
+    #[error(transparent)]
+    Events(#[from] EventStoreError),
+    #[error(transparent)]
+    Documents(#[from] DocumentStoreError),
+}
+
+impl WriteError {
+    /// The OperationOutcome for the client; store failures become 503s that
+    /// name the store, since nothing was changed in that case.
+    pub fn to_outcome(&self) -> Outcome {
+        match self {
+            WriteError::Outcome(outcome) => outcome.clone(),
+            WriteError::NotMigrated => Outcome::error(
+                500,
+                IssueType::Exception,
+                "internal routing error: an unmigrated Group reached the member store",
+            ),
+            WriteError::Events(e) => Outcome::error(
+                503,
+                IssueType::Transient,
+                format!("member store unavailable, nothing was changed: {e}"),
+            ),
+            WriteError::Documents(DocumentStoreError::Ambiguous { id }) => Outcome::error(
+                409,
+                IssueType::Conflict,
+                format!("Group/{id} exists more than once (ids shared across tenants)"),
+            ),
+            WriteError::Documents(e) => Outcome::error(
+                503,
+                IssueType::Transient,
+                format!("Group metadata store unavailable, nothing was changed: {e}"),
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WriteSettings {
+    /// A write holding a Group longer than this is presumed dead.
+    pub lease_ttl: Duration,
+    /// How long a write waits for a busy Group before answering 503.
+    pub write_wait: Duration,
+    /// 412 (FHIR R4) or 409 (HAPI's choice) for a stale If-Match.
+    pub version_conflict_status: u16,
+}
+
+#[derive(Clone)]
+pub struct GroupService {
+    pub events: Arc<EventStore>,
+    pub documents: GroupDocuments,
+    pub settings: WriteSettings,
+}
+
+impl GroupService {
+    /// Connects both stores (lazily: nothing is contacted yet). Must run on the
+    /// runtime that will serve the use cases (the batch writers live there).
+    pub async fn connect(config: &Config) -> Result<Self, WriteError> {
+        let batch = BatchSettings {
+            max_rows: config.members.batch_max_rows,
+            max_delay: Duration::from_millis(config.members.batch_max_delay_ms),
+        };
+        let events = Arc::new(EventStore::start(&config.clickhouse, batch));
+        let database = crate::store::mongo::connect(&config.mongo)
+            .await
+            .map_err(DocumentStoreError::from)?;
+        Ok(Self {
+            events,
+            documents: GroupDocuments::new(&database),
+            settings: WriteSettings {
+                lease_ttl: Duration::from_millis(config.members.lease_ttl_ms),
+                write_wait: Duration::from_millis(config.members.write_wait_ms),
+                version_conflict_status: config.members.version_conflict_status,
+            },
+        })
+    }
+
+    async fn head_or_404(&self, id: &str) -> Result<GroupHead, WriteError> {
+        self.documents.head(id).await?.ok_or_else(|| {
+            WriteError::Outcome(Outcome::error(
+                404,
+                IssueType::NotFound,
+                format!("Group/{id} is not known"),
+            ))
+        })
+    }
+}
+
+/// A tokio runtime of its own for store I/O: the MongoDB driver and the
+/// group-commit writers keep background tasks on the runtime that created them,
+/// and pingora's per-service runtimes are not that runtime.
+pub struct StoreRuntime {
+    runtime: tokio::runtime::Runtime,
+}
+
+impl StoreRuntime {
+    pub fn new(worker_threads: usize) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads.max(1))
+            .thread_name("fgp-store")
+            .enable_all()
+            .build()?;
+        Ok(Self { runtime })
+    }
+
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.runtime.handle().clone()
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+}

@@ -1,0 +1,118 @@
+//! How a forwarded request is changed on its way upstream, and nothing more:
+//! forwarding headers, `Host`, the upstream path prefix and the request id.
+
+use pingora::http::RequestHeader;
+use pingora::Result;
+
+use crate::config::{UpstreamSettings, UpstreamTarget};
+
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+/// The facts about the downstream connection the rewrite needs.
+pub struct ClientFacts<'a> {
+    pub client_ip: Option<String>,
+    /// The `Host` header as the client sent it.
+    pub host: Option<&'a str>,
+    pub request_id: &'a str,
+}
+
+pub fn rewrite_upstream_request(
+    request: &mut RequestHeader,
+    settings: &UpstreamSettings,
+    target: &UpstreamTarget,
+    client: &ClientFacts<'_>,
+) -> Result<()> {
+    if settings.forwarded_headers {
+        if let Some(ip) = &client.client_ip {
+            let forwarded_for = match request.headers.get("x-forwarded-for") {
+                Some(existing) => format!("{}, {ip}", String::from_utf8_lossy(existing.as_bytes())),
+                None => ip.clone(),
+            };
+            request.insert_header("x-forwarded-for", forwarded_for)?;
+        }
+        if !request.headers.contains_key("x-forwarded-proto") {
+            request.insert_header("x-forwarded-proto", "http")?;
+        }
+        if let (false, Some(host)) = (
+            request.headers.contains_key("x-forwarded-host"),
+            client.host,
+        ) {
+            request.insert_header("x-forwarded-host", host.to_string())?;
+        }
+    }
+    if !settings.preserve_host {
+        request.insert_header("host", target.authority.clone())?;
+    }
+    if !request.headers.contains_key(X_REQUEST_ID) {
+        request.insert_header(X_REQUEST_ID, client.request_id.to_string())?;
+    }
+    if !target.path_prefix.is_empty() {
+        let original = request
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        let prefixed = format!("{}{}", target.path_prefix, original);
+        let uri = prefixed.parse::<http::Uri>().map_err(|e| {
+            pingora::Error::because(
+                pingora::ErrorType::InternalError,
+                "upstream path prefix makes an invalid URI",
+                e,
+            )
+        })?;
+        request.set_uri(uri);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(path: &str) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
+        r.insert_header("host", "proxy.example:8080").unwrap();
+        r
+    }
+
+    fn facts(request_id: &str) -> ClientFacts<'_> {
+        ClientFacts {
+            client_ip: Some("10.1.2.3".into()),
+            host: Some("proxy.example:8080"),
+            request_id,
+        }
+    }
+
+    #[test]
+    fn appends_forwarded_for_and_keeps_outer_proto() {
+        let mut r = request("/4_0_0/Patient/1?x=1");
+        r.insert_header("x-forwarded-for", "1.1.1.1").unwrap();
+        r.insert_header("x-forwarded-proto", "https").unwrap();
+        let target = UpstreamTarget::parse("http://legacy:3000").unwrap();
+        rewrite_upstream_request(&mut r, &UpstreamSettings::default(), &target, &facts("r1"))
+            .unwrap();
+        assert_eq!(r.headers["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
+        assert_eq!(r.headers["x-forwarded-proto"], "https");
+        assert_eq!(r.headers["x-forwarded-host"], "proxy.example:8080");
+        assert_eq!(r.headers["host"], "proxy.example:8080");
+        assert_eq!(r.headers["x-request-id"], "r1");
+        assert_eq!(r.uri.to_string(), "/4_0_0/Patient/1?x=1");
+    }
+
+    #[test]
+    fn rewrites_host_and_prefix_when_configured() {
+        let mut r = request("/4_0_0/Patient?name=a%20b");
+        r.insert_header("x-request-id", "client-chosen").unwrap();
+        let settings = UpstreamSettings {
+            preserve_host: false,
+            forwarded_headers: false,
+            ..UpstreamSettings::default()
+        };
+        let target = UpstreamTarget::parse("http://legacy:3000/fhir/").unwrap();
+        rewrite_upstream_request(&mut r, &settings, &target, &facts("generated")).unwrap();
+        assert_eq!(r.headers["host"], "legacy:3000");
+        assert!(r.headers.get("x-forwarded-for").is_none());
+        assert_eq!(r.headers["x-request-id"], "client-chosen");
+        assert_eq!(r.uri.to_string(), "/fhir/4_0_0/Patient?name=a%20b");
+    }
+}

@@ -1,0 +1,311 @@
+//! `PATCH {base}/Group/{id}` with a JSON Patch body: read the body, decide
+//! whether its ops target `/member`, and either answer from the member store or
+//! send it on to the upstream unchanged.
+
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+
+use crate::config::MixedPatchPolicy;
+use crate::fhir::member_patch::{parse_patch, PatchClass, PatchLimits};
+use crate::fhir::outcome::{IssueType, Outcome};
+use crate::fhir::FHIR_JSON;
+use crate::group::patch::{MemberPatchRequest, MemberPatchResult};
+use crate::group::WriteError;
+use crate::proxy::forwarding::X_REQUEST_ID;
+use crate::proxy::respond::send_outcome;
+use crate::proxy::{FhirGroupProxy, RequestContext};
+use crate::store::group_documents::to_fhir_json;
+
+/// Pingora replays at most this much buffered body to the upstream itself.
+const PINGORA_REPLAY_LIMIT: usize = 64 * 1024;
+
+/// What happens next with an inspected request.
+pub enum Next {
+    /// The response was written here.
+    Answered,
+    /// Forward it; pingora replays the buffered body.
+    Forward,
+    /// Forward it through our own client with this body (too big to replay).
+    ForwardWithBody(Bytes),
+}
+
+pub async fn group_patch(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+) -> Result<Next> {
+    let Some(service) = proxy.group_service.as_ref() else {
+        return Ok(Next::Forward);
+    };
+    session.enable_retry_buffering();
+    if pingora::protocols::http::v1::common::is_expect_continue_req(session.req_header()) {
+        session.write_continue_response().await?;
+        ctx.continue_sent = true;
+    }
+    let body = match read_body(session, proxy.config.fhir.max_intercepted_body_bytes).await? {
+        Ok(body) => body,
+        Err(outcome) => return answer(session, ctx, &outcome).await,
+    };
+    let forward = |body: Bytes| {
+        if body.len() <= PINGORA_REPLAY_LIMIT {
+            Next::Forward
+        } else {
+            Next::ForwardWithBody(body)
+        }
+    };
+    let limits = PatchLimits {
+        max_operations: proxy.config.fhir.max_patch_operations,
+    };
+    let changes = match parse_patch(&body, limits) {
+        Ok(PatchClass::NotMembers) => return Ok(forward(body)),
+        Ok(PatchClass::Members(changes)) => changes,
+        Ok(PatchClass::Mixed { .. }) => {
+            let outcome = match proxy.config.members.mixed_patch {
+                MixedPatchPolicy::Reject | MixedPatchPolicy::Split => Outcome::error(
+                    422,
+                    IssueType::NotSupported,
+                    "this patch mixes Group.member operations with other operations; send the \
+                     member operations and the other operations as two PATCH requests",
+                ),
+            };
+            return answer(session, ctx, &outcome).await;
+        }
+        Err(outcome) => return answer(session, ctx, &outcome).await,
+    };
+
+    let headers = &session.req_header().headers;
+    let if_match = match headers
+        .get(http::header::IF_MATCH)
+        .map(|v| parse_if_match(v.as_bytes()))
+    {
+        None if proxy.config.members.require_if_match => {
+            let outcome = Outcome::error(
+                400,
+                IssueType::Required,
+                "this server requires If-Match (W/\"<versionId>\") on Group member PATCHes",
+            );
+            return answer(session, ctx, &outcome).await;
+        }
+        None => None,
+        Some(Ok(version)) => Some(version),
+        Some(Err(outcome)) => return answer(session, ctx, &outcome).await,
+    };
+    let prefer = Prefer::from_header(headers.get("prefer").and_then(|v| v.to_str().ok()));
+    let client_request_id = headers
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string);
+    let request = MemberPatchRequest {
+        group_id: group_id.to_string(),
+        changes,
+        if_match,
+        client_request_id,
+        request_id: ctx.request_id.clone(),
+        url: format!("{base}/Group/{group_id}"),
+    };
+
+    let service = service.clone();
+    let want_counts = prefer == Prefer::Representation;
+    let result = proxy
+        .store_runtime
+        .spawn(async move { service.apply_member_patch(request, want_counts).await })
+        .await;
+    let result = match result {
+        Ok(result) => result,
+        Err(join_error) => {
+            tracing::error!(%join_error, "member patch task failed");
+            let outcome = Outcome::error(
+                500,
+                IssueType::Exception,
+                "the member write failed unexpectedly",
+            );
+            return answer(session, ctx, &outcome).await;
+        }
+    };
+    match result {
+        Ok(result) => {
+            ctx.intercepted = true;
+            write_success(session, ctx, base, group_id, &result, prefer).await?;
+            Ok(Next::Answered)
+        }
+        Err(WriteError::NotMigrated) => Ok(forward(body)),
+        Err(error) => {
+            if !matches!(error, WriteError::Outcome(_)) {
+                tracing::warn!(group = group_id, %error, "member write failed");
+            }
+            answer(session, ctx, &error.to_outcome()).await
+        }
+    }
+}
+
+async fn answer(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    outcome: &Outcome,
+) -> Result<Next> {
+    ctx.intercepted = true;
+    send_outcome(session, outcome, &ctx.request_id).await?;
+    Ok(Next::Answered)
+}
+
+async fn read_body(session: &mut Session, limit: usize) -> Result<Result<Bytes, Outcome>> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(Err(Outcome::error(
+                413,
+                IssueType::TooLong,
+                format!("the request body exceeds the limit of {limit} bytes for Group PATCH"),
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Ok(body.freeze()))
+}
+
+/// `If-Match: W/"3"` (also `"3"` and `3`) to a version number.
+pub fn parse_if_match(value: &[u8]) -> Result<u64, Outcome> {
+    let text = std::str::from_utf8(value).unwrap_or_default().trim();
+    let unweak = text.strip_prefix("W/").unwrap_or(text);
+    let bare = unweak
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(unweak);
+    bare.parse::<u64>().map_err(|_| {
+        Outcome::error(
+            400,
+            IssueType::Invalid,
+            format!("If-Match '{text}' is not a version ETag like W/\"3\""),
+        )
+    })
+}
+
+/// The body the client asked for with `Prefer: return=...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefer {
+    Minimal,
+    Representation,
+    OperationOutcome,
+}
+
+impl Prefer {
+    pub fn from_header(value: Option<&str>) -> Self {
+        let Some(value) = value else {
+            return Prefer::Representation;
+        };
+        for preference in value.split(',').map(str::trim) {
+            match preference.to_ascii_lowercase().as_str() {
+                "return=minimal" => return Prefer::Minimal,
+                "return=operationoutcome" => return Prefer::OperationOutcome,
+                "return=representation" => return Prefer::Representation,
+                _ => {}
+            }
+        }
+        Prefer::Representation
+    }
+}
+
+async fn write_success(
+    session: &mut Session,
+    ctx: &RequestContext,
+    base: &str,
+    group_id: &str,
+    result: &MemberPatchResult,
+    prefer: Prefer,
+) -> Result<()> {
+    let mut resource = result
+        .document
+        .as_ref()
+        .map(to_fhir_json)
+        .unwrap_or(serde_json::Value::Null);
+    let last_modified = resource
+        .pointer("/meta/lastUpdated")
+        .and_then(|v| v.as_str())
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| {
+            t.with_timezone(&chrono::Utc)
+                .format("%a, %d %b %Y %H:%M:%S GMT")
+                .to_string()
+        });
+    let body = match prefer {
+        Prefer::Minimal => Bytes::new(),
+        Prefer::OperationOutcome => Bytes::from(
+            Outcome::information(
+                200,
+                format!(
+                    "Group/{group_id} is at version {}: {} member event(s) written{}",
+                    result.version,
+                    result.events_written,
+                    if result.replayed {
+                        " (repeat of an already applied request)"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+            .to_bytes(),
+        ),
+        Prefer::Representation => {
+            if let (Some(counts), Some(object)) = (result.counts, resource.as_object_mut()) {
+                object.insert("quantity".into(), counts.active_members.max(0).into());
+            }
+            Bytes::from(serde_json::to_vec(&resource).unwrap_or_default())
+        }
+    };
+    let mut header = ResponseHeader::build(200, Some(8))?;
+    header.insert_header("etag", format!("W/\"{}\"", result.version))?;
+    header.insert_header(
+        "content-location",
+        format!("{base}/Group/{group_id}/_history/{}", result.version),
+    )?;
+    if let Some(last_modified) = last_modified {
+        header.insert_header("last-modified", last_modified)?;
+    }
+    header.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+    header.insert_header("content-length", body.len().to_string())?;
+    if !body.is_empty() {
+        header.insert_header("content-type", FHIR_JSON)?;
+    }
+    let empty = body.is_empty();
+    session
+        .write_response_header(Box::new(header), empty)
+        .await?;
+    if !empty {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_forms() {
+        assert_eq!(parse_if_match(b"W/\"3\"").unwrap(), 3);
+        assert_eq!(parse_if_match(b"\"12\"").unwrap(), 12);
+        assert_eq!(parse_if_match(b" 7 ").unwrap(), 7);
+        let e = parse_if_match(b"W/\"abc\"").unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.issues[0].diagnostics.contains("abc"));
+    }
+
+    #[test]
+    fn prefer_forms() {
+        assert_eq!(Prefer::from_header(None), Prefer::Representation);
+        assert_eq!(Prefer::from_header(Some("return=minimal")), Prefer::Minimal);
+        assert_eq!(
+            Prefer::from_header(Some("handling=strict, return=OperationOutcome")),
+            Prefer::OperationOutcome
+        );
+        assert_eq!(
+            Prefer::from_header(Some("respond-async")),
+            Prefer::Representation
+        );
+    }
+}

@@ -1,0 +1,295 @@
+//! The pingora side: one `ProxyHttp` implementation whose phases route each
+//! request, forward what is not ours byte for byte, and turn failures into
+//! FHIR OperationOutcomes.
+
+pub mod failure;
+pub mod forwarding;
+pub mod intercept;
+pub mod respond;
+pub mod route;
+pub mod upstream_client;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::http::ResponseHeader;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{http_proxy_service, FailToProxy, ProxyHttp, Session};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::{Error, Result};
+use thiserror::Error as ThisError;
+
+use crate::config::{Config, ConfigError, UpstreamTarget};
+use crate::group::{GroupService, StoreRuntime};
+use forwarding::{rewrite_upstream_request, ClientFacts, X_REQUEST_ID};
+use intercept::Next;
+use route::Route;
+
+#[derive(Debug, ThisError)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot resolve upstream {authority}: {reason}")]
+    Resolve { authority: String, reason: String },
+    #[error("cannot start the store runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    #[error("cannot connect the member stores: {0}")]
+    Stores(#[from] crate::group::WriteError),
+}
+
+/// Per-request state shared by the phases.
+#[derive(Default)]
+pub struct RequestContext {
+    /// `X-Request-Id` from the client, or one generated here; sent upstream and back.
+    pub request_id: String,
+    /// We answered `Expect: 100-continue` ourselves; the upstream must not be asked again.
+    pub continue_sent: bool,
+    /// The proxy answered this request itself.
+    pub intercepted: bool,
+}
+
+pub struct FhirGroupProxy {
+    config: Arc<Config>,
+    target: UpstreamTarget,
+    upstream_addr: SocketAddr,
+    upstream_client: upstream_client::UpstreamClient,
+    /// `None` when member handling is disabled: everything is forwarded.
+    group_service: Option<GroupService>,
+    store_runtime: tokio::runtime::Handle,
+    /// Owns the runtime behind `store_runtime`.
+    _store_runtime_owner: Arc<StoreRuntime>,
+}
+
+impl FhirGroupProxy {
+    pub fn new(config: Arc<Config>) -> Result<Self, ProxyError> {
+        let target = config.upstream_target()?;
+        // Resolved once at start: a lookup per request would block a worker thread.
+        let upstream_addr = (target.host.as_str(), target.port)
+            .to_socket_addrs()
+            .map_err(|e| ProxyError::Resolve {
+                authority: target.authority.clone(),
+                reason: e.to_string(),
+            })?
+            .next()
+            .ok_or_else(|| ProxyError::Resolve {
+                authority: target.authority.clone(),
+                reason: "no address".into(),
+            })?;
+        let store_runtime = Arc::new(StoreRuntime::new(config.members.store_threads)?);
+        let group_service = if config.members.enabled {
+            let service = store_runtime.block_on(GroupService::connect(&config))?;
+            let settings = config.clickhouse.clone();
+            // The schema is applied in the background so the proxy serves
+            // passthrough traffic even while ClickHouse is still starting.
+            store_runtime.handle().spawn(async move {
+                crate::store::events::apply_schema_until_done(&settings).await
+            });
+            Some(service)
+        } else {
+            None
+        };
+        Ok(Self {
+            upstream_client: upstream_client::UpstreamClient::new(&config.upstream, upstream_addr),
+            config,
+            target,
+            upstream_addr,
+            group_service,
+            store_runtime: store_runtime.handle(),
+            _store_runtime_owner: store_runtime,
+        })
+    }
+
+    /// Sends the request on with a body we already hold (beyond pingora's replay buffer).
+    async fn forward_with_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        body: bytes::Bytes,
+    ) -> Result<()> {
+        let mut request = session.req_header().clone();
+        self.rewrite_for_upstream(session, &mut request, ctx)?;
+        if let Err(outcome) = self.upstream_client.forward(session, &request, body).await {
+            respond::send_outcome(session, &outcome, &ctx.request_id).await?;
+        }
+        Ok(())
+    }
+
+    fn rewrite_for_upstream(
+        &self,
+        session: &Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &RequestContext,
+    ) -> Result<()> {
+        let client_ip = session
+            .client_addr()
+            .and_then(|addr| addr.as_inet())
+            .map(|inet| inet.ip().to_string());
+        let host = session
+            .req_header()
+            .headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string);
+        let facts = ClientFacts {
+            client_ip,
+            host: host.as_deref(),
+            request_id: &ctx.request_id,
+        };
+        if ctx.continue_sent {
+            upstream_request.remove_header(&http::header::EXPECT);
+        }
+        rewrite_upstream_request(
+            upstream_request,
+            &self.config.upstream,
+            &self.target,
+            &facts,
+        )
+    }
+
+    fn upstream_peer_for_request(&self) -> HttpPeer {
+        let settings = &self.config.upstream;
+        let mut peer = HttpPeer::new(self.upstream_addr, false, self.target.host.clone());
+        peer.options.connection_timeout = Some(settings.connect_timeout());
+        peer.options.total_connection_timeout = Some(settings.connect_timeout());
+        peer.options.read_timeout = Some(settings.read_timeout());
+        peer.options.write_timeout = Some(settings.write_timeout());
+        peer.options.idle_timeout = Some(settings.idle_timeout());
+        peer
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for FhirGroupProxy {
+    type CTX = RequestContext;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestContext::default()
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
+        ctx.request_id = session
+            .req_header()
+            .headers
+            .get(X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .map(str::to_string)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        match route::route(session.req_header(), &self.config.fhir.base_paths) {
+            Route::Passthrough => Ok(false),
+            Route::GroupPatch { base, group_id } => {
+                match intercept::group_patch(self, session, ctx, &base, &group_id).await? {
+                    Next::Answered => Ok(true),
+                    Next::Forward => Ok(false),
+                    Next::ForwardWithBody(body) => {
+                        self.forward_with_body(session, ctx, body).await?;
+                        Ok(true)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(self.upstream_peer_for_request()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        self.rewrite_for_upstream(session, upstream_request, ctx)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if !upstream_response.headers.contains_key(X_REQUEST_ID) {
+            upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let Some(outcome) = failure::outcome_for_proxy_error(e) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        if let Err(write_error) = respond::send_outcome(session, &outcome, &ctx.request_id).await {
+            tracing::debug!(%write_error, "could not send the error response");
+        }
+        FailToProxy {
+            error_code: outcome.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        let status = session
+            .response_written()
+            .map_or(0, |resp| resp.status.as_u16());
+        let request = session.req_header();
+        match e {
+            Some(error) => tracing::warn!(
+                request_id = %ctx.request_id,
+                method = %request.method,
+                path = %request.uri.path(),
+                status,
+                error = %error,
+                "request failed"
+            ),
+            None => tracing::debug!(
+                request_id = %ctx.request_id,
+                method = %request.method,
+                path = %request.uri.path(),
+                status,
+                "request done"
+            ),
+        }
+    }
+}
+
+/// Builds the pingora server with the proxy service listening on `server.listen`.
+pub fn build_server(config: Config) -> Result<Server, ProxyError> {
+    let threads = match config.server.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let server_conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(config.server.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout_seconds),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), server_conf);
+    server.bootstrap();
+
+    let listen = config.server.listen.clone();
+    let proxy = FhirGroupProxy::new(Arc::new(config))?;
+    let mut service = http_proxy_service(&server.configuration, proxy);
+    service.add_tcp(&listen);
+    server.add_service(service);
+    Ok(server)
+}

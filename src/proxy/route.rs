@@ -1,0 +1,126 @@
+//! Which requests the proxy answers itself. Pure functions of the request head.
+
+use pingora::http::RequestHeader;
+
+pub const JSON_PATCH: &str = "application/json-patch+json";
+
+/// What the proxy does with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Forward unchanged.
+    Passthrough,
+    /// A JSON Patch of a Group: the proxy reads the body to see whether its
+    /// ops target `/member`.
+    GroupPatch { base: String, group_id: String },
+}
+
+pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
+    if request.method != http::Method::PATCH {
+        return Route::Passthrough;
+    }
+    let is_json_patch = request
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case(JSON_PATCH));
+    if !is_json_patch {
+        return Route::Passthrough;
+    }
+    let path = request.uri.path();
+    for base in base_paths {
+        let Some(rest) = path.strip_prefix(base.trim_end_matches('/')) else {
+            continue;
+        };
+        if let Some(id) = rest.strip_prefix("/Group/") {
+            if is_fhir_id(id) {
+                return Route::GroupPatch {
+                    base: base.trim_end_matches('/').to_string(),
+                    group_id: id.to_string(),
+                };
+            }
+        }
+    }
+    Route::Passthrough
+}
+
+/// FHIR `id`: 1-64 of `A-Z a-z 0-9 - .`
+pub fn is_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, path: &str, content_type: Option<&str>) -> RequestHeader {
+        let mut r = RequestHeader::build(method, path.as_bytes(), None).unwrap();
+        if let Some(ct) = content_type {
+            r.insert_header("content-type", ct).unwrap();
+        }
+        r
+    }
+
+    fn bases() -> Vec<String> {
+        vec!["/4_0_0".into(), "/".into()]
+    }
+
+    #[test]
+    fn json_patch_of_a_group_is_inspected() {
+        let r = request(
+            "PATCH",
+            "/4_0_0/Group/g-1.x?_format=json",
+            Some("application/json-patch+json; charset=utf-8"),
+        );
+        assert_eq!(
+            route(&r, &bases()),
+            Route::GroupPatch {
+                base: "/4_0_0".into(),
+                group_id: "g-1.x".into()
+            }
+        );
+        let r = request("PATCH", "/Group/abc", Some("Application/JSON-Patch+JSON"));
+        assert!(
+            matches!(route(&r, &bases()), Route::GroupPatch { group_id, .. } if group_id == "abc")
+        );
+    }
+
+    #[test]
+    fn everything_else_passes_through() {
+        for (method, path, ct) in [
+            ("GET", "/4_0_0/Group/g", Some("application/json-patch+json")),
+            ("PATCH", "/4_0_0/Group/g", Some("application/fhir+json")),
+            ("PATCH", "/4_0_0/Group/g", Some("application/xml-patch+xml")),
+            ("PATCH", "/4_0_0/Group/g", None),
+            (
+                "PATCH",
+                "/4_0_0/Patient/g",
+                Some("application/json-patch+json"),
+            ),
+            (
+                "PATCH",
+                "/4_0_0/Group/g/_history/1",
+                Some("application/json-patch+json"),
+            ),
+            (
+                "PATCH",
+                "/4_0_0/Group/",
+                Some("application/json-patch+json"),
+            ),
+            (
+                "PATCH",
+                "/other/Group/g",
+                Some("application/json-patch+json"),
+            ),
+        ] {
+            assert_eq!(
+                route(&request(method, path, ct), &["/4_0_0".to_string()]),
+                Route::Passthrough,
+                "{method} {path} {ct:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Member events in ClickHouse: staging, publishing, and the point lookups a
+//! member PATCH needs. Every value travels as RowBinary or as a bound literal
+//! escaped by the crate; no SQL is built from request text.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+use serde_repr::{Deserialize_repr, Serialize_repr};
+
+use crate::config::ClickHouseSettings;
+use crate::fhir::member_patch::MemberAttributes;
+use crate::fhir::reference::{parse_reference, EntityReference};
+use crate::store::group_commit::{BatchError, BatchSettings, GroupCommit};
+use crate::store::schema::{self, COMMITS, COUNTS, CURRENT, EVENTS, EVENTS_STAGED};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventStoreError {
+    #[error("ClickHouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error("ClickHouse batch write failed: {0}")]
+    Batch(#[from] BatchError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize_repr, Deserialize_repr)]
+#[repr(i8)]
+pub enum EventType {
+    Added = 1,
+    Removed = 2,
+}
+
+/// One row of `EventsStaged` / `Events` (same columns, same order as the DDL).
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct MemberEventRow {
+    pub group_key: String,
+    pub group_id: String,
+    pub group_version: u64,
+    pub token: String,
+    pub request_id: String,
+    pub op_index: u32,
+    pub sequence: u64,
+    pub entity_reference: String,
+    pub entity_type: String,
+    pub event_type: EventType,
+    pub period_start: String,
+    pub period_end: String,
+    pub inactive: u8,
+    pub member_delta: i8,
+    pub active_delta: i8,
+    pub event_time_ms: u64,
+}
+
+/// `sequence` orders events of a group: by version, then by op within it.
+pub fn event_sequence(group_version: u64, op_index: usize) -> u64 {
+    (group_version << 20) | (op_index as u64 & (schema::MAX_OPS_PER_VERSION as u64 - 1))
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct CurrentStateRow {
+    entity_reference: String,
+    present: u8,
+    inactive: u8,
+    period_start: String,
+    period_end: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Row, Deserialize)]
+pub struct MemberCounts {
+    pub members: i64,
+    pub active_members: i64,
+}
+
+/// A committed write found by request id (for idempotent retries).
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct CommitRecord {
+    pub token: String,
+    pub group_version: u64,
+    pub events: u64,
+    pub committed_at_ms: u64,
+}
+
+#[derive(Clone)]
+pub struct EventStore {
+    client: clickhouse::Client,
+    staging: GroupCommit<MemberEventRow>,
+    publishing: GroupCommit<String>,
+}
+
+impl EventStore {
+    /// Connects and starts the two group-commit writers on the current runtime.
+    pub fn start(settings: &ClickHouseSettings, batch: BatchSettings) -> Self {
+        let client = crate::store::clickhouse::connect(settings);
+
+        let staging_client = client.clone();
+        let staging = GroupCommit::spawn(batch, move |rows: Vec<MemberEventRow>| {
+            let client = staging_client.clone();
+            async move {
+                insert_rows(&client, EVENTS_STAGED, rows)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+
+        let publishing_client = client.clone();
+        let publishing = GroupCommit::spawn(batch, move |tokens: Vec<String>| {
+            let client = publishing_client.clone();
+            async move {
+                publish_tokens(&client, tokens)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+
+        Self {
+            client,
+            staging,
+            publishing,
+        }
+    }
+
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+
+    /// Durably records the events of a write that has not committed yet.
+    pub async fn stage(&self, rows: Vec<MemberEventRow>) -> Result<(), EventStoreError> {
+        Ok(self.staging.submit(rows).await?)
+    }
+
+    /// Makes the staged events of a committed write visible (copies them into
+    /// `Events`, which feeds the membership views).
+    pub async fn publish(&self, token: &str) -> Result<(), EventStoreError> {
+        Ok(self.publishing.submit(vec![token.to_string()]).await?)
+    }
+
+    /// The current state of the named members of a group; absent members are
+    /// left out. Cost follows the number of names, not the group size.
+    pub async fn current_members(
+        &self,
+        group_key: &str,
+        references: &[&EntityReference],
+    ) -> Result<HashMap<EntityReference, MemberAttributes>, EventStoreError> {
+        if references.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let names: Vec<&str> = references.iter().map(|r| r.as_str()).collect();
+        let rows = self
+            .client
+            .query(&format!(
+                "SELECT entity_reference, argMaxMerge(present) AS present, \
+                        argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
+                        argMaxMerge(period_end) AS period_end \
+                 FROM {CURRENT} \
+                 WHERE group_key = ? AND entity_reference IN (SELECT arrayJoin(?)) \
+                 GROUP BY entity_reference"
+            ))
+            .bind(group_key)
+            .bind(names)
+            .fetch_all::<CurrentStateRow>()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|row| row.present == 1)
+            .filter_map(|row| {
+                let reference = parse_reference(&row.entity_reference).ok()?;
+                Some((
+                    reference,
+                    MemberAttributes {
+                        period_start: non_empty(row.period_start),
+                        period_end: non_empty(row.period_end),
+                        inactive: row.inactive == 1,
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    pub async fn counts(&self, group_key: &str) -> Result<MemberCounts, EventStoreError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT toInt64(sum(members)) AS members, toInt64(sum(active_members)) AS active_members \
+                 FROM {COUNTS} WHERE group_key = ?"
+            ))
+            .bind(group_key)
+            .fetch_one::<MemberCounts>()
+            .await?)
+    }
+
+    /// The committed write of `request_id` on this group, if any.
+    pub async fn find_commit(
+        &self,
+        group_key: &str,
+        request_id: &str,
+    ) -> Result<Option<CommitRecord>, EventStoreError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT token, max(group_version) AS group_version, sum(events) AS events, \
+                        max(committed_at_ms) AS committed_at_ms \
+                 FROM {COMMITS} WHERE group_key = ? AND request_id = ? GROUP BY token \
+                 ORDER BY group_version DESC LIMIT 1"
+            ))
+            .bind(group_key)
+            .bind(request_id)
+            .fetch_optional::<CommitRecord>()
+            .await?)
+    }
+
+    /// Whether the write with `token` has already been published.
+    pub async fn is_published(
+        &self,
+        group_key: &str,
+        token: &str,
+    ) -> Result<bool, EventStoreError> {
+        let found = self
+            .client
+            .query(&format!(
+                "SELECT count() FROM {COMMITS} WHERE group_key = ? AND token = ?"
+            ))
+            .bind(group_key)
+            .bind(token)
+            .fetch_one::<u64>()
+            .await?;
+        Ok(found > 0)
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+async fn insert_rows(
+    client: &clickhouse::Client,
+    table: &str,
+    rows: Vec<MemberEventRow>,
+) -> Result<(), clickhouse::error::Error> {
+    let mut insert = client
+        .insert::<MemberEventRow>(table)
+        .await?
+        .with_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
+    for row in &rows {
+        insert.write(row).await?;
+    }
+    insert.end().await
+}
+
+async fn publish_tokens(
+    client: &clickhouse::Client,
+    tokens: Vec<String>,
+) -> Result<(), clickhouse::error::Error> {
+    client
+        .query(&format!(
+            "INSERT INTO {EVENTS} SELECT * FROM {EVENTS_STAGED} \
+             WHERE token IN (SELECT arrayJoin(?))"
+        ))
+        .bind(tokens)
+        .execute()
+        .await
+}
+
+/// Runs the schema statements; used by `schema apply` and at proxy start.
+pub async fn apply_schema(settings: &ClickHouseSettings) -> Result<(), EventStoreError> {
+    let client = crate::store::clickhouse::connect_server(settings);
+    for statement in schema::statements(&settings.database) {
+        client.query(&statement).execute().await?;
+    }
+    Ok(())
+}
+
+/// Applies the schema, retrying until ClickHouse answers (at start, the proxy
+/// must not depend on ClickHouse being up first).
+pub async fn apply_schema_until_done(settings: &ClickHouseSettings) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match apply_schema(settings).await {
+            Ok(()) => {
+                tracing::info!(database = %settings.database, "ClickHouse member schema is in place");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot apply the ClickHouse schema yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_orders_by_version_then_op() {
+        assert!(event_sequence(2, 0) > event_sequence(1, 10_000));
+        assert!(event_sequence(1, 1) > event_sequence(1, 0));
+        assert_eq!(event_sequence(3, 5) >> 20, 3);
+    }
+}

@@ -1,0 +1,421 @@
+//! The legacy server's Group documents in MongoDB, and the proxy's own small
+//! per-group state beside them.
+//!
+//! The Group document (`Group_4_0_0`) is the FHIR JSON plus `_uuid` etc.; the
+//! proxy only ever changes `meta.versionId` (a string), `meta.lastUpdated` (a
+//! BSON date) and `_memberCommitToken`, each time with one conditional update.
+//!
+//! The proxy's state lives in its own collection (`Group_4_0_0_MemberState`), so
+//! a legacy server that rewrites whole Group documents cannot drop it:
+//! - `storage: "clickhouse"` once a Group's members live in ClickHouse;
+//! - `lease`: the one write in flight for this Group (token, expiry);
+//! - `pending`: a write whose Mongo commit may have happened but whose events
+//!   may not be published yet (see `group::recovery`).
+
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::options::ReturnDocument;
+use mongodb::Collection;
+
+pub const GROUP_COLLECTION: &str = "Group_4_0_0";
+pub const GROUP_HISTORY_COLLECTION: &str = "Group_4_0_0_History";
+pub const MEMBER_STATE_COLLECTION: &str = "Group_4_0_0_MemberState";
+
+pub const STORAGE_CLICKHOUSE: &str = "clickhouse";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentStoreError {
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("Group/{id} is stored more than once (ids shared across tenants); refusing to guess")]
+    Ambiguous { id: String },
+    #[error("Group/{id} in MongoDB is malformed: {what}")]
+    Malformed { id: String, what: String },
+}
+
+/// What a member write needs to know of a Group document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupHead {
+    pub id: String,
+    /// Stable, tenant-safe identity (`_uuid`), the key of all member events.
+    pub group_key: String,
+    pub version: u64,
+    pub last_updated: Option<DateTime>,
+    pub commit_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingWrite {
+    pub token: String,
+    pub version: u64,
+    pub request_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MemberState {
+    pub in_clickhouse: bool,
+    pub lease_token: Option<String>,
+    pub lease_expired: bool,
+    pub pending: Option<PendingWrite>,
+}
+
+#[derive(Clone)]
+pub struct GroupDocuments {
+    groups: Collection<Document>,
+    history: Collection<Document>,
+    states: Collection<Document>,
+}
+
+impl GroupDocuments {
+    pub fn new(database: &mongodb::Database) -> Self {
+        Self {
+            groups: database.collection(GROUP_COLLECTION),
+            history: database.collection(GROUP_HISTORY_COLLECTION),
+            states: database.collection(MEMBER_STATE_COLLECTION),
+        }
+    }
+
+    /// The head of Group `id`, without its member array.
+    pub async fn head(&self, id: &str) -> Result<Option<GroupHead>, DocumentStoreError> {
+        let projection = doc! { "id": 1, "meta": 1, "_uuid": 1, "_memberCommitToken": 1 };
+        let mut cursor = self
+            .groups
+            .find(doc! { "id": id })
+            .projection(projection)
+            .limit(2)
+            .await?;
+        let mut found = Vec::new();
+        while cursor.advance().await? {
+            found.push(cursor.deserialize_current()?);
+        }
+        match found.len() {
+            0 => Ok(None),
+            1 => parse_head(id, &found[0]).map(Some),
+            _ => Err(DocumentStoreError::Ambiguous { id: id.into() }),
+        }
+    }
+
+    /// Whether the Group document still holds members inline (not migrated).
+    pub async fn has_inline_members(&self, id: &str) -> Result<bool, DocumentStoreError> {
+        let count = self
+            .groups
+            .count_documents(doc! { "id": id, "member.0": { "$exists": true } })
+            .await?;
+        Ok(count > 0)
+    }
+
+    pub async fn member_state(&self, id: &str) -> Result<MemberState, DocumentStoreError> {
+        let Some(state) = self.states.find_one(doc! { "_id": id }).await? else {
+            return Ok(MemberState::default());
+        };
+        let now = DateTime::now();
+        let lease = state.get_document("lease").ok();
+        let pending = state.get_document("pending").ok().and_then(|p| {
+            Some(PendingWrite {
+                token: p.get_str("token").ok()?.to_string(),
+                version: p.get_i64("version").ok()? as u64,
+                request_id: p.get_str("requestId").unwrap_or_default().to_string(),
+            })
+        });
+        Ok(MemberState {
+            in_clickhouse: state.get_str("storage").ok() == Some(STORAGE_CLICKHOUSE),
+            lease_token: lease
+                .and_then(|l| l.get_str("token").ok())
+                .map(str::to_string),
+            lease_expired: lease
+                .and_then(|l| l.get_datetime("expiresAt").ok())
+                .is_none_or(|expires| *expires < now),
+            pending,
+        })
+    }
+
+    /// Takes the per-Group write lease unless another live one exists.
+    /// A stale lease (expired) or leftover `pending` must be recovered first.
+    pub async fn acquire_lease(
+        &self,
+        id: &str,
+        token: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, DocumentStoreError> {
+        let now = DateTime::now();
+        let expires = DateTime::from_millis(now.timestamp_millis() + ttl.as_millis() as i64);
+        let filter = doc! {
+            "_id": id,
+            "lease": Bson::Null,
+            "pending": Bson::Null,
+        };
+        let update = doc! { "$set": { "lease": { "token": token, "expiresAt": expires } } };
+        match self
+            .states
+            .find_one_and_update(filter, update)
+            .upsert(true)
+            .await
+        {
+            Ok(_) => Ok(true),
+            // The upsert collides with the existing document: someone holds it.
+            Err(e) if is_duplicate_key(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes an expired lease (and only that one) so a new writer can start.
+    pub async fn break_expired_lease(
+        &self,
+        id: &str,
+        token: &str,
+    ) -> Result<bool, DocumentStoreError> {
+        let result = self
+            .states
+            .update_one(
+                doc! { "_id": id, "lease.token": token, "lease.expiresAt": { "$lt": DateTime::now() } },
+                doc! { "$unset": { "lease": "" } },
+            )
+            .await?;
+        Ok(result.modified_count > 0)
+    }
+
+    /// Records, under our lease, the write about to commit as `version`.
+    pub async fn mark_pending(
+        &self,
+        id: &str,
+        token: &str,
+        version: u64,
+        request_id: &str,
+    ) -> Result<bool, DocumentStoreError> {
+        let result = self
+            .states
+            .update_one(
+                doc! { "_id": id, "lease.token": token },
+                doc! { "$set": { "pending": {
+                    "token": token, "version": version as i64, "requestId": request_id
+                } } },
+            )
+            .await?;
+        Ok(result.matched_count > 0)
+    }
+
+    /// Ends our write: drops lease and pending (only if still ours), and marks
+    /// the Group as stored in ClickHouse when it committed.
+    pub async fn finish(
+        &self,
+        id: &str,
+        token: &str,
+        committed: bool,
+    ) -> Result<(), DocumentStoreError> {
+        let mut update = doc! { "$unset": { "lease": "", "pending": "" } };
+        if committed {
+            update.insert("$set", doc! { "storage": STORAGE_CLICKHOUSE });
+        }
+        self.states
+            .update_one(
+                doc! { "_id": id, "$or": [ { "lease.token": token }, { "pending.token": token } ] },
+                update,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Clears a pending write left by a writer that stopped (recovery).
+    pub async fn clear_pending(
+        &self,
+        id: &str,
+        token: &str,
+        committed: bool,
+    ) -> Result<(), DocumentStoreError> {
+        let mut update = doc! { "$unset": { "pending": "", "lease": "" } };
+        if committed {
+            update.insert("$set", doc! { "storage": STORAGE_CLICKHOUSE });
+        }
+        self.states
+            .update_one(doc! { "_id": id, "pending.token": token }, update)
+            .await?;
+        Ok(())
+    }
+
+    /// The commit point: moves `meta.versionId` from `expected` to `expected + 1`
+    /// only if nobody else did, and tags the version with our token. Returns
+    /// the Group document after the update, or `None` when the version moved.
+    pub async fn commit_version(
+        &self,
+        id: &str,
+        expected: u64,
+        token: &str,
+    ) -> Result<Option<Document>, DocumentStoreError> {
+        let updated = self
+            .groups
+            .find_one_and_update(
+                doc! { "id": id, "meta.versionId": expected.to_string() },
+                doc! { "$set": {
+                    "meta.versionId": (expected + 1).to_string(),
+                    "meta.lastUpdated": DateTime::now(),
+                    "_memberCommitToken": token,
+                } },
+            )
+            .projection(doc! { "member": 0 })
+            .return_document(ReturnDocument::After)
+            .await?;
+        Ok(updated)
+    }
+
+    /// A history entry as the legacy server writes one: a Bundle entry.
+    pub async fn insert_history(
+        &self,
+        resource: &Document,
+        request_id: &str,
+        method: &str,
+        url: &str,
+    ) -> Result<(), DocumentStoreError> {
+        let id = resource.get_str("id").unwrap_or_default().to_string();
+        let mut fhir = resource.clone();
+        fhir.remove("_id");
+        fhir.remove("_memberCommitToken");
+        let entry = doc! {
+            "id": &id,
+            "_uuid": resource.get_str("_uuid").unwrap_or_default(),
+            "resource": fhir,
+            "request": { "id": request_id, "method": method, "url": url },
+            "response": { "status": "200" },
+        };
+        self.history.insert_one(entry).await?;
+        Ok(())
+    }
+
+    /// The Group document (without `member`), for responses.
+    pub async fn document(&self, id: &str) -> Result<Option<Document>, DocumentStoreError> {
+        Ok(self
+            .groups
+            .find_one(doc! { "id": id })
+            .projection(doc! { "member": 0 })
+            .await?)
+    }
+}
+
+fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match error.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == 11000,
+        ErrorKind::Command(e) => e.code == 11000,
+        _ => error.to_string().contains("E11000") || error.to_string().contains("duplicate key"),
+    }
+}
+
+fn parse_head(id: &str, document: &Document) -> Result<GroupHead, DocumentStoreError> {
+    let malformed = |what: &str| DocumentStoreError::Malformed {
+        id: id.to_string(),
+        what: what.to_string(),
+    };
+    let meta = document
+        .get_document("meta")
+        .map_err(|_| malformed("no meta"))?;
+    let version = match meta.get("versionId") {
+        Some(Bson::String(s)) => s
+            .parse::<u64>()
+            .map_err(|_| malformed("meta.versionId is not a number"))?,
+        // Tolerated: some writers stored numbers.
+        Some(Bson::Int32(n)) => *n as u64,
+        Some(Bson::Int64(n)) => *n as u64,
+        _ => return Err(malformed("meta.versionId missing")),
+    };
+    let group_key = document
+        .get_str("_uuid")
+        .map(str::to_string)
+        .map_err(|_| malformed("_uuid missing"))?;
+    Ok(GroupHead {
+        id: id.to_string(),
+        group_key,
+        version,
+        last_updated: meta.get_datetime("lastUpdated").ok().copied(),
+        commit_token: document
+            .get_str("_memberCommitToken")
+            .ok()
+            .map(str::to_string),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_reads_string_versions_and_uuid() {
+        let document = doc! { "id": "g", "_uuid": "u-1", "meta": { "versionId": "7", "lastUpdated": DateTime::from_millis(5) } };
+        let head = parse_head("g", &document).unwrap();
+        assert_eq!((head.version, head.group_key.as_str()), (7, "u-1"));
+        assert_eq!(head.last_updated, Some(DateTime::from_millis(5)));
+    }
+
+    #[test]
+    fn malformed_heads_say_what_is_wrong() {
+        let err = parse_head(
+            "g",
+            &doc! { "id": "g", "meta": { "versionId": "x" }, "_uuid": "u" },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("versionId"), "{err}");
+        let err = parse_head("g", &doc! { "id": "g", "meta": { "versionId": "1" } }).unwrap_err();
+        assert!(err.to_string().contains("_uuid"), "{err}");
+    }
+}
+
+/// The FHIR JSON of a stored document: server-internal fields (`_id`, `_uuid`,
+/// anything starting with `_`) are dropped, BSON dates become FHIR instants.
+pub fn to_fhir_json(document: &Document) -> serde_json::Value {
+    let object = document
+        .iter()
+        .filter(|(key, _)| !key.starts_with('_'))
+        .map(|(key, value)| (key.clone(), bson_to_json(value)))
+        .collect();
+    serde_json::Value::Object(object)
+}
+
+fn bson_to_json(value: &Bson) -> serde_json::Value {
+    match value {
+        Bson::DateTime(date) => serde_json::Value::String(
+            chrono::DateTime::<chrono::Utc>::from_timestamp_millis(date.timestamp_millis())
+                .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+                .unwrap_or_default(),
+        ),
+        Bson::Document(inner) => serde_json::Value::Object(
+            inner
+                .iter()
+                .map(|(k, v)| (k.clone(), bson_to_json(v)))
+                .collect(),
+        ),
+        Bson::Array(items) => serde_json::Value::Array(items.iter().map(bson_to_json).collect()),
+        Bson::Int32(n) => (*n).into(),
+        Bson::Int64(n) => (*n).into(),
+        Bson::Double(f) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Bson::String(s) => serde_json::Value::String(s.clone()),
+        Bson::Boolean(b) => serde_json::Value::Bool(*b),
+        Bson::Null | Bson::Undefined => serde_json::Value::Null,
+        other => other.clone().into_relaxed_extjson(),
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn fhir_json_drops_internal_fields_and_renders_dates() {
+        let document = doc! {
+            "_id": mongodb::bson::oid::ObjectId::new(),
+            "_uuid": "u",
+            "resourceType": "Group",
+            "id": "g",
+            "meta": { "versionId": "2", "lastUpdated": DateTime::from_millis(1_700_000_000_123) },
+            "quantity": 3_i64,
+            "actual": true,
+        };
+        let json = to_fhir_json(&document);
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "resourceType": "Group", "id": "g",
+                "meta": { "versionId": "2", "lastUpdated": "2023-11-14T22:13:20.123Z" },
+                "quantity": 3, "actual": true
+            })
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! The two stores the proxy writes: ClickHouse holds Group member events,
+//! MongoDB (the legacy server's own database) holds Group metadata.
+
+pub mod clickhouse;
+pub mod events;
+pub mod group_commit;
+pub mod group_documents;
+pub mod mongo;
+pub mod schema;

@@ -1,0 +1,715 @@
+//! Member PATCHes answered by the proxy: events in ClickHouse, only metadata in
+//! MongoDB, against the real servers and the stand-in legacy FHIR server.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use futures_util::StreamExt;
+use mongodb::bson::{doc, Bson, Document};
+use serde_json::{json, Value};
+use support::raw::RawConnection;
+use support::*;
+
+const PATCH: (&str, &str) = ("content-type", "application/json-patch+json");
+
+struct Stack {
+    standin: Standin,
+    proxy: ProxyProcess,
+    clickhouse: clickhouse::Client,
+    mongo: mongodb::Database,
+    client: HttpClient,
+}
+
+impl Stack {
+    async fn start(extra: &[(&str, &str)]) -> Stack {
+        let standin = Standin::start().await;
+        let ch_database = unique_name("fgp_test");
+        let ch_settings = fhir_group_proxy::config::ClickHouseSettings {
+            url: clickhouse_url(),
+            database: ch_database.clone(),
+            ..Default::default()
+        };
+        fhir_group_proxy::store::events::apply_schema(&ch_settings)
+            .await
+            .expect("schema applies on the real ClickHouse");
+        let mongo_uri = mongo_uri();
+        let mut settings = vec![
+            ("FGP_CLICKHOUSE_URL", ch_settings.url.as_str()),
+            ("FGP_CLICKHOUSE_DATABASE", ch_database.as_str()),
+            ("FGP_MONGO_URI", mongo_uri.as_str()),
+            ("FGP_MONGO_DATABASE", standin.database.as_str()),
+        ];
+        settings.extend_from_slice(extra);
+        let proxy = ProxyProcess::start(&standin.url(), &settings);
+        let mongo = mongodb::Client::with_uri_str(&mongo_uri)
+            .await
+            .expect("mongo client")
+            .database(&standin.database);
+        Stack {
+            clickhouse: fhir_group_proxy::store::clickhouse::connect(&ch_settings),
+            standin,
+            proxy,
+            mongo,
+            client: http_client(),
+        }
+    }
+
+    fn group_url(&self, id: &str) -> String {
+        format!("{}/4_0_0/Group/{id}", self.proxy.url())
+    }
+
+    async fn create_group(&self, members: Value) -> String {
+        let mut group = json!({"resourceType": "Group", "type": "person", "actual": true});
+        if members.as_array().is_some_and(|m| !m.is_empty()) {
+            group["member"] = members;
+        }
+        let reply = send(
+            &self.client,
+            "POST",
+            &format!("{}/4_0_0/Group", self.proxy.url()),
+            &[("content-type", "application/fhir+json")],
+            serde_json::to_vec(&group).unwrap(),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            201,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        reply.json()["id"].as_str().unwrap().to_string()
+    }
+
+    async fn patch(&self, id: &str, ops: Value, headers: &[(&str, &str)]) -> Reply {
+        let mut all = vec![PATCH];
+        all.extend_from_slice(headers);
+        send(
+            &self.client,
+            "PATCH",
+            &self.group_url(id),
+            &all,
+            serde_json::to_vec(&ops).unwrap(),
+        )
+        .await
+    }
+
+    async fn group_document(&self, id: &str) -> Document {
+        self.mongo
+            .collection::<Document>("Group_4_0_0")
+            .find_one(doc! {"id": id})
+            .await
+            .unwrap()
+            .expect("group document")
+    }
+
+    async fn group_key(&self, id: &str) -> String {
+        self.group_document(id)
+            .await
+            .get_str("_uuid")
+            .unwrap()
+            .to_string()
+    }
+
+    /// Current members as ClickHouse's views see them: reference -> (inactive, period start).
+    async fn members(&self, id: &str) -> BTreeMap<String, (bool, String)> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Row {
+            entity_reference: String,
+            present: u8,
+            inactive: u8,
+            period_start: String,
+        }
+        let rows = self.clickhouse
+            .query("SELECT entity_reference, argMaxMerge(present) AS present, argMaxMerge(inactive) AS inactive, \
+                    argMaxMerge(period_start) AS period_start FROM Group_4_0_0_MemberCurrent WHERE group_key = ? GROUP BY entity_reference")
+            .bind(self.group_key(id).await)
+            .fetch_all::<Row>().await.unwrap();
+        rows.into_iter()
+            .filter(|r| r.present == 1)
+            .map(|r| (r.entity_reference, (r.inactive == 1, r.period_start)))
+            .collect()
+    }
+
+    async fn event_count(&self, id: &str) -> u64 {
+        self.clickhouse
+            .query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_key = ?")
+            .bind(self.group_key(id).await)
+            .fetch_one::<u64>()
+            .await
+            .unwrap()
+    }
+}
+
+fn add(reference: &str) -> Value {
+    json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": reference}}})
+}
+
+fn remove(reference: &str) -> Value {
+    json!({"op": "remove", "path": "/member/-", "value": {"entity": {"reference": reference}}})
+}
+
+fn refs(members: &BTreeMap<String, (bool, String)>) -> Vec<&str> {
+    members.keys().map(String::as_str).collect()
+}
+
+#[tokio::test]
+async fn member_ops_write_events_and_only_metadata() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let before = stack.group_document(&id).await;
+
+    let reply = stack.patch(&id, json!([
+        add("Patient/1"), add("Patient/2"),
+        {"op": "add", "path": "/member/", "value": {"entity": {"reference": "Patient/3"}, "inactive": true,
+          "period": {"start": "2025-01-01"}}}
+    ]), &[]).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.header("etag"), Some("W/\"2\""));
+    assert_eq!(
+        reply.header("content-location"),
+        Some(format!("/4_0_0/Group/{id}/_history/2").as_str())
+    );
+    assert!(reply
+        .header("last-modified")
+        .is_some_and(|v| v.ends_with("GMT")));
+    let body = reply.json();
+    assert_eq!(body["resourceType"], "Group");
+    assert_eq!(body["meta"]["versionId"], "2");
+    assert_eq!(body["quantity"], 2, "quantity counts active members");
+    assert!(body.get("member").is_none());
+    assert!(body.get("_uuid").is_none());
+
+    let members = stack.members(&id).await;
+    assert_eq!(refs(&members), vec!["Patient/1", "Patient/2", "Patient/3"]);
+    assert_eq!(members["Patient/3"], (true, "2025-01-01".to_string()));
+
+    // MongoDB: only versionId (a string), lastUpdated (a date) and our token changed.
+    let after = stack.group_document(&id).await;
+    let meta = after.get_document("meta").unwrap();
+    assert_eq!(meta.get("versionId"), Some(&Bson::String("2".into())));
+    assert!(matches!(meta.get("lastUpdated"), Some(Bson::DateTime(_))));
+    assert!(
+        after.get("member").is_none(),
+        "no member array written to MongoDB"
+    );
+    for (key, value) in before.iter().filter(|(k, _)| k.as_str() != "meta") {
+        assert_eq!(after.get(key), Some(value), "{key} unchanged");
+    }
+    let history = stack
+        .mongo
+        .collection::<Document>("Group_4_0_0_History")
+        .find_one(doc! {"id": &id, "request.method": "PATCH"})
+        .await
+        .unwrap()
+        .expect("history entry");
+    assert_eq!(
+        history
+            .get_document("resource")
+            .unwrap()
+            .get_document("meta")
+            .unwrap()
+            .get_str("versionId")
+            .unwrap(),
+        "2"
+    );
+
+    // The legacy server reads the same Group at the new version.
+    let direct = send(
+        &stack.client,
+        "GET",
+        &format!("{}/4_0_0/Group/{id}", stack.standin.url()),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(direct.json()["meta"]["versionId"], "2");
+
+    // Remove by value, then by pinned position.
+    let reply = stack
+        .patch(
+            &id,
+            json!([remove("Patient/1")]),
+            &[("if-match", "W/\"2\"")],
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.header("etag"), Some("W/\"3\""));
+    let reply = stack
+        .patch(
+            &id,
+            json!([
+                {"op": "test", "path": "/member/0/entity/reference", "value": "Patient/2"},
+                {"op": "remove", "path": "/member/0"}
+            ]),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(refs(&stack.members(&id).await), vec!["Patient/3"]);
+
+    // Attribute change of a pinned member.
+    let reply = stack
+        .patch(
+            &id,
+            json!([
+                {"op": "test", "path": "/member/0/entity/reference", "value": "Patient/3"},
+                {"op": "replace", "path": "/member/0/inactive", "value": false}
+            ]),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.json()["quantity"], 1);
+    assert_eq!(
+        stack.members(&id).await["Patient/3"],
+        (false, "2025-01-01".to_string())
+    );
+}
+
+#[tokio::test]
+async fn every_error_is_an_operation_outcome_and_changes_nothing() {
+    let stack = Stack::start(&[
+        ("FGP_FHIR_MAX_PATCH_OPERATIONS", "5"),
+        ("FGP_FHIR_MAX_INTERCEPTED_BODY_BYTES", "4096"),
+    ])
+    .await;
+    let id = stack.create_group(json!([])).await;
+    assert_eq!(
+        stack
+            .patch(&id, json!([add("Patient/a")]), &[])
+            .await
+            .status,
+        200
+    );
+
+    let cases: Vec<(Value, &[(&str, &str)], u16, &str)> = vec![
+        (json!([remove("Patient/nobody")]), &[], 422, "processing"),
+        (
+            json!([add("Patient/b"), remove("Patient/nobody")]),
+            &[],
+            422,
+            "processing",
+        ),
+        (
+            json!([{"op": "test", "path": "/member/0/entity/reference", "value": "Patient/x"}]),
+            &[],
+            422,
+            "processing",
+        ),
+        (
+            json!([{"op": "remove", "path": "/member/0"}]),
+            &[],
+            422,
+            "processing",
+        ),
+        (
+            json!([{"op": "add", "path": "/member/-", "value": {"entity": {}}}]),
+            &[],
+            422,
+            "required",
+        ),
+        (
+            json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": "nope"}}}]),
+            &[],
+            422,
+            "value",
+        ),
+        (
+            json!([{"op": "replace", "path": "/member", "value": []}]),
+            &[],
+            422,
+            "not-supported",
+        ),
+        (json!({"op": "add"}), &[], 400, "structure"),
+        (
+            json!((0..6)
+                .map(|i| add(&format!("Patient/{i}")))
+                .collect::<Vec<_>>()),
+            &[],
+            400,
+            "too-costly",
+        ),
+        (
+            json!([add("Patient/c")]),
+            &[("if-match", "W/\"1\"")],
+            412,
+            "conflict",
+        ),
+        (
+            json!([add("Patient/c")]),
+            &[("if-match", "W/\"x\"")],
+            400,
+            "invalid",
+        ),
+    ];
+    for (ops, headers, status, code) in cases {
+        let reply = stack.patch(&id, ops.clone(), headers).await;
+        assert_outcome(&reply, status, code);
+        let meta_version = stack
+            .group_document(&id)
+            .await
+            .get_document("meta")
+            .unwrap()
+            .get_str("versionId")
+            .unwrap()
+            .to_string();
+        assert_eq!(meta_version, "2", "nothing written for {ops}");
+    }
+    assert_eq!(refs(&stack.members(&id).await), vec!["Patient/a"]);
+    assert_eq!(stack.event_count(&id).await, 1);
+
+    let malformed = send(
+        &stack.client,
+        "PATCH",
+        &stack.group_url(&id),
+        &[PATCH],
+        "[{not json",
+    )
+    .await;
+    assert_outcome(&malformed, 400, "invalid");
+    let big = format!(
+        "[{}]",
+        vec![serde_json::to_string(&add("Patient/big")).unwrap(); 100].join(",")
+    );
+    assert_outcome(
+        &send(&stack.client, "PATCH", &stack.group_url(&id), &[PATCH], big).await,
+        413,
+        "too-long",
+    );
+    assert_outcome(
+        &stack
+            .patch("does-not-exist", json!([add("Patient/a")]), &[])
+            .await,
+        404,
+        "not-found",
+    );
+}
+
+#[tokio::test]
+async fn version_conflict_status_is_configurable_and_if_match_can_be_required() {
+    let stack = Stack::start(&[
+        ("FGP_MEMBERS_VERSION_CONFLICT_STATUS", "409"),
+        ("FGP_MEMBERS_REQUIRE_IF_MATCH", "true"),
+    ])
+    .await;
+    let id = stack.create_group(json!([])).await;
+    assert_outcome(
+        &stack.patch(&id, json!([add("Patient/a")]), &[]).await,
+        400,
+        "required",
+    );
+    assert_outcome(
+        &stack
+            .patch(&id, json!([add("Patient/a")]), &[("if-match", "W/\"7\"")])
+            .await,
+        409,
+        "conflict",
+    );
+    assert_eq!(
+        stack
+            .patch(&id, json!([add("Patient/a")]), &[("if-match", "W/\"1\"")])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn prefer_selects_the_body() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let minimal = stack
+        .patch(
+            &id,
+            json!([add("Patient/1")]),
+            &[("prefer", "return=minimal")],
+        )
+        .await;
+    assert_eq!((minimal.status, minimal.body.len()), (200, 0));
+    assert_eq!(minimal.header("etag"), Some("W/\"2\""));
+    let outcome = stack
+        .patch(
+            &id,
+            json!([add("Patient/2")]),
+            &[("prefer", "return=OperationOutcome")],
+        )
+        .await;
+    assert_eq!(outcome.json()["resourceType"], "OperationOutcome");
+    assert_eq!(outcome.json()["issue"][0]["severity"], "information");
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_request_id_writes_nothing_twice() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let headers = [("x-request-id", "retry-me-1"), ("if-match", "W/\"1\"")];
+    let first = stack
+        .patch(&id, json!([add("Patient/1"), add("Patient/2")]), &headers)
+        .await;
+    assert_eq!(first.status, 200);
+    let again = stack
+        .patch(&id, json!([add("Patient/1"), add("Patient/2")]), &headers)
+        .await;
+    assert_eq!(
+        again.status,
+        200,
+        "the retry is answered, not refused: {}",
+        String::from_utf8_lossy(&again.body)
+    );
+    assert_eq!(
+        again.header("etag"),
+        Some("W/\"2\""),
+        "same version as the first attempt"
+    );
+    assert_eq!(stack.event_count(&id).await, 2);
+    assert_eq!(
+        stack
+            .group_document(&id)
+            .await
+            .get_document("meta")
+            .unwrap()
+            .get_str("versionId")
+            .unwrap(),
+        "2"
+    );
+}
+
+#[tokio::test]
+async fn patches_the_proxy_does_not_own_reach_the_legacy_server() {
+    let stack = Stack::start(&[]).await;
+    // Not a member patch: forwarded, applied by the legacy server.
+    let id = stack.create_group(json!([])).await;
+    let reply = stack
+        .patch(
+            &id,
+            json!([{"op": "add", "path": "/name", "value": "Roster A"}]),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["name"], "Roster A");
+
+    // A large non-member patch (beyond pingora's replay buffer) too.
+    let long_name = "x".repeat(100_000);
+    let reply = stack
+        .patch(
+            &id,
+            json!([{"op": "replace", "path": "/name", "value": long_name}]),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body[..reply.body.len().min(300)])
+    );
+    assert_eq!(reply.json()["name"].as_str().map(str::len), Some(100_000));
+
+    // A Group whose members are still inline (not migrated): legacy path.
+    let legacy = stack
+        .create_group(json!([{"entity": {"reference": "Patient/inline"}}]))
+        .await;
+    let reply = stack.patch(&legacy, json!([add("Patient/new")]), &[]).await;
+    assert_eq!(reply.status, 200);
+    let members: Vec<&str> = reply.json()["member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["entity"]["reference"].as_str().unwrap())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(members.len(), 2);
+    assert_eq!(
+        stack.event_count(&legacy).await,
+        0,
+        "nothing went to ClickHouse"
+    );
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_before_reading_the_body() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let body = serde_json::to_vec(&json!([add("Patient/1")])).unwrap();
+    let mut conn = RawConnection::open(stack.proxy.addr).await;
+    conn.write(format!("PATCH /4_0_0/Group/{id} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json-patch+json\r\n\
+        Content-Length: {}\r\nExpect: 100-continue\r\n\r\n", body.len()).as_bytes()).await;
+    let (status, _) = conn.read_head().await;
+    assert_eq!(status, 100);
+    conn.write(&body).await;
+    let response = conn.read_response().await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("etag"), Some("W/\"2\""));
+}
+
+#[tokio::test]
+async fn concurrent_patches_with_the_same_if_match_have_one_winner() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let replies = futures_util::stream::iter(0..100)
+        .map(|i| {
+            let stack = &stack;
+            let id = id.clone();
+            async move {
+                stack
+                    .patch(
+                        &id,
+                        json!([add(&format!("Patient/race-{i}"))]),
+                        &[("if-match", "W/\"1\"")],
+                    )
+                    .await
+            }
+        })
+        .buffer_unordered(100)
+        .collect::<Vec<_>>()
+        .await;
+    let winners = replies.iter().filter(|r| r.status == 200).count();
+    let conflicts = replies.iter().filter(|r| r.status == 412).count();
+    assert_eq!(
+        (winners, conflicts),
+        (1, 99),
+        "statuses: {:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(stack.members(&id).await.len(), 1);
+    assert_eq!(stack.event_count(&id).await, 1);
+}
+
+#[tokio::test]
+async fn concurrent_patches_without_if_match_all_apply_once() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let replies = futures_util::stream::iter(0..64)
+        .map(|i| {
+            let stack = &stack;
+            let id = id.clone();
+            async move {
+                stack
+                    .patch(
+                        &id,
+                        json!([add(&format!("Patient/c-{i}"))]),
+                        &[("prefer", "return=minimal")],
+                    )
+                    .await
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    assert!(
+        replies.iter().all(|r| r.status == 200),
+        "{:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let mut versions: Vec<String> = replies
+        .iter()
+        .map(|r| r.header("etag").unwrap().to_string())
+        .collect();
+    versions.sort();
+    versions.dedup();
+    assert_eq!(versions.len(), 64, "each write got its own version");
+    assert_eq!(stack.members(&id).await.len(), 64);
+    assert_eq!(
+        stack
+            .group_document(&id)
+            .await
+            .get_document("meta")
+            .unwrap()
+            .get_str("versionId")
+            .unwrap(),
+        "65"
+    );
+}
+
+/// Random member patches through the proxy end in the same membership as the
+/// same patches applied by the json-patch crate to a plain Group document.
+#[tokio::test]
+async fn differential_against_json_patch_on_a_plain_document() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let mut model = json!({"resourceType": "Group", "member": []});
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |bound: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % bound as u64) as usize
+    };
+    for round in 0..25 {
+        let mut ops = Vec::new();
+        let mut scratch = model.clone();
+        for _ in 0..(1 + next(8)) {
+            let members = scratch["member"].as_array().unwrap().clone();
+            let op = match next(4) {
+                // Add a reference not present (set semantics on both sides).
+                0 | 1 => {
+                    let reference = format!("Patient/d{}", next(40));
+                    if members
+                        .iter()
+                        .any(|m| m["entity"]["reference"] == reference)
+                    {
+                        continue;
+                    }
+                    let inactive = next(3) == 0;
+                    vec![
+                        json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": reference}, "inactive": inactive}}),
+                    ]
+                }
+                2 if !members.is_empty() => {
+                    let i = next(members.len());
+                    vec![
+                        json!({"op": "test", "path": format!("/member/{i}/entity/reference"), "value": members[i]["entity"]["reference"]}),
+                        json!({"op": "remove", "path": format!("/member/{i}")}),
+                    ]
+                }
+                3 if !members.is_empty() => {
+                    let i = next(members.len());
+                    vec![
+                        json!({"op": "test", "path": format!("/member/{i}/entity/reference"), "value": members[i]["entity"]["reference"]}),
+                        json!({"op": "add", "path": format!("/member/{i}/inactive"), "value": next(2) == 0}),
+                    ]
+                }
+                _ => continue,
+            };
+            let patch: json_patch::Patch =
+                serde_json::from_value(Value::Array(op.clone())).unwrap();
+            json_patch::patch(&mut scratch, &patch).unwrap();
+            ops.extend(op);
+        }
+        if ops.is_empty() {
+            continue;
+        }
+        let reply = stack.patch(&id, Value::Array(ops.clone()), &[]).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "round {round}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        model = scratch;
+    }
+    let expected: BTreeMap<String, (bool, String)> = model["member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["entity"]["reference"].as_str().unwrap().to_string(),
+                (m["inactive"] == true, String::new()),
+            )
+        })
+        .collect();
+    assert_eq!(stack.members(&id).await, expected);
+}

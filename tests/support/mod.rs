@@ -1,0 +1,240 @@
+//! Shared test harness: real sockets, real services. The proxy runs as its own
+//! process (the built binary), the stand-in legacy FHIR server runs in-process
+//! on MongoDB-compatible FerretDB, and ClickHouse is the real server started by
+//! `scripts/test.sh`.
+#![allow(dead_code)]
+
+pub mod raw;
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use standin_legacy_fhir::{spawn_on_free_port, StandinConfig};
+
+pub fn mongo_uri() -> String {
+    std::env::var("FGP_TEST_MONGO_URI").unwrap_or_else(|_| "mongodb://127.0.0.1:27018/".into())
+}
+
+pub fn clickhouse_url() -> String {
+    std::env::var("FGP_TEST_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:18123".into())
+}
+
+/// A database name no other test uses.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+/// The stand-in legacy FHIR server on its own Mongo database.
+pub struct Standin {
+    pub addr: SocketAddr,
+    pub database: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Standin {
+    pub async fn start() -> Standin {
+        let database = unique_name("standin");
+        let config = StandinConfig {
+            mongo_uri: mongo_uri(),
+            database: database.clone(),
+            base_path: "/4_0_0".into(),
+        };
+        let (addr, task) = spawn_on_free_port(config).await.expect(
+            "stand-in legacy FHIR server starts (is FerretDB running? see scripts/test.sh)",
+        );
+        Standin {
+            addr,
+            database,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The proxy binary running as a child process; killed on drop.
+pub struct ProxyProcess {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl ProxyProcess {
+    /// Starts the proxy in front of `upstream_url`, with extra `FGP_*` settings.
+    pub fn start(upstream_url: &str, settings: &[(&str, &str)]) -> ProxyProcess {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-group-proxy"));
+        command
+            .arg("serve")
+            .env("FGP_LISTEN", addr.to_string())
+            .env("FGP_UPSTREAM_URL", upstream_url)
+            .env("FGP_THREADS", "2")
+            .env("FGP_GRACE_PERIOD_SECONDS", "0")
+            .env("FGP_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "2")
+            .env(
+                "FGP_LOG",
+                std::env::var("FGP_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        for (key, value) in settings {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("the proxy binary starts");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the proxy exited at start with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not listen on {addr} in 15s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ProxyProcess { addr, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.child.wait().expect("the proxy exits")
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A received response, body collected.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// One request with a full body; `headers` are sent in order.
+pub async fn send(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let mut builder = hyper::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder.body(Full::new(body.into())).expect("valid request");
+    let response = client.request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("whole body")
+        .to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deterministic pseudo-random bytes (no two tests need the same seed).
+pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// Asserts `reply` is a FHIR OperationOutcome error with `status`.
+pub fn assert_outcome(reply: &Reply, status: u16, code: &str) {
+    assert_eq!(
+        reply.status,
+        status,
+        "body: {}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(
+        reply
+            .header("content-type")
+            .is_some_and(|ct| ct.starts_with("application/fhir+json")),
+        "content-type {:?}",
+        reply.header("content-type")
+    );
+    let body = reply.json();
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    assert_eq!(body["issue"][0]["code"], code, "{body}");
+    assert!(
+        body["issue"][0]["diagnostics"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "diagnostics explain the error: {body}"
+    );
+}
