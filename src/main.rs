@@ -44,6 +44,8 @@ enum Command {
     ShowConfig,
     /// Check that ClickHouse and MongoDB answer with the configured settings
     CheckStores,
+    /// Create the ClickHouse database, tables and views (idempotent; also done at start)
+    SchemaApply,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +59,19 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckStores => check_stores(&config),
+        Command::SchemaApply => {
+            let runtime = tokio::runtime::Runtime::new().context("cannot start a tokio runtime")?;
+            runtime
+                .block_on(fhir_group_proxy::store::events::apply_schema(
+                    &config.clickhouse,
+                ))
+                .context("schema apply failed")?;
+            println!(
+                "ClickHouse schema is in place in database {}",
+                config.clickhouse.database
+            );
+            Ok(())
+        }
         Command::Serve => {
             tracing::info!(
                 listen = %config.server.listen,

@@ -13,6 +13,8 @@ use support::*;
 
 const PATCH: (&str, &str) = ("content-type", "application/json-patch+json");
 
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
 struct Stack {
     standin: Standin,
     proxy: ProxyProcess,
@@ -292,7 +294,7 @@ async fn every_error_is_an_operation_outcome_and_changes_nothing() {
         200
     );
 
-    let cases: Vec<(Value, &[(&str, &str)], u16, &str)> = vec![
+    let cases: Vec<(Value, Headers, u16, &str)> = vec![
         (json!([remove("Patient/nobody")]), &[], 422, "processing"),
         (
             json!([add("Patient/b"), remove("Patient/nobody")]),
@@ -522,15 +524,14 @@ async fn patches_the_proxy_does_not_own_reach_the_legacy_server() {
         .await;
     let reply = stack.patch(&legacy, json!([add("Patient/new")]), &[]).await;
     assert_eq!(reply.status, 200);
-    let members: Vec<&str> = reply.json()["member"]
+    let body = reply.json();
+    let members: Vec<&str> = body["member"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| m["entity"]["reference"].as_str().unwrap())
-        .collect::<Vec<_>>()
-        .into_iter()
         .collect();
-    assert_eq!(members.len(), 2);
+    assert_eq!(members, vec!["Patient/inline", "Patient/new"]);
     assert_eq!(
         stack.event_count(&legacy).await,
         0,
@@ -608,11 +609,12 @@ async fn concurrent_patches_without_if_match_all_apply_once() {
         .buffer_unordered(64)
         .collect::<Vec<_>>()
         .await;
-    assert!(
-        replies.iter().all(|r| r.status == 200),
-        "{:?}",
-        replies.iter().map(|r| r.status).collect::<Vec<_>>()
-    );
+    let failures: Vec<String> = replies
+        .iter()
+        .filter(|r| r.status != 200)
+        .map(|r| format!("{} {}", r.status, String::from_utf8_lossy(&r.body)))
+        .collect();
+    assert!(failures.is_empty(), "{failures:#?}");
     let mut versions: Vec<String> = replies
         .iter()
         .map(|r| r.header("etag").unwrap().to_string())
@@ -712,4 +714,114 @@ async fn differential_against_json_patch_on_a_plain_document() {
         })
         .collect();
     assert_eq!(stack.members(&id).await, expected);
+}
+
+#[tokio::test]
+async fn mixed_patches_split_with_one_version_increment() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let reply = stack
+        .patch(
+            &id,
+            json!([
+                {"op": "add", "path": "/name", "value": "Attributed 2026"},
+                add("Patient/m1"),
+                add("Patient/m2")
+            ]),
+            &[("if-match", "W/\"1\"")],
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(
+        reply.header("etag"),
+        Some("W/\"2\""),
+        "one version for both halves"
+    );
+    assert_eq!(reply.json()["name"], "Attributed 2026");
+    assert_eq!(
+        refs(&stack.members(&id).await),
+        vec!["Patient/m1", "Patient/m2"]
+    );
+    let document = stack.group_document(&id).await;
+    assert_eq!(
+        document
+            .get_document("meta")
+            .unwrap()
+            .get_str("versionId")
+            .unwrap(),
+        "2"
+    );
+    assert!(document.get("member").is_none());
+
+    // The upstream refuses its half: nothing of the member half is visible.
+    let reply = stack
+        .patch(
+            &id,
+            json!([
+                {"op": "test", "path": "/name", "value": "something else"},
+                add("Patient/m3")
+            ]),
+            &[],
+        )
+        .await;
+    assert!(
+        reply.status >= 400,
+        "upstream refusal relayed: {}",
+        reply.status
+    );
+    assert_eq!(
+        refs(&stack.members(&id).await),
+        vec!["Patient/m1", "Patient/m2"]
+    );
+    assert_eq!(
+        stack
+            .group_document(&id)
+            .await
+            .get_document("meta")
+            .unwrap()
+            .get_str("versionId")
+            .unwrap(),
+        "2"
+    );
+
+    // A failing member half never reaches the upstream.
+    let reply = stack
+        .patch(
+            &id,
+            json!([
+                {"op": "replace", "path": "/name", "value": "never"},
+                remove("Patient/nobody")
+            ]),
+            &[],
+        )
+        .await;
+    assert_outcome(&reply, 422, "processing");
+    let direct = send(
+        &stack.client,
+        "GET",
+        &format!("{}/4_0_0/Group/{id}", stack.standin.url()),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(direct.json()["name"], "Attributed 2026");
+}
+
+#[tokio::test]
+async fn mixed_patches_can_be_refused_by_setting() {
+    let stack = Stack::start(&[("FGP_MEMBERS_MIXED_PATCH", "reject")]).await;
+    let id = stack.create_group(json!([])).await;
+    let reply = stack
+        .patch(
+            &id,
+            json!([{"op": "add", "path": "/name", "value": "x"}, add("Patient/1")]),
+            &[],
+        )
+        .await;
+    assert_outcome(&reply, 422, "not-supported");
 }

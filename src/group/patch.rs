@@ -16,6 +16,8 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use mongodb::bson::Document;
 
 use crate::fhir::member_patch::{plan_changes, MemberChange, PlannedEvent};
@@ -36,6 +38,22 @@ pub struct MemberPatchRequest {
     pub request_id: String,
     /// The request URL as the history entry records it.
     pub url: String,
+    /// For a split mixed patch: sends the non-member ops upstream.
+    pub upstream_part: Option<UpstreamPart>,
+}
+
+/// Sends the non-member half of a mixed patch to the legacy server as its own
+/// PATCH, with `If-Match` on the given version. The legacy server's new version
+/// is the only version increment of the whole request.
+pub struct UpstreamPart {
+    pub send: Box<dyn Fn(u64) -> BoxFuture<'static, Result<UpstreamReply, Outcome>> + Send + Sync>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamReply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
 }
 
 #[derive(Debug)]
@@ -47,6 +65,8 @@ pub struct MemberPatchResult {
     /// True when this answers a retry of an already committed request.
     pub replayed: bool,
     pub events_written: usize,
+    /// For split patches: the legacy server's answer, relayed to the client.
+    pub upstream_reply: Option<UpstreamReply>,
 }
 
 impl GroupService {
@@ -59,7 +79,8 @@ impl GroupService {
         let mut backoff = Duration::from_millis(2);
         loop {
             match self.try_member_patch(&request).await? {
-                Attempt::Done(mut result) => {
+                Attempt::Done(result) => {
+                    let mut result = *result;
                     if want_counts {
                         if let Some(document) = &result.document {
                             let key = document.get_str("_uuid").unwrap_or_default();
@@ -89,23 +110,14 @@ impl GroupService {
         let id = request.group_id.as_str();
         let head = self.head_or_404(id).await?;
         let state = self.documents.member_state(id).await?;
-        if !state.in_clickhouse && self.documents.has_inline_members(id).await? {
+        if !state.in_clickhouse
+            && state.pending.is_none()
+            && self.documents.has_inline_members(id).await?
+        {
             return Err(WriteError::NotMigrated);
         }
-        if state.pending.is_some() || (state.lease_token.is_some() && state.lease_expired) {
-            self.recover(id, &head, &state).await?;
-            return Ok(Attempt::Busy);
-        }
-        if let Some(client_id) = &request.client_request_id {
-            if let Some(commit) = self.events.find_commit(&head.group_key, client_id).await? {
-                return Ok(Attempt::Done(MemberPatchResult {
-                    version: commit.group_version,
-                    document: self.documents.document(id).await?,
-                    counts: None,
-                    replayed: true,
-                    events_written: 0,
-                }));
-            }
+        if let Some(replayed) = self.replay(request, &head.group_key).await? {
+            return Ok(Attempt::Done(Box::new(replayed)));
         }
         self.check_if_match(id, request.if_match, head.version)?;
 
@@ -115,17 +127,42 @@ impl GroupService {
             .acquire_lease(id, &token, self.settings.lease_ttl)
             .await?
         {
+            if let (Some(holder), true) = (&state.lease_token, state.lease_expired) {
+                tracing::warn!(group = id, %holder, "breaking an expired member write lock");
+                self.documents.break_expired_lease(id, holder).await?;
+            }
             return Ok(Attempt::Busy);
         }
         let result = self.write_under_lease(request, &token).await;
         if !matches!(result, Ok(Attempt::Done(_))) {
-            // Not committed: give the lease back (pending is only set right
-            // before the commit point, and cleared on failure there).
+            // Not committed: pending (if set) is cleared and the lock released.
             if let Err(e) = self.documents.finish(id, &token, false).await {
-                tracing::warn!(group = id, error = %e, "could not release the member write lease");
+                tracing::warn!(group = id, error = %e, "could not release the member write lock");
             }
         }
         result
+    }
+
+    /// A retry of a request that already committed gets that commit's answer.
+    async fn replay(
+        &self,
+        request: &MemberPatchRequest,
+        group_key: &str,
+    ) -> Result<Option<MemberPatchResult>, WriteError> {
+        let Some(client_id) = &request.client_request_id else {
+            return Ok(None);
+        };
+        let Some(commit) = self.events.find_commit(group_key, client_id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(MemberPatchResult {
+            version: commit.group_version,
+            document: self.documents.document(&request.group_id).await?,
+            counts: None,
+            replayed: true,
+            events_written: 0,
+            upstream_reply: None,
+        }))
     }
 
     async fn write_under_lease(
@@ -134,24 +171,35 @@ impl GroupService {
         token: &str,
     ) -> Result<Attempt, WriteError> {
         let id = request.group_id.as_str();
-        // Re-read under the lease: the version may have moved while we waited.
+        // Under the lock: first finish what a stopped writer left behind.
+        let state = self.documents.member_state(id).await?;
+        if let Some(pending) = &state.pending {
+            let head = self.head_or_404(id).await?;
+            self.recover_pending(id, &head, pending).await?;
+        }
+        // Re-read: the version may have moved while we waited for the lock.
         let head = self.head_or_404(id).await?;
+        if let Some(replayed) = self.replay(request, &head.group_key).await? {
+            self.documents.finish(id, token, false).await?;
+            return Ok(Attempt::Done(Box::new(replayed)));
+        }
         self.check_if_match(id, request.if_match, head.version)?;
 
         let named: Vec<&EntityReference> = unique_references(&request.changes);
         let current = self.events.current_members(&head.group_key, &named).await?;
         let planned = plan_changes(&format!("Group/{id}"), &request.changes, &current)
             .map_err(WriteError::Outcome)?;
-        if planned.is_empty() {
+        if planned.is_empty() && request.upstream_part.is_none() {
             // Only `test` ops: nothing changes, so no new version either.
             self.documents.finish(id, token, false).await?;
-            return Ok(Attempt::Done(MemberPatchResult {
+            return Ok(Attempt::Done(Box::new(MemberPatchResult {
                 version: head.version,
                 document: self.documents.document(id).await?,
                 counts: None,
                 replayed: false,
                 events_written: 0,
-            }));
+                upstream_reply: None,
+            })));
         }
 
         let new_version = head.version + 1;
@@ -172,6 +220,11 @@ impl GroupService {
             .await?
         {
             return Err(lease_lost(id));
+        }
+        if let Some(part) = &request.upstream_part {
+            return self
+                .commit_through_upstream(request, part, head.version, token, events_written)
+                .await;
         }
         let Some(document) = self
             .documents
@@ -204,13 +257,71 @@ impl GroupService {
                 "member events committed but not yet published; the next access publishes them"
             ),
         }
-        Ok(Attempt::Done(MemberPatchResult {
+        Ok(Attempt::Done(Box::new(MemberPatchResult {
             version: new_version,
             document: Some(document),
             counts: None,
             replayed: false,
             events_written,
-        }))
+            upstream_reply: None,
+        })))
+    }
+
+    /// Split mixed patch: the legacy server's PATCH of the other ops is the
+    /// commit point (it moves the version n -> n+1); our staged member events
+    /// belong to that version.
+    async fn commit_through_upstream(
+        &self,
+        request: &MemberPatchRequest,
+        part: &UpstreamPart,
+        base_version: u64,
+        token: &str,
+        events_written: usize,
+    ) -> Result<Attempt, WriteError> {
+        let id = request.group_id.as_str();
+        let reply = (part.send)(base_version)
+            .await
+            .map_err(WriteError::Outcome)?;
+        if !(200..300).contains(&reply.status) {
+            self.documents.finish(id, token, false).await?;
+            if reply.status == 412 && request.if_match.is_none() {
+                // A legacy writer moved the version under us: start over.
+                return Ok(Attempt::Busy);
+            }
+            return Ok(Attempt::Done(Box::new(MemberPatchResult {
+                version: base_version,
+                document: None,
+                counts: None,
+                replayed: false,
+                events_written: 0,
+                upstream_reply: Some(reply),
+            })));
+        }
+        let new_version = base_version + 1;
+        if let Err(e) = self.documents.mark_upstream_committed(id, token).await {
+            tracing::error!(group = id, error = %e, "split patch committed upstream but not recorded");
+        }
+        let document = match self.documents.tag_version(id, new_version, token).await {
+            Ok(document) => document,
+            Err(e) => {
+                tracing::warn!(group = id, error = %e, "could not tag the upstream version");
+                None
+            }
+        };
+        match self.events.publish(token).await {
+            Ok(()) => self.documents.finish(id, token, true).await?,
+            Err(e) => {
+                tracing::error!(group = id, error = %e, "split patch events not yet published; the next access publishes them")
+            }
+        }
+        Ok(Attempt::Done(Box::new(MemberPatchResult {
+            version: new_version,
+            document,
+            counts: None,
+            replayed: false,
+            events_written,
+            upstream_reply: Some(reply),
+        })))
     }
 
     fn check_if_match(
@@ -238,7 +349,7 @@ impl GroupService {
 }
 
 enum Attempt {
-    Done(MemberPatchResult),
+    Done(Box<MemberPatchResult>),
     /// Another write holds the Group, or recovery just ran: try again.
     Busy,
 }

@@ -1,45 +1,37 @@
-//! Finishing writes whose writer stopped. A write is committed exactly when the
-//! Group document carries its token at its version; then its staged events are
-//! published. Otherwise it never happened and its lease is dropped.
+//! Finishing a write whose writer stopped after marking it `pending`. Runs
+//! under the Group's write lock. The write committed exactly when the Group
+//! document carries its token at its version (or, for a split patch, when the
+//! upstream confirmed its half); then its staged events are published.
+//! Otherwise it never happened, and its staged events stay invisible.
 
-use crate::store::group_documents::{GroupHead, MemberState};
+use crate::store::group_documents::{GroupHead, PendingWrite};
 
 use super::{GroupService, WriteError};
 
 impl GroupService {
-    pub async fn recover(
+    pub async fn recover_pending(
         &self,
         id: &str,
         head: &GroupHead,
-        state: &MemberState,
+        pending: &PendingWrite,
     ) -> Result<(), WriteError> {
-        if let Some(pending) = &state.pending {
-            let committed = head.version == pending.version
-                && head.commit_token.as_deref() == Some(pending.token.as_str());
-            let live_writer = state.lease_token.as_deref() == Some(pending.token.as_str())
-                && !state.lease_expired;
-            if live_writer {
-                // Its writer is still at work (before or after the commit point).
-                return Ok(());
-            }
-            if committed
-                && !self
-                    .events
-                    .is_published(&head.group_key, &pending.token)
-                    .await?
-            {
-                tracing::warn!(group = id, token = %pending.token, "publishing events of a committed write whose writer stopped");
-                self.events.publish(&pending.token).await?;
-            }
-            self.documents
-                .clear_pending(id, &pending.token, committed)
-                .await?;
-            return Ok(());
+        let committed = pending.upstream_committed
+            || (head.version == pending.version
+                && head.commit_token.as_deref() == Some(pending.token.as_str()));
+        if committed
+            && !self
+                .events
+                .is_published(&head.group_key, &pending.token)
+                .await?
+        {
+            tracing::warn!(group = id, token = %pending.token, "publishing the events of a committed write whose writer stopped");
+            self.events.publish(&pending.token).await?;
+        } else if !committed {
+            tracing::warn!(group = id, token = %pending.token, "dropping a write that never committed");
         }
-        if let (Some(token), true) = (&state.lease_token, state.lease_expired) {
-            tracing::warn!(group = id, %token, "breaking an expired member write lease");
-            self.documents.break_expired_lease(id, token).await?;
-        }
+        self.documents
+            .clear_pending(id, &pending.token, committed)
+            .await?;
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use crate::config::MixedPatchPolicy;
 use crate::fhir::member_patch::{parse_patch, PatchClass, PatchLimits};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
-use crate::group::patch::{MemberPatchRequest, MemberPatchResult};
+use crate::group::patch::{MemberPatchRequest, MemberPatchResult, UpstreamReply};
 use crate::group::WriteError;
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::respond::send_outcome;
@@ -42,10 +42,6 @@ pub async fn group_patch(
         return Ok(Next::Forward);
     };
     session.enable_retry_buffering();
-    if pingora::protocols::http::v1::common::is_expect_continue_req(session.req_header()) {
-        session.write_continue_response().await?;
-        ctx.continue_sent = true;
-    }
     let body = match read_body(session, proxy.config.fhir.max_intercepted_body_bytes).await? {
         Ok(body) => body,
         Err(outcome) => return answer(session, ctx, &outcome).await,
@@ -60,21 +56,29 @@ pub async fn group_patch(
     let limits = PatchLimits {
         max_operations: proxy.config.fhir.max_patch_operations,
     };
-    let changes = match parse_patch(&body, limits) {
+    let (changes, other_ops) = match parse_patch(&body, limits) {
         Ok(PatchClass::NotMembers) => return Ok(forward(body)),
-        Ok(PatchClass::Members(changes)) => changes,
-        Ok(PatchClass::Mixed { .. }) => {
-            let outcome = match proxy.config.members.mixed_patch {
-                MixedPatchPolicy::Reject | MixedPatchPolicy::Split => Outcome::error(
-                    422,
-                    IssueType::NotSupported,
-                    "this patch mixes Group.member operations with other operations; send the \
-                     member operations and the other operations as two PATCH requests",
-                ),
-            };
+        Ok(PatchClass::Members(changes)) => (changes, None),
+        Ok(PatchClass::Mixed { .. })
+            if proxy.config.members.mixed_patch == MixedPatchPolicy::Reject =>
+        {
+            let outcome = Outcome::error(
+                422,
+                IssueType::NotSupported,
+                "this patch mixes Group.member operations with other operations, which this \
+                 server is configured to refuse; send them as two PATCH requests",
+            );
             return answer(session, ctx, &outcome).await;
         }
+        Ok(PatchClass::Mixed {
+            member_changes,
+            other_ops,
+        }) => (member_changes, Some(other_ops)),
         Err(outcome) => return answer(session, ctx, &outcome).await,
+    };
+    let upstream_part = match other_ops {
+        Some(ops) => Some(proxy.upstream_half(session, ctx, ops)?),
+        None => None,
     };
 
     let headers = &session.req_header().headers;
@@ -107,6 +111,7 @@ pub async fn group_patch(
         client_request_id,
         request_id: ctx.request_id.clone(),
         url: format!("{base}/Group/{group_id}"),
+        upstream_part,
     };
 
     let service = service.clone();
@@ -128,6 +133,14 @@ pub async fn group_patch(
         }
     };
     match result {
+        Ok(MemberPatchResult {
+            upstream_reply: Some(reply),
+            ..
+        }) => {
+            ctx.intercepted = true;
+            relay(session, ctx, reply).await?;
+            Ok(Next::Answered)
+        }
         Ok(result) => {
             ctx.intercepted = true;
             write_success(session, ctx, base, group_id, &result, prefer).await?;
@@ -141,6 +154,28 @@ pub async fn group_patch(
             answer(session, ctx, &error.to_outcome()).await
         }
     }
+}
+
+async fn relay(session: &mut Session, ctx: &RequestContext, reply: UpstreamReply) -> Result<()> {
+    let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 1))?;
+    for (name, value) in reply.headers.iter() {
+        if name == http::header::TRANSFER_ENCODING || name == http::header::CONTENT_LENGTH {
+            continue;
+        }
+        header.append_header(name.clone(), value.clone())?;
+    }
+    header.insert_header("content-length", reply.body.len().to_string())?;
+    if !header.headers.contains_key(X_REQUEST_ID) {
+        header.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+    }
+    let empty = reply.body.is_empty();
+    session
+        .write_response_header(Box::new(header), empty)
+        .await?;
+    if !empty {
+        session.write_response_body(Some(reply.body), true).await?;
+    }
+    Ok(())
 }
 
 async fn answer(

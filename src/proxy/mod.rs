@@ -116,6 +116,41 @@ impl FhirGroupProxy {
         Ok(())
     }
 
+    /// The upstream half of a split mixed patch: the same request (headers,
+    /// credentials) with only the non-member ops, conditional on the version
+    /// the member half was planned against.
+    fn upstream_half(
+        &self,
+        session: &Session,
+        ctx: &RequestContext,
+        other_ops: Vec<serde_json::Value>,
+    ) -> Result<crate::group::patch::UpstreamPart> {
+        let mut request = session.req_header().clone();
+        self.rewrite_for_upstream(session, &mut request, ctx)?;
+        request.remove_header(&http::header::EXPECT);
+        let body = bytes::Bytes::from(serde_json::to_vec(&other_ops).unwrap_or_default());
+        let client = self.upstream_client.clone();
+        Ok(crate::group::patch::UpstreamPart {
+            send: Box::new(move |version: u64| {
+                let mut request = request.clone();
+                let client = client.clone();
+                let body = body.clone();
+                Box::pin(async move {
+                    request
+                        .insert_header(http::header::IF_MATCH, format!("W/\"{version}\""))
+                        .map_err(|e| {
+                            crate::fhir::outcome::Outcome::error(
+                                500,
+                                crate::fhir::outcome::IssueType::Exception,
+                                e.to_string(),
+                            )
+                        })?;
+                    client.send_buffered(&request, body).await
+                })
+            }),
+        })
+    }
+
     fn rewrite_for_upstream(
         &self,
         session: &Session,
@@ -181,6 +216,12 @@ impl ProxyHttp for FhirGroupProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        // Like nginx, answer `Expect: 100-continue` here and forward without
+        // it: pingora would otherwise wait for a body the client holds back.
+        if pingora::protocols::http::v1::common::is_expect_continue_req(session.req_header()) {
+            session.write_continue_response().await?;
+            ctx.continue_sent = true;
+        }
         match route::route(session.req_header(), &self.config.fhir.base_paths) {
             Route::Passthrough => Ok(false),
             Route::GroupPatch { base, group_id } => {

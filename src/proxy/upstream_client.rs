@@ -14,6 +14,7 @@ use pingora::proxy::Session;
 
 use crate::config::UpstreamSettings;
 use crate::fhir::outcome::{IssueType, Outcome};
+use crate::group::patch::UpstreamReply;
 
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -37,14 +38,33 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends `request` (already rewritten for the upstream) with `body`, and
-    /// relays the response. Errors become 502/504 OperationOutcomes.
-    pub async fn forward(
+    /// Sends `request` with `body` and collects the whole response (used for
+    /// the small upstream half of a split patch).
+    pub async fn send_buffered(
         &self,
-        session: &mut Session,
         request: &RequestHeader,
         body: Bytes,
-    ) -> Result<u16, Outcome> {
+    ) -> Result<UpstreamReply, Outcome> {
+        let response = self.send(request, body).await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = tokio::time::timeout(self.read_timeout, response.into_body().collect())
+            .await
+            .map_err(|_| upstream_timeout())?
+            .map_err(|e| internal(format!("upstream body failed: {e}")))?
+            .to_bytes();
+        Ok(UpstreamReply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    async fn send(
+        &self,
+        request: &RequestHeader,
+        body: Bytes,
+    ) -> Result<http::Response<hyper::body::Incoming>, Outcome> {
         let path = request
             .uri
             .path_and_query()
@@ -70,7 +90,7 @@ impl UpstreamClient {
                 format!("request cannot be forwarded: {e}"),
             )
         })?;
-        let response = tokio::time::timeout(self.read_timeout, self.client.request(outgoing))
+        tokio::time::timeout(self.read_timeout, self.client.request(outgoing))
             .await
             .map_err(|_| upstream_timeout())?
             .map_err(|e| {
@@ -79,7 +99,18 @@ impl UpstreamClient {
                     IssueType::Transient,
                     format!("the upstream FHIR server is unreachable: {e}"),
                 )
-            })?;
+            })
+    }
+
+    /// Sends `request` (already rewritten for the upstream) with `body`, and
+    /// relays the response. Errors become 502/504 OperationOutcomes.
+    pub async fn forward(
+        &self,
+        session: &mut Session,
+        request: &RequestHeader,
+        body: Bytes,
+    ) -> Result<u16, Outcome> {
+        let response = self.send(request, body).await?;
         let status = response.status().as_u16();
         let (parts, mut incoming) = response.into_parts();
         let mut header = ResponseHeader::build(parts.status, Some(parts.headers.len()))

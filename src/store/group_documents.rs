@@ -5,10 +5,11 @@
 //! proxy only ever changes `meta.versionId` (a string), `meta.lastUpdated` (a
 //! BSON date) and `_memberCommitToken`, each time with one conditional update.
 //!
-//! The proxy's state lives in its own collection (`Group_4_0_0_MemberState`), so
-//! a legacy server that rewrites whole Group documents cannot drop it:
+//! The proxy's state lives in its own collections, so a legacy server that
+//! rewrites whole Group documents cannot drop it. `Group_4_0_0_MemberLocks`
+//! holds the one write in flight per Group (token, expiry);
+//! `Group_4_0_0_MemberState` holds:
 //! - `storage: "clickhouse"` once a Group's members live in ClickHouse;
-//! - `lease`: the one write in flight for this Group (token, expiry);
 //! - `pending`: a write whose Mongo commit may have happened but whose events
 //!   may not be published yet (see `group::recovery`).
 
@@ -19,6 +20,7 @@ use mongodb::Collection;
 pub const GROUP_COLLECTION: &str = "Group_4_0_0";
 pub const GROUP_HISTORY_COLLECTION: &str = "Group_4_0_0_History";
 pub const MEMBER_STATE_COLLECTION: &str = "Group_4_0_0_MemberState";
+pub const MEMBER_LOCK_COLLECTION: &str = "Group_4_0_0_MemberLocks";
 
 pub const STORAGE_CLICKHOUSE: &str = "clickhouse";
 
@@ -48,6 +50,9 @@ pub struct PendingWrite {
     pub token: String,
     pub version: u64,
     pub request_id: String,
+    /// For split patches: the upstream already committed the version that
+    /// carries this write's other ops, so the write counts as committed.
+    pub upstream_committed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -63,6 +68,7 @@ pub struct GroupDocuments {
     groups: Collection<Document>,
     history: Collection<Document>,
     states: Collection<Document>,
+    locks: Collection<Document>,
 }
 
 impl GroupDocuments {
@@ -71,6 +77,7 @@ impl GroupDocuments {
             groups: database.collection(GROUP_COLLECTION),
             history: database.collection(GROUP_HISTORY_COLLECTION),
             states: database.collection(MEMBER_STATE_COLLECTION),
+            locks: database.collection(MEMBER_LOCK_COLLECTION),
         }
     }
 
@@ -104,16 +111,20 @@ impl GroupDocuments {
     }
 
     pub async fn member_state(&self, id: &str) -> Result<MemberState, DocumentStoreError> {
-        let Some(state) = self.states.find_one(doc! { "_id": id }).await? else {
-            return Ok(MemberState::default());
-        };
+        let lock = self.locks.find_one(doc! { "_id": id }).await?;
+        let state = self
+            .states
+            .find_one(doc! { "_id": id })
+            .await?
+            .unwrap_or_default();
         let now = DateTime::now();
-        let lease = state.get_document("lease").ok();
+        let lease = lock.as_ref();
         let pending = state.get_document("pending").ok().and_then(|p| {
             Some(PendingWrite {
                 token: p.get_str("token").ok()?.to_string(),
                 version: p.get_i64("version").ok()? as u64,
                 request_id: p.get_str("requestId").unwrap_or_default().to_string(),
+                upstream_committed: p.get_bool("upstreamCommitted").unwrap_or(false),
             })
         });
         Ok(MemberState {
@@ -128,8 +139,10 @@ impl GroupDocuments {
         })
     }
 
-    /// Takes the per-Group write lease unless another live one exists.
-    /// A stale lease (expired) or leftover `pending` must be recovered first.
+    /// Takes the per-Group write lock unless another writer holds it. The lock
+    /// is a document with the Group id as `_id`: only an insert with a unique
+    /// `_id` is atomic on MongoDB and FerretDB alike (FerretDB 1.x runs
+    /// conditional updates as find-then-update).
     pub async fn acquire_lease(
         &self,
         id: &str,
@@ -138,39 +151,42 @@ impl GroupDocuments {
     ) -> Result<bool, DocumentStoreError> {
         let now = DateTime::now();
         let expires = DateTime::from_millis(now.timestamp_millis() + ttl.as_millis() as i64);
-        let filter = doc! {
-            "_id": id,
-            "lease": Bson::Null,
-            "pending": Bson::Null,
-        };
-        let update = doc! { "$set": { "lease": { "token": token, "expiresAt": expires } } };
-        match self
-            .states
-            .find_one_and_update(filter, update)
-            .upsert(true)
-            .await
-        {
+        let lock = doc! { "_id": id, "token": token, "expiresAt": expires, "takenAt": now };
+        match self.locks.insert_one(lock).await {
             Ok(_) => Ok(true),
-            // The upsert collides with the existing document: someone holds it.
             Err(e) if is_duplicate_key(&e) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Removes an expired lease (and only that one) so a new writer can start.
+    /// Removes an expired lock (and only that one) so a new writer can start.
     pub async fn break_expired_lease(
         &self,
         id: &str,
         token: &str,
     ) -> Result<bool, DocumentStoreError> {
         let result = self
-            .states
-            .update_one(
-                doc! { "_id": id, "lease.token": token, "lease.expiresAt": { "$lt": DateTime::now() } },
-                doc! { "$unset": { "lease": "" } },
-            )
+            .locks
+            .delete_one(doc! { "_id": id, "token": token, "expiresAt": { "$lt": DateTime::now() } })
             .await?;
-        Ok(result.modified_count > 0)
+        Ok(result.deleted_count > 0)
+    }
+
+    pub async fn release_lease(&self, id: &str, token: &str) -> Result<(), DocumentStoreError> {
+        self.locks
+            .delete_one(doc! { "_id": id, "token": token })
+            .await?;
+        Ok(())
+    }
+
+    async fn holds_lease(&self, id: &str, token: &str) -> Result<bool, DocumentStoreError> {
+        Ok(self
+            .locks
+            .count_documents(
+                doc! { "_id": id, "token": token, "expiresAt": { "$gt": DateTime::now() } },
+            )
+            .await?
+            > 0)
     }
 
     /// Records, under our lease, the write about to commit as `version`.
@@ -181,52 +197,89 @@ impl GroupDocuments {
         version: u64,
         request_id: &str,
     ) -> Result<bool, DocumentStoreError> {
-        let result = self
-            .states
+        if !self.holds_lease(id, token).await? {
+            return Ok(false);
+        }
+        self.states
             .update_one(
-                doc! { "_id": id, "lease.token": token },
+                doc! { "_id": id },
                 doc! { "$set": { "pending": {
                     "token": token, "version": version as i64, "requestId": request_id
                 } } },
+            )
+            .upsert(true)
+            .await?;
+        Ok(true)
+    }
+
+    /// Records that the upstream committed the other half of a split patch.
+    pub async fn mark_upstream_committed(
+        &self,
+        id: &str,
+        token: &str,
+    ) -> Result<bool, DocumentStoreError> {
+        let result = self
+            .states
+            .update_one(
+                doc! { "_id": id, "pending.token": token },
+                doc! { "$set": { "pending.upstreamCommitted": true } },
             )
             .await?;
         Ok(result.matched_count > 0)
     }
 
-    /// Ends our write: drops lease and pending (only if still ours), and marks
-    /// the Group as stored in ClickHouse when it committed.
+    /// Tags the version the upstream wrote for a split patch with our token
+    /// (best effort: `pending.upstreamCommitted` already proves the commit).
+    pub async fn tag_version(
+        &self,
+        id: &str,
+        version: u64,
+        token: &str,
+    ) -> Result<Option<Document>, DocumentStoreError> {
+        Ok(self
+            .groups
+            .find_one_and_update(
+                doc! { "id": id, "meta.versionId": version.to_string() },
+                doc! { "$set": { "_memberCommitToken": token } },
+            )
+            .return_document(ReturnDocument::After)
+            .await?
+            .map(without_members))
+    }
+
+    /// Ends our write under our lock: drops `pending`, marks the Group as
+    /// stored in ClickHouse when it committed, then releases the lock.
     pub async fn finish(
         &self,
         id: &str,
         token: &str,
         committed: bool,
     ) -> Result<(), DocumentStoreError> {
-        let mut update = doc! { "$unset": { "lease": "", "pending": "" } };
+        let mut update = doc! { "$unset": { "pending": "" } };
         if committed {
             update.insert("$set", doc! { "storage": STORAGE_CLICKHOUSE });
         }
         self.states
-            .update_one(
-                doc! { "_id": id, "$or": [ { "lease.token": token }, { "pending.token": token } ] },
-                update,
-            )
+            .update_one(doc! { "_id": id }, update)
+            .upsert(committed)
             .await?;
-        Ok(())
+        self.release_lease(id, token).await
     }
 
-    /// Clears a pending write left by a writer that stopped (recovery).
+    /// Clears the pending write left by a writer that stopped; called by the
+    /// writer that now holds the lock (recovery).
     pub async fn clear_pending(
         &self,
         id: &str,
-        token: &str,
+        pending_token: &str,
         committed: bool,
     ) -> Result<(), DocumentStoreError> {
-        let mut update = doc! { "$unset": { "pending": "", "lease": "" } };
+        let mut update = doc! { "$unset": { "pending": "" } };
         if committed {
             update.insert("$set", doc! { "storage": STORAGE_CLICKHOUSE });
         }
         self.states
-            .update_one(doc! { "_id": id, "pending.token": token }, update)
+            .update_one(doc! { "_id": id, "pending.token": pending_token }, update)
             .await?;
         Ok(())
     }
@@ -250,10 +303,11 @@ impl GroupDocuments {
                     "_memberCommitToken": token,
                 } },
             )
-            .projection(doc! { "member": 0 })
             .return_document(ReturnDocument::After)
             .await?;
-        Ok(updated)
+        // No projection here: FerretDB does not support it on findAndModify.
+        // A committed Group keeps its members in ClickHouse, so this is small.
+        Ok(updated.map(without_members))
     }
 
     /// A history entry as the legacy server writes one: a Bundle entry.
@@ -287,6 +341,11 @@ impl GroupDocuments {
             .projection(doc! { "member": 0 })
             .await?)
     }
+}
+
+fn without_members(mut document: Document) -> Document {
+    document.remove("member");
+    document
 }
 
 fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
