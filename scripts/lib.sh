@@ -186,6 +186,15 @@ start_services() {
   log "ClickHouse $(curl -sf --max-time 5 "http://127.0.0.1:$CLICKHOUSE_HTTP_PORT/?query=SELECT%20version()") and FerretDB $FERRETDB_VERSION are up"
 }
 
+# Starts the services for the calling script; stops them when it exits only if
+# it started them (a running demo stack is reused and left running).
+start_services_for_this_script() {
+  local started_here=0
+  if ! clickhouse_ready || ! ferretdb_ready; then started_here=1; fi
+  start_services
+  if [ "$started_here" -eq 1 ]; then trap stop_services EXIT; fi
+}
+
 # Stops only what this checkout started (pid files under .run/).
 stop_services() {
   local pidfile

@@ -5,10 +5,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ensure_all_installed
-started_here=0
-if ! clickhouse_ready || ! ferretdb_ready; then started_here=1; fi
-start_services
-if [ "$started_here" -eq 1 ]; then trap stop_services EXIT; fi
+start_services_for_this_script
 
 cd "$REPO_ROOT"
 log "cargo fmt --check"

@@ -276,6 +276,25 @@ async fn member_ops_write_events_and_only_metadata() {
         stack.members(&id).await["Patient/3"],
         (false, "2025-01-01".to_string())
     );
+
+    // Replace a pinned member by another one.
+    let reply = stack
+        .patch(
+            &id,
+            json!([
+                {"op": "test", "path": "/member/0/entity/reference", "value": "Patient/3"},
+                {"op": "replace", "path": "/member/0", "value": {"entity": {"reference": "Practitioner/9"}}}
+            ]),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(refs(&stack.members(&id).await), vec!["Practitioner/9"]);
 }
 
 #[tokio::test]

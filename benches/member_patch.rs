@@ -1,0 +1,267 @@
+//! Member PATCH cost: through the proxy (events in ClickHouse) versus the
+//! legacy path (the stand-in legacy server rewriting the whole Group document),
+//! measured in the same run on the same machine. Run with `bash scripts/bench.sh`.
+//!
+//! Reported: latency of a PATCH adding one member to groups of 1k, 100k and 1M
+//! members, and member-add throughput with 64 concurrent clients.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use support::*;
+
+const SAMPLES: usize = 30;
+const SEED_OPS_PER_PATCH: usize = 10_000;
+const CLIENTS: usize = 64;
+const PATCHES_PER_CLIENT: usize = 10;
+
+#[tokio::main]
+async fn main() {
+    let sizes: Vec<usize> = std::env::var("FGP_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 100_000, 1_000_000]);
+
+    let standin = Standin::start().await;
+    let ch = fhir_group_proxy::config::ClickHouseSettings {
+        url: clickhouse_url(),
+        database: unique_name("fgp_bench"),
+        ..Default::default()
+    };
+    fhir_group_proxy::store::events::apply_schema(&ch)
+        .await
+        .expect("schema");
+    let mongo = mongo_uri();
+    let proxy = ProxyProcess::start(
+        &standin.url(),
+        &[
+            ("FGP_CLICKHOUSE_URL", ch.url.as_str()),
+            ("FGP_CLICKHOUSE_DATABASE", ch.database.as_str()),
+            ("FGP_MONGO_URI", mongo.as_str()),
+            ("FGP_MONGO_DATABASE", standin.database.as_str()),
+            ("FGP_FHIR_MAX_INTERCEPTED_BODY_BYTES", "67108864"),
+        ],
+    );
+    let client = http_client();
+    let proxy_base = format!("{}/4_0_0", proxy.url());
+    let legacy_base = format!("{}/4_0_0", standin.url());
+
+    println!("\n## Member PATCH: add 1 member (ms, {SAMPLES} sequential samples each)\n");
+    println!("| members in group | legacy p50 | legacy p90 | proxy p50 | proxy p90 | legacy/proxy (p50) | proxy seeding |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for &size in &sizes {
+        let seeding = Instant::now();
+        let proxy_group = create_group(&client, &proxy_base, 0).await;
+        seed_through_proxy(&client, &proxy_base, &proxy_group, size).await;
+        let seeded_in = seeding.elapsed();
+        let proxy_ms = single_add_latencies(&client, &proxy_base, &proxy_group).await;
+
+        let legacy = match create_legacy_group(&client, &legacy_base, size).await {
+            Ok(id) => Ok(single_add_latencies(&client, &legacy_base, &id).await),
+            Err(why) => Err(why),
+        };
+        let (lp50, lp90, ratio) = match &legacy {
+            Ok(ms) => (
+                format!("{:.1}", pct(ms, 50)),
+                format!("{:.1}", pct(ms, 90)),
+                format!("{:.1}x", pct(ms, 50) / pct(&proxy_ms, 50)),
+            ),
+            Err(why) => (why.clone(), "-".into(), "legacy cannot".into()),
+        };
+        println!(
+            "| {size} | {lp50} | {lp90} | {:.1} | {:.1} | {ratio} | {:.1} s |",
+            pct(&proxy_ms, 50),
+            pct(&proxy_ms, 90),
+            seeded_in.as_secs_f64()
+        );
+    }
+
+    println!("\n## Member-add throughput, {CLIENTS} concurrent clients x {PATCHES_PER_CLIENT} PATCHes (1 add each)\n");
+    println!("| target | groups | PATCHes/s | p50 ms | p99 ms | failed |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (label, base) in [("legacy (stand-in)", &legacy_base), ("proxy", &proxy_base)] {
+        for shared in [false, true] {
+            let distinct = if shared { 1 } else { CLIENTS };
+            let mut ids = Vec::with_capacity(distinct);
+            for _ in 0..distinct {
+                let id = if label == "proxy" {
+                    let id = create_group(&client, base, 0).await;
+                    seed_through_proxy(&client, base, &id, 1_000).await;
+                    id
+                } else {
+                    create_legacy_group(&client, base, 1_000)
+                        .await
+                        .expect("1k group")
+                };
+                ids.push(id);
+            }
+            let groups: Vec<String> = (0..CLIENTS).map(|i| ids[i % distinct].clone()).collect();
+            let (rate, p50, p99, failed) = throughput(&client, base, &groups).await;
+            println!(
+                "| {label} | {} | {rate:.0} | {p50:.1} | {p99:.1} | {failed} |",
+                if shared {
+                    "1 shared group (1k members)"
+                } else {
+                    "64 groups (1k members each)"
+                }
+            );
+        }
+    }
+}
+
+fn pct(samples: &[f64], p: usize) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let index = ((sorted.len() - 1) * p).div_ceil(100);
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn add(reference: String) -> Value {
+    json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": reference}}})
+}
+
+async fn create_group(client: &HttpClient, base: &str, inline_members: usize) -> String {
+    let mut group = json!({"resourceType": "Group", "type": "person", "actual": true});
+    if inline_members > 0 {
+        group["member"] = (0..inline_members)
+            .map(|i| json!({"entity": {"reference": format!("Patient/seed-{i}")}}))
+            .collect();
+    }
+    let reply = send(
+        client,
+        "POST",
+        &format!("{base}/Group"),
+        &[("content-type", "application/fhir+json")],
+        serde_json::to_vec(&group).expect("json"),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    reply.json()["id"].as_str().expect("id").to_string()
+}
+
+/// The legacy server stores the whole roster in one document; over 16 MB it
+/// cannot store the Group at all.
+async fn create_legacy_group(
+    client: &HttpClient,
+    base: &str,
+    size: usize,
+) -> Result<String, String> {
+    let group = json!({"resourceType": "Group", "type": "person", "actual": true,
+        "member": (0..size).map(|i| json!({"entity": {"reference": format!("Patient/seed-{i}")}})).collect::<Vec<_>>()});
+    let body = serde_json::to_vec(&group).expect("json");
+    let reply = send(
+        client,
+        "POST",
+        &format!("{base}/Group"),
+        &[("content-type", "application/fhir+json")],
+        body,
+    )
+    .await;
+    if reply.status == 201 {
+        Ok(reply.json()["id"].as_str().expect("id").to_string())
+    } else {
+        Err(format!("fails ({})", reply.status))
+    }
+}
+
+async fn seed_through_proxy(client: &HttpClient, base: &str, id: &str, size: usize) {
+    let mut added = 0;
+    while added < size {
+        let batch = SEED_OPS_PER_PATCH.min(size - added);
+        let ops: Vec<Value> = (added..added + batch)
+            .map(|i| add(format!("Patient/seed-{i}")))
+            .collect();
+        let reply = send(
+            client,
+            "PATCH",
+            &format!("{base}/Group/{id}"),
+            &[
+                ("content-type", "application/json-patch+json"),
+                ("prefer", "return=minimal"),
+            ],
+            serde_json::to_vec(&ops).expect("json"),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            200,
+            "seeding: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        added += batch;
+    }
+}
+
+async fn patch_one(client: &HttpClient, base: &str, id: &str, reference: String) -> (u16, f64) {
+    let body = serde_json::to_vec(&json!([add(reference)])).expect("json");
+    let started = Instant::now();
+    let reply = send(
+        client,
+        "PATCH",
+        &format!("{base}/Group/{id}"),
+        &[
+            ("content-type", "application/json-patch+json"),
+            ("prefer", "return=minimal"),
+        ],
+        body,
+    )
+    .await;
+    (reply.status, started.elapsed().as_secs_f64() * 1e3)
+}
+
+async fn single_add_latencies(client: &HttpClient, base: &str, id: &str) -> Vec<f64> {
+    let mut samples = Vec::with_capacity(SAMPLES);
+    for i in 0..SAMPLES {
+        let (status, ms) = patch_one(
+            client,
+            base,
+            id,
+            format!("Patient/bench-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .await;
+        assert_eq!(status, 200, "sample {i}");
+        samples.push(ms);
+    }
+    samples
+}
+
+async fn throughput(client: &HttpClient, base: &str, groups: &[String]) -> (f64, f64, f64, usize) {
+    let started = Instant::now();
+    let results: Vec<(u16, f64)> = futures_util::stream::iter(0..CLIENTS * PATCHES_PER_CLIENT)
+        .map(|n| {
+            let id = groups[n % CLIENTS].clone();
+            async move {
+                patch_one(
+                    client,
+                    base,
+                    &id,
+                    format!("Patient/t-{}", uuid::Uuid::new_v4().simple()),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(CLIENTS)
+        .collect()
+        .await;
+    let elapsed = started.elapsed().max(Duration::from_millis(1));
+    let ok: Vec<f64> = results
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, ms)| *ms)
+        .collect();
+    let failed = results.len() - ok.len();
+    let rate = ok.len() as f64 / elapsed.as_secs_f64();
+    if ok.is_empty() {
+        return (0.0, 0.0, 0.0, failed);
+    }
+    (rate, pct(&ok, 50), pct(&ok, 99), failed)
+}

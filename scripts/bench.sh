@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Benchmarks (not tests): member PATCH through the proxy vs the legacy path, in
+# one run on this machine. Starts ClickHouse and FerretDB like the tests do.
+# FGP_BENCH_SIZES=1000,100000 limits the group sizes.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+ensure_all_installed
+start_services_for_this_script
+cd "$REPO_ROOT"
+cargo bench --bench member_patch "$@"
