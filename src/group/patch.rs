@@ -108,18 +108,15 @@ impl GroupService {
 
     async fn try_member_patch(&self, request: &MemberPatchRequest) -> Result<Attempt, WriteError> {
         let id = request.group_id.as_str();
-        let head = self.head_or_404(id).await?;
-        let state = self.documents.member_state(id).await?;
-        if !state.in_clickhouse
-            && state.pending.is_none()
-            && self.documents.has_inline_members(id).await?
-        {
-            return Err(WriteError::NotMigrated);
+        if request.if_match.is_some() {
+            // Refuse a stale If-Match without queueing for the lock (races of
+            // many writers on one version end fast), after answering a retry.
+            let head = self.head_or_404(id).await?;
+            if let Some(replayed) = self.replay(request, &head.group_key).await? {
+                return Ok(Attempt::Done(Box::new(replayed)));
+            }
+            self.check_if_match(id, request.if_match, head.version)?;
         }
-        if let Some(replayed) = self.replay(request, &head.group_key).await? {
-            return Ok(Attempt::Done(Box::new(replayed)));
-        }
-        self.check_if_match(id, request.if_match, head.version)?;
 
         let token = uuid::Uuid::new_v4().to_string();
         if !self
@@ -127,9 +124,9 @@ impl GroupService {
             .acquire_lease(id, &token, self.settings.lease_ttl)
             .await?
         {
-            if let (Some(holder), true) = (&state.lease_token, state.lease_expired) {
+            if let Some(holder) = self.documents.expired_lease_holder(id).await? {
                 tracing::warn!(group = id, %holder, "breaking an expired member write lock");
-                self.documents.break_expired_lease(id, holder).await?;
+                self.documents.break_expired_lease(id, &holder).await?;
             }
             return Ok(Attempt::Busy);
         }
@@ -171,14 +168,19 @@ impl GroupService {
         token: &str,
     ) -> Result<Attempt, WriteError> {
         let id = request.group_id.as_str();
-        // Under the lock: first finish what a stopped writer left behind.
         let state = self.documents.member_state(id).await?;
-        if let Some(pending) = &state.pending {
-            let head = self.head_or_404(id).await?;
-            self.recover_pending(id, &head, pending).await?;
+        let mut head = self.head_or_404(id).await?;
+        if !state.in_clickhouse
+            && state.pending.is_none()
+            && self.documents.has_inline_members(id).await?
+        {
+            return Err(WriteError::NotMigrated);
         }
-        // Re-read: the version may have moved while we waited for the lock.
-        let head = self.head_or_404(id).await?;
+        if let Some(pending) = &state.pending {
+            // Finish what a stopped writer left behind, then look again.
+            self.recover_pending(id, &head, pending).await?;
+            head = self.head_or_404(id).await?;
+        }
         if let Some(replayed) = self.replay(request, &head.group_key).await? {
             self.documents.finish(id, token, false).await?;
             return Ok(Attempt::Done(Box::new(replayed)));

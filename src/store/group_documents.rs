@@ -58,8 +58,6 @@ pub struct PendingWrite {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct MemberState {
     pub in_clickhouse: bool,
-    pub lease_token: Option<String>,
-    pub lease_expired: bool,
     pub pending: Option<PendingWrite>,
 }
 
@@ -110,15 +108,24 @@ impl GroupDocuments {
         Ok(count > 0)
     }
 
+    /// The token of the lock on Group `id` when that lock has expired.
+    pub async fn expired_lease_holder(
+        &self,
+        id: &str,
+    ) -> Result<Option<String>, DocumentStoreError> {
+        let lock = self
+            .locks
+            .find_one(doc! { "_id": id, "expiresAt": { "$lt": DateTime::now() } })
+            .await?;
+        Ok(lock.and_then(|l| l.get_str("token").ok().map(str::to_string)))
+    }
+
     pub async fn member_state(&self, id: &str) -> Result<MemberState, DocumentStoreError> {
-        let lock = self.locks.find_one(doc! { "_id": id }).await?;
         let state = self
             .states
             .find_one(doc! { "_id": id })
             .await?
             .unwrap_or_default();
-        let now = DateTime::now();
-        let lease = lock.as_ref();
         let pending = state.get_document("pending").ok().and_then(|p| {
             Some(PendingWrite {
                 token: p.get_str("token").ok()?.to_string(),
@@ -129,12 +136,6 @@ impl GroupDocuments {
         });
         Ok(MemberState {
             in_clickhouse: state.get_str("storage").ok() == Some(STORAGE_CLICKHOUSE),
-            lease_token: lease
-                .and_then(|l| l.get_str("token").ok())
-                .map(str::to_string),
-            lease_expired: lease
-                .and_then(|l| l.get_datetime("expiresAt").ok())
-                .is_none_or(|expires| *expires < now),
             pending,
         })
     }
