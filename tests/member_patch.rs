@@ -844,3 +844,127 @@ async fn mixed_patches_can_be_refused_by_setting() {
         .await;
     assert_outcome(&reply, 422, "not-supported");
 }
+
+/// A writer that stopped after the commit point is finished by the next
+/// writer (its events become visible); one that stopped before it never
+/// happened (its staged events stay invisible). Both left an expired lock.
+#[tokio::test]
+async fn stopped_writers_are_recovered_by_the_next_writer() {
+    use fhir_group_proxy::store::events::{event_sequence, EventType, MemberEventRow};
+    use fhir_group_proxy::store::schema::EVENTS_STAGED;
+
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    assert_eq!(
+        stack
+            .patch(&id, json!([add("Patient/1")]), &[])
+            .await
+            .status,
+        200
+    );
+    let group_key = stack.group_key(&id).await;
+
+    let stage = |token: &str, version: u64, reference: &str| MemberEventRow {
+        group_key: group_key.clone(),
+        group_id: id.clone(),
+        group_version: version,
+        token: token.to_string(),
+        request_id: format!("req-{token}"),
+        op_index: 0,
+        sequence: event_sequence(version, 0),
+        entity_reference: reference.to_string(),
+        entity_type: "Patient".into(),
+        event_type: EventType::Added,
+        period_start: String::new(),
+        period_end: String::new(),
+        inactive: 0,
+        member_delta: 1,
+        active_delta: 1,
+        event_time_ms: 1,
+    };
+    let states = stack
+        .mongo
+        .collection::<Document>("Group_4_0_0_MemberState");
+    let locks = stack
+        .mongo
+        .collection::<Document>("Group_4_0_0_MemberLocks");
+    let groups = stack.mongo.collection::<Document>("Group_4_0_0");
+    let past = mongodb::bson::DateTime::from_millis(1_000);
+
+    // Stopped after the commit point: staged, pending, Group at v3 with its token.
+    let mut insert = stack
+        .clickhouse
+        .insert::<MemberEventRow>(EVENTS_STAGED)
+        .await
+        .unwrap();
+    insert
+        .write(&stage("after-commit", 3, "Patient/committed"))
+        .await
+        .unwrap();
+    insert.end().await.unwrap();
+    groups
+        .update_one(
+            doc! {"id": &id},
+            doc! {"$set": {"meta.versionId": "3", "_memberCommitToken": "after-commit"}},
+        )
+        .await
+        .unwrap();
+    states.update_one(doc! {"_id": &id}, doc! {"$set": {"pending": {"token": "after-commit", "version": 3_i64, "requestId": "req-after-commit"}}}).await.unwrap();
+    locks
+        .insert_one(doc! {"_id": &id, "token": "after-commit", "expiresAt": past})
+        .await
+        .unwrap();
+
+    let reply = stack.patch(&id, json!([add("Patient/2")]), &[]).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.header("etag"), Some("W/\"4\""));
+    assert_eq!(
+        refs(&stack.members(&id).await),
+        vec!["Patient/1", "Patient/2", "Patient/committed"]
+    );
+
+    // Stopped before the commit point: staged and pending, Group still at v4.
+    let mut insert = stack
+        .clickhouse
+        .insert::<MemberEventRow>(EVENTS_STAGED)
+        .await
+        .unwrap();
+    insert
+        .write(&stage("before-commit", 5, "Patient/ghost"))
+        .await
+        .unwrap();
+    insert.end().await.unwrap();
+    states.update_one(doc! {"_id": &id}, doc! {"$set": {"pending": {"token": "before-commit", "version": 5_i64, "requestId": "req-before-commit"}}}).await.unwrap();
+    locks
+        .insert_one(doc! {"_id": &id, "token": "before-commit", "expiresAt": past})
+        .await
+        .unwrap();
+
+    let reply = stack.patch(&id, json!([add("Patient/3")]), &[]).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.header("etag"), Some("W/\"5\""));
+    assert_eq!(
+        refs(&stack.members(&id).await),
+        vec!["Patient/1", "Patient/2", "Patient/3", "Patient/committed"],
+        "the uncommitted write stays invisible"
+    );
+    let state = states.find_one(doc! {"_id": &id}).await.unwrap().unwrap();
+    assert!(
+        state.get("pending").is_none_or(|p| p == &Bson::Null),
+        "{state}"
+    );
+    assert!(
+        locks.find_one(doc! {"_id": &id}).await.unwrap().is_none(),
+        "lock released"
+    );
+}
