@@ -110,6 +110,9 @@ pub struct FhirSettings {
     pub max_intercepted_body_bytes: usize,
     /// Most JSON Patch operations accepted in one member PATCH.
     pub max_patch_operations: usize,
+    /// Most members inlined in a Group read; larger Groups are returned with
+    /// `quantity` and a link to their `$members` paging operation instead.
+    pub max_inline_members: usize,
 }
 
 impl Default for FhirSettings {
@@ -118,6 +121,7 @@ impl Default for FhirSettings {
             base_paths: vec!["/4_0_0".into()],
             max_intercepted_body_bytes: 16 * 1024 * 1024,
             max_patch_operations: 10_000,
+            max_inline_members: 10_000,
         }
     }
 }
@@ -259,6 +263,9 @@ pub struct Overrides {
     /// Most JSON Patch operations in one member PATCH [fhir.max_patch_operations]
     #[arg(long, env = "FGP_FHIR_MAX_PATCH_OPERATIONS", global = true)]
     pub fhir_max_patch_operations: Option<usize>,
+    /// Most members inlined in a Group read [fhir.max_inline_members]
+    #[arg(long, env = "FGP_FHIR_MAX_INLINE_MEMBERS", global = true)]
+    pub fhir_max_inline_members: Option<usize>,
     /// ClickHouse HTTP URL [clickhouse.url]
     #[arg(long, env = "FGP_CLICKHOUSE_URL", global = true)]
     pub clickhouse_url: Option<String>,
@@ -384,6 +391,10 @@ impl Config {
         set(
             &mut self.fhir.max_patch_operations,
             &o.fhir_max_patch_operations,
+        );
+        set(
+            &mut self.fhir.max_inline_members,
+            &o.fhir_max_inline_members,
         );
         set(&mut self.clickhouse.url, &o.clickhouse_url);
         set(&mut self.clickhouse.database, &o.clickhouse_database);

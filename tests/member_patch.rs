@@ -968,3 +968,117 @@ async fn stopped_writers_are_recovered_by_the_next_writer() {
         "lock released"
     );
 }
+
+/// After member writes through the proxy, reads through the proxy show them.
+#[tokio::test]
+async fn reads_merge_members_from_clickhouse() {
+    let stack = Stack::start(&[("FGP_FHIR_MAX_INLINE_MEMBERS", "3")]).await;
+    let id = stack.create_group(json!([])).await;
+    let reply = stack
+        .patch(
+            &id,
+            json!([
+                add("Patient/b"),
+                {"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/a"},
+                  "inactive": true, "period": {"start": "2025-02-01", "end": "2025-12-31"}}}
+            ]),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+
+    let read = send(
+        &stack.client,
+        "GET",
+        &stack.group_url(&id),
+        &[("accept-encoding", "gzip")],
+        "",
+    )
+    .await;
+    assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
+    assert_eq!(read.header("etag"), Some("W/\"2\""));
+    let group = read.json();
+    assert_eq!(group["quantity"], 1, "active members");
+    assert_eq!(
+        group["member"],
+        json!([
+            {"entity": {"reference": "Patient/a"}, "period": {"start": "2025-02-01", "end": "2025-12-31"}, "inactive": true},
+            {"entity": {"reference": "Patient/b"}}
+        ])
+    );
+
+    for query in ["_summary=true", "_elements=id,quantity"] {
+        let read = send(
+            &stack.client,
+            "GET",
+            &format!("{}?{query}", stack.group_url(&id)),
+            &[],
+            "",
+        )
+        .await;
+        let group = read.json();
+        assert!(group.get("member").is_none(), "{query}: {group}");
+        assert_eq!(group["quantity"], 1, "{query}");
+    }
+
+    // Above the inline cap: quantity and a pointer to paging instead.
+    let reply = stack
+        .patch(&id, json!([add("Patient/c"), add("Patient/d")]), &[])
+        .await;
+    assert_eq!(reply.status, 200);
+    let group = send(&stack.client, "GET", &stack.group_url(&id), &[], "")
+        .await
+        .json();
+    assert!(group.get("member").is_none());
+    assert_eq!(group["quantity"], 3);
+    assert_eq!(
+        group["extension"][0]["valueUri"],
+        format!("/4_0_0/Group/{id}/$members")
+    );
+
+    // Not migrated, unknown and removed Groups are the legacy server's answers.
+    let legacy = stack
+        .create_group(json!([{"entity": {"reference": "Patient/inline"}}]))
+        .await;
+    let group = send(&stack.client, "GET", &stack.group_url(&legacy), &[], "")
+        .await
+        .json();
+    assert_eq!(group["member"][0]["entity"]["reference"], "Patient/inline");
+    let missing = send(
+        &stack.client,
+        "GET",
+        &stack.group_url("no-such-group"),
+        &[],
+        "",
+    )
+    .await;
+    assert_outcome(&missing, 404, "not-found");
+}
+
+#[tokio::test]
+async fn large_rosters_are_streamed_whole_and_in_order() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let ops: Vec<Value> = (0..2_500)
+        .map(|i| add(&format!("Patient/s{i:05}")))
+        .collect();
+    assert_eq!(
+        stack
+            .patch(&id, Value::Array(ops), &[("prefer", "return=minimal")])
+            .await
+            .status,
+        200
+    );
+    let read = send(&stack.client, "GET", &stack.group_url(&id), &[], "").await;
+    assert_eq!(read.header("transfer-encoding"), Some("chunked"));
+    let group = read.json();
+    let references: Vec<&str> = group["member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["entity"]["reference"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..2_500).map(|i| format!("Patient/s{i:05}")).collect();
+    assert_eq!(references, expected);
+    assert_eq!(group["quantity"], 2_500);
+}

@@ -15,7 +15,10 @@ use support::*;
 
 async fn stack() -> (Standin, ProxyProcess) {
     let standin = Standin::start().await;
-    let proxy = ProxyProcess::start(&standin.url(), &[]);
+    let proxy = ProxyProcess::start(
+        &standin.url(),
+        &[("FGP_MONGO_DATABASE", standin.database.as_str())],
+    );
     (standin, proxy)
 }
 
@@ -98,7 +101,12 @@ async fn fhir_crud_on_several_resource_types_goes_through_unchanged() {
             "",
         )
         .await;
-        assert_eq!(via_proxy.status, 200);
+        assert_eq!(
+            via_proxy.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&via_proxy.body)
+        );
         assert_eq!(via_proxy.body, direct.body);
         assert_eq!(
             comparable_headers(&via_proxy.headers),

@@ -2,6 +2,7 @@
 //! Everything here runs on the store runtime (see [`StoreRuntime`]).
 
 pub mod patch;
+pub mod read;
 pub mod recovery;
 
 use std::sync::Arc;

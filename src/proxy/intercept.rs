@@ -156,7 +156,11 @@ pub async fn group_patch(
     }
 }
 
-async fn relay(session: &mut Session, ctx: &RequestContext, reply: UpstreamReply) -> Result<()> {
+pub(crate) async fn relay(
+    session: &mut Session,
+    ctx: &RequestContext,
+    reply: UpstreamReply,
+) -> Result<()> {
     let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 1))?;
     for (name, value) in reply.headers.iter() {
         if name == http::header::TRANSFER_ENCODING || name == http::header::CONTENT_LENGTH {

@@ -5,6 +5,7 @@
 pub mod failure;
 pub mod forwarding;
 pub mod intercept;
+pub mod read;
 pub mod respond;
 pub mod route;
 pub mod upstream_client;
@@ -51,13 +52,13 @@ pub struct RequestContext {
 }
 
 pub struct FhirGroupProxy {
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     target: UpstreamTarget,
     upstream_addr: SocketAddr,
-    upstream_client: upstream_client::UpstreamClient,
+    pub(crate) upstream_client: upstream_client::UpstreamClient,
     /// `None` when member handling is disabled: everything is forwarded.
-    group_service: Option<GroupService>,
-    store_runtime: tokio::runtime::Handle,
+    pub(crate) group_service: Option<GroupService>,
+    pub(crate) store_runtime: tokio::runtime::Handle,
     /// Owns the runtime behind `store_runtime`.
     _store_runtime_owner: Arc<StoreRuntime>,
 }
@@ -151,7 +152,7 @@ impl FhirGroupProxy {
         })
     }
 
-    fn rewrite_for_upstream(
+    pub(crate) fn rewrite_for_upstream(
         &self,
         session: &Session,
         upstream_request: &mut pingora::http::RequestHeader,
@@ -224,6 +225,9 @@ impl ProxyHttp for FhirGroupProxy {
         }
         match route::route(session.req_header(), &self.config.fhir.base_paths) {
             Route::Passthrough => Ok(false),
+            Route::GroupRead { base, group_id } => {
+                read::group_read(self, session, ctx, &base, &group_id).await
+            }
             Route::GroupPatch { base, group_id } => {
                 match intercept::group_patch(self, session, ctx, &base, &group_id).await? {
                     Next::Answered => Ok(true),

@@ -12,9 +12,17 @@ pub enum Route {
     /// A JSON Patch of a Group: the proxy reads the body to see whether its
     /// ops target `/member`.
     GroupPatch { base: String, group_id: String },
+    /// A read of a Group: members come from ClickHouse once it was migrated.
+    GroupRead { base: String, group_id: String },
 }
 
 pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
+    if request.method == http::Method::GET {
+        return match group_id(request.uri.path(), base_paths) {
+            Some((base, group_id)) => Route::GroupRead { base, group_id },
+            None => Route::Passthrough,
+        };
+    }
     if request.method != http::Method::PATCH {
         return Route::Passthrough;
     }
@@ -27,21 +35,19 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
     if !is_json_patch {
         return Route::Passthrough;
     }
-    let path = request.uri.path();
-    for base in base_paths {
-        let Some(rest) = path.strip_prefix(base.trim_end_matches('/')) else {
-            continue;
-        };
-        if let Some(id) = rest.strip_prefix("/Group/") {
-            if is_fhir_id(id) {
-                return Route::GroupPatch {
-                    base: base.trim_end_matches('/').to_string(),
-                    group_id: id.to_string(),
-                };
-            }
-        }
+    match group_id(request.uri.path(), base_paths) {
+        Some((base, group_id)) => Route::GroupPatch { base, group_id },
+        None => Route::Passthrough,
     }
-    Route::Passthrough
+}
+
+/// `{base}/Group/{id}` (exactly) to its base and id.
+fn group_id(path: &str, base_paths: &[String]) -> Option<(String, String)> {
+    base_paths.iter().find_map(|base| {
+        let base = base.trim_end_matches('/');
+        let id = path.strip_prefix(base)?.strip_prefix("/Group/")?;
+        is_fhir_id(id).then(|| (base.to_string(), id.to_string()))
+    })
 }
 
 /// FHIR `id`: 1-64 of `A-Z a-z 0-9 - .`
@@ -89,9 +95,36 @@ mod tests {
     }
 
     #[test]
+    fn group_reads_are_inspected() {
+        let r = request("GET", "/4_0_0/Group/g?_summary=true", None);
+        assert_eq!(
+            route(&r, &bases()),
+            Route::GroupRead {
+                base: "/4_0_0".into(),
+                group_id: "g".into()
+            }
+        );
+        for path in [
+            "/4_0_0/Group",
+            "/4_0_0/Group/g/_history/2",
+            "/4_0_0/Group/g/$members",
+        ] {
+            assert_eq!(
+                route(&request("GET", path, None), &bases()),
+                Route::Passthrough,
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
     fn everything_else_passes_through() {
         for (method, path, ct) in [
-            ("GET", "/4_0_0/Group/g", Some("application/json-patch+json")),
+            (
+                "HEAD",
+                "/4_0_0/Group/g",
+                Some("application/json-patch+json"),
+            ),
             ("PATCH", "/4_0_0/Group/g", Some("application/fhir+json")),
             ("PATCH", "/4_0_0/Group/g", Some("application/xml-patch+xml")),
             ("PATCH", "/4_0_0/Group/g", None),

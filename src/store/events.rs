@@ -227,6 +227,46 @@ impl EventStore {
     }
 }
 
+/// One current member, as a Group read lists it.
+#[derive(Debug, Row, Deserialize)]
+pub struct RosterRow {
+    pub entity_reference: String,
+    pub inactive: u8,
+    pub period_start: String,
+    pub period_end: String,
+}
+
+impl RosterRow {
+    pub fn attributes(&self) -> MemberAttributes {
+        MemberAttributes {
+            period_start: non_empty(self.period_start.clone()),
+            period_end: non_empty(self.period_end.clone()),
+            inactive: self.inactive == 1,
+        }
+    }
+}
+
+impl EventStore {
+    /// All current members of a group, ordered by reference, as a stream.
+    pub fn roster(
+        &self,
+        group_key: &str,
+    ) -> Result<clickhouse::query::RowCursor<RosterRow>, EventStoreError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT entity_reference, inactive, period_start, period_end FROM ( \
+                   SELECT entity_reference, argMaxMerge(present) AS present, \
+                          argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
+                          argMaxMerge(period_end) AS period_end \
+                   FROM {CURRENT} WHERE group_key = ? GROUP BY entity_reference) \
+                 WHERE present = 1 ORDER BY entity_reference"
+            ))
+            .bind(group_key)
+            .fetch::<RosterRow>()?)
+    }
+}
+
 fn non_empty(s: String) -> Option<String> {
     if s.is_empty() {
         None

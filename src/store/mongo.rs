@@ -12,6 +12,14 @@ pub async fn connect(settings: &MongoSettings) -> Result<mongodb::Database, mong
     if options.app_name.is_none() {
         options.app_name = Some("fhir-group-proxy".into());
     }
+    // The driver's 30 s default would hold requests long past any client's
+    // patience when MongoDB is down; answer 503 sooner (a URI setting wins).
+    if options.server_selection_timeout.is_none() {
+        options.server_selection_timeout = Some(std::time::Duration::from_secs(5));
+    }
+    if options.connect_timeout.is_none() {
+        options.connect_timeout = Some(std::time::Duration::from_secs(2));
+    }
     let client = mongodb::Client::with_options(options)?;
     Ok(client.database(&settings.database))
 }

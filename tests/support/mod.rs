@@ -95,6 +95,12 @@ impl ProxyProcess {
                 "FGP_LOG",
                 std::env::var("FGP_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            // The real test services, so every test runs the production shape;
+            // tests that look into the stores name their own databases.
+            .env("FGP_CLICKHOUSE_URL", clickhouse_url())
+            .env("FGP_CLICKHOUSE_DATABASE", unique_name("fgp_proxy"))
+            .env("FGP_MONGO_URI", mongo_uri())
+            .env("FGP_MONGO_DATABASE", unique_name("fgp_proxy"))
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         for (key, value) in settings {

@@ -1,0 +1,130 @@
+//! Shaping a Group read whose members live in ClickHouse. Pure: the members
+//! are streamed between a prefix and a suffix computed here.
+
+use serde_json::{json, Map, Value};
+
+use crate::fhir::member_patch::MemberAttributes;
+
+/// Extension on a Group read that names where its members can be paged.
+pub const MEMBERS_PAGED_EXTENSION: &str =
+    "https://github.com/fhir-group-proxy/StructureDefinition/members-paged";
+
+/// Whether a read asks for the roster (`_summary`, `_elements`).
+pub fn wants_members(query: Option<&str>) -> bool {
+    let mut wants = true;
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "_summary" => wants &= matches!(value.as_ref(), "false" | "data"),
+            "_elements" => wants &= value.split(',').any(|e| e.trim() == "member"),
+            _ => {}
+        }
+    }
+    wants
+}
+
+/// One `Group.member` element.
+pub fn member_json(reference: &str, attributes: &MemberAttributes) -> Value {
+    let mut member = Map::new();
+    member.insert("entity".into(), json!({ "reference": reference }));
+    if attributes.period_start.is_some() || attributes.period_end.is_some() {
+        let mut period = Map::new();
+        if let Some(start) = &attributes.period_start {
+            period.insert("start".into(), json!(start));
+        }
+        if let Some(end) = &attributes.period_end {
+            period.insert("end".into(), json!(end));
+        }
+        member.insert("period".into(), Value::Object(period));
+    }
+    if attributes.inactive {
+        member.insert("inactive".into(), json!(true));
+    }
+    Value::Object(member)
+}
+
+/// The Group as read from the legacy server, with the counts from the member
+/// store: `quantity` set, any stale inline `member` removed.
+pub fn with_quantity(mut group: Value, active_members: i64) -> Value {
+    if let Some(object) = group.as_object_mut() {
+        object.remove("member");
+        object.insert("quantity".into(), json!(active_members.max(0)));
+    }
+    group
+}
+
+/// Points a read that left the roster out (too large) at the paging operation.
+pub fn with_paging_link(mut group: Value, members_url: &str) -> Value {
+    if let Some(object) = group.as_object_mut() {
+        let extension = json!({ "url": MEMBERS_PAGED_EXTENSION, "valueUri": members_url });
+        match object.get_mut("extension").and_then(Value::as_array_mut) {
+            Some(list) => list.push(extension),
+            None => {
+                object.insert("extension".into(), json!([extension]));
+            }
+        }
+    }
+    group
+}
+
+/// The JSON text of `group` split where a `"member":[ ... ]` array goes, so
+/// members can be streamed between the two parts.
+pub fn split_around_members(group: &Value) -> (Vec<u8>, Vec<u8>) {
+    let mut text = serde_json::to_vec(group).unwrap_or_else(|_| b"{}".to_vec());
+    // A serialized object always ends with '}'.
+    text.pop();
+    if text.len() > 1 {
+        text.push(b',');
+    }
+    text.extend_from_slice(b"\"member\":[");
+    (text, b"]}".to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_and_elements_decide_the_roster() {
+        assert!(wants_members(None));
+        assert!(wants_members(Some("_summary=false")));
+        assert!(wants_members(Some("_summary=data&_format=json")));
+        assert!(!wants_members(Some("_summary=true")));
+        assert!(!wants_members(Some("_summary=count")));
+        assert!(!wants_members(Some("_elements=id,quantity")));
+        assert!(wants_members(Some("_elements=quantity,member")));
+    }
+
+    #[test]
+    fn streamed_parts_make_valid_json() {
+        let group = with_quantity(
+            json!({"resourceType": "Group", "id": "g", "member": [1]}),
+            2,
+        );
+        let (prefix, suffix) = split_around_members(&group);
+        let a = member_json("Patient/1", &MemberAttributes::default());
+        let b = member_json(
+            "Patient/2",
+            &MemberAttributes {
+                period_start: Some("2024".into()),
+                period_end: None,
+                inactive: true,
+            },
+        );
+        let mut text = prefix;
+        text.extend(serde_json::to_vec(&a).unwrap());
+        text.push(b',');
+        text.extend(serde_json::to_vec(&b).unwrap());
+        text.extend(suffix);
+        let parsed: Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(parsed["quantity"], 2);
+        assert_eq!(parsed["member"][0]["entity"]["reference"], "Patient/1");
+        assert_eq!(parsed["member"][1]["period"]["start"], "2024");
+        assert_eq!(parsed["member"][1]["inactive"], true);
+    }
+
+    #[test]
+    fn paging_link_is_an_extension() {
+        let group = with_paging_link(json!({"resourceType": "Group"}), "/4_0_0/Group/g/$members");
+        assert_eq!(group["extension"][0]["valueUri"], "/4_0_0/Group/g/$members");
+    }
+}
