@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs what is missing and runs the demo stack on 127.0.0.1:
 #   ClickHouse :18123, FerretDB :27018, the STAND-IN legacy FHIR server :18080,
-#   and fhir-group-proxy in front of it on :8080 (foreground; Ctrl-C stops all).
+#   and fhir-group-proxy in front of it on :8080 (foreground; Ctrl-C stops what
+#   this script started).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PROXY_PORT="${FGP_DEMO_PROXY_PORT:-8080}"
 STANDIN_PORT="${FGP_DEMO_STANDIN_PORT:-18080}"
 
 ensure_all_installed
-start_services
+start_services_for_this_script
 cd "$REPO_ROOT"
 log "building (release)"
 cargo build --release --workspace --quiet
@@ -16,7 +17,7 @@ bin="$CARGO_TARGET_DIR/release"
 
 cleanup() {
   [ -n "${standin_pid:-}" ] && kill "$standin_pid" 2>/dev/null
-  stop_services
+  if [ "$SERVICES_STARTED_HERE" -eq 1 ]; then stop_services; fi
 }
 trap cleanup EXIT
 

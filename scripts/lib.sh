@@ -188,11 +188,11 @@ start_services() {
 
 # Starts the services for the calling script; stops them when it exits only if
 # it started them (a running demo stack is reused and left running).
+SERVICES_STARTED_HERE=0
 start_services_for_this_script() {
-  local started_here=0
-  if ! clickhouse_ready || ! ferretdb_ready; then started_here=1; fi
+  if ! clickhouse_ready || ! ferretdb_ready; then SERVICES_STARTED_HERE=1; fi
   start_services
-  if [ "$started_here" -eq 1 ]; then trap stop_services EXIT; fi
+  if [ "$SERVICES_STARTED_HERE" -eq 1 ]; then trap stop_services EXIT; fi
 }
 
 # Stops only what this checkout started (pid files under .run/).
