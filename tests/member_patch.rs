@@ -203,6 +203,11 @@ async fn member_ops_write_events_and_only_metadata() {
     for (key, value) in before.iter().filter(|(k, _)| k.as_str() != "meta") {
         assert_eq!(after.get(key), Some(value), "{key} unchanged");
     }
+    assert_eq!(
+        after.get_str("_memberStorage"),
+        Ok("clickhouse"),
+        "marked as external"
+    );
     let history = stack
         .mongo
         .collection::<Document>("Group_4_0_0_History")
@@ -1081,4 +1086,25 @@ async fn large_rosters_are_streamed_whole_and_in_order() {
     let expected: Vec<String> = (0..2_500).map(|i| format!("Patient/s{i:05}")).collect();
     assert_eq!(references, expected);
     assert_eq!(group["quantity"], 2_500);
+}
+
+#[tokio::test]
+async fn an_unreachable_member_store_is_503_and_changes_nothing() {
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let stack = Stack::start(&[("FGP_CLICKHOUSE_URL", closed.as_str())]).await;
+    let id = stack.create_group(json!([])).await;
+    let reply = stack.patch(&id, json!([add("Patient/1")]), &[]).await;
+    assert_outcome(&reply, 503, "transient");
+    let document = stack.group_document(&id).await;
+    assert_eq!(
+        document
+            .get_document("meta")
+            .unwrap()
+            .get_str("versionId")
+            .unwrap(),
+        "1"
+    );
+    // Passthrough keeps working meanwhile.
+    let read = send(&stack.client, "GET", &stack.group_url(&id), &[], "").await;
+    assert_eq!(read.status, 200);
 }

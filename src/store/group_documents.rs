@@ -241,7 +241,7 @@ impl GroupDocuments {
             .groups
             .find_one_and_update(
                 doc! { "id": id, "meta.versionId": version.to_string() },
-                doc! { "$set": { "_memberCommitToken": token } },
+                doc! { "$set": { "_memberCommitToken": token, "_memberStorage": STORAGE_CLICKHOUSE } },
             )
             .return_document(ReturnDocument::After)
             .await?
@@ -302,6 +302,9 @@ impl GroupDocuments {
                     "meta.versionId": (expected + 1).to_string(),
                     "meta.lastUpdated": DateTime::now(),
                     "_memberCommitToken": token,
+                    // For people and tools reading MongoDB directly; the proxy's
+                    // own record is MemberState, which legacy rewrites cannot drop.
+                    "_memberStorage": STORAGE_CLICKHOUSE,
                 } },
             )
             .return_document(ReturnDocument::After)
