@@ -150,12 +150,7 @@ async fn create_group(client: &HttpClient, base: &str, inline_members: usize) ->
         serde_json::to_vec(&group).expect("json"),
     )
     .await;
-    assert_eq!(
-        reply.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(201);
     reply.json()["id"].as_str().expect("id").to_string()
 }
 
@@ -202,12 +197,7 @@ async fn seed_through_proxy(client: &HttpClient, base: &str, id: &str, size: usi
             serde_json::to_vec(&ops).expect("json"),
         )
         .await;
-        assert_eq!(
-            reply.status,
-            200,
-            "seeding: {}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.assert_status(200);
         added += batch;
     }
 }

@@ -74,12 +74,7 @@ impl Stack {
             serde_json::to_vec(&group).unwrap(),
         )
         .await;
-        assert_eq!(
-            reply.status,
-            201,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.assert_status(201);
         reply.json()["id"].as_str().unwrap().to_string()
     }
 
@@ -166,12 +161,7 @@ async fn member_ops_write_events_and_only_metadata() {
         {"op": "add", "path": "/member/", "value": {"entity": {"reference": "Patient/3"}, "inactive": true,
           "period": {"start": "2025-01-01"}}}
     ]), &[]).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     assert_eq!(reply.header("etag"), Some("W/\"2\""));
     assert_eq!(
         reply.header("content-location"),
@@ -245,12 +235,7 @@ async fn member_ops_write_events_and_only_metadata() {
             &[("if-match", "W/\"2\"")],
         )
         .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     assert_eq!(reply.header("etag"), Some("W/\"3\""));
     let reply = stack
         .patch(
@@ -293,12 +278,7 @@ async fn member_ops_write_events_and_only_metadata() {
             &[],
         )
         .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     assert_eq!(refs(&stack.members(&id).await), vec!["Practitioner/9"]);
 }
 
@@ -534,12 +514,7 @@ async fn patches_the_proxy_does_not_own_reach_the_legacy_server() {
             &[],
         )
         .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body[..reply.body.len().min(300)])
-    );
+    reply.assert_status(200);
     assert_eq!(reply.json()["name"].as_str().map(str::len), Some(100_000));
 
     // A Group whose members are still inline (not migrated): legacy path.
@@ -755,12 +730,7 @@ async fn mixed_patches_split_with_one_version_increment() {
             &[("if-match", "W/\"1\"")],
         )
         .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     assert_eq!(
         reply.header("etag"),
         Some("W/\"2\""),
@@ -850,28 +820,24 @@ async fn mixed_patches_can_be_refused_by_setting() {
     assert_outcome(&reply, 422, "not-supported");
 }
 
-/// A writer that stopped after the commit point is finished by the next
-/// writer (its events become visible); one that stopped before it never
-/// happened (its staged events stay invisible). Both left an expired lock.
-#[tokio::test]
-async fn stopped_writers_are_recovered_by_the_next_writer() {
+/// Leaves the traces of a writer that stopped mid-write on Group `id`: its
+/// staged event (adding `reference` at `version`), its `pending` record and its
+/// expired lock; `committed` also moves the Group to `version` with its token,
+/// as the commit point would have.
+async fn leave_stopped_writer(
+    stack: &Stack,
+    id: &str,
+    token: &str,
+    version: u64,
+    reference: &str,
+    committed: bool,
+) {
     use fhir_group_proxy::store::events::{event_sequence, EventType, MemberEventRow};
     use fhir_group_proxy::store::schema::EVENTS_STAGED;
 
-    let stack = Stack::start(&[]).await;
-    let id = stack.create_group(json!([])).await;
-    assert_eq!(
-        stack
-            .patch(&id, json!([add("Patient/1")]), &[])
-            .await
-            .status,
-        200
-    );
-    let group_key = stack.group_key(&id).await;
-
-    let stage = |token: &str, version: u64, reference: &str| MemberEventRow {
-        group_key: group_key.clone(),
-        group_id: id.clone(),
+    let row = MemberEventRow {
+        group_key: stack.group_key(id).await,
+        group_id: id.to_string(),
         group_version: version,
         token: token.to_string(),
         request_id: format!("req-{token}"),
@@ -887,94 +853,82 @@ async fn stopped_writers_are_recovered_by_the_next_writer() {
         active_delta: 1,
         event_time_ms: 1,
     };
-    let states = stack
-        .mongo
-        .collection::<Document>("Group_4_0_0_MemberState");
-    let locks = stack
-        .mongo
-        .collection::<Document>("Group_4_0_0_MemberLocks");
-    let groups = stack.mongo.collection::<Document>("Group_4_0_0");
-    let past = mongodb::bson::DateTime::from_millis(1_000);
-
-    // Stopped after the commit point: staged, pending, Group at v3 with its token.
     let mut insert = stack
         .clickhouse
         .insert::<MemberEventRow>(EVENTS_STAGED)
         .await
         .unwrap();
-    insert
-        .write(&stage("after-commit", 3, "Patient/committed"))
-        .await
-        .unwrap();
+    insert.write(&row).await.unwrap();
     insert.end().await.unwrap();
-    groups
-        .update_one(
-            doc! {"id": &id},
-            doc! {"$set": {"meta.versionId": "3", "_memberCommitToken": "after-commit"}},
-        )
-        .await
-        .unwrap();
-    states.update_one(doc! {"_id": &id}, doc! {"$set": {"pending": {"token": "after-commit", "version": 3_i64, "requestId": "req-after-commit"}}}).await.unwrap();
-    locks
-        .insert_one(doc! {"_id": &id, "token": "after-commit", "expiresAt": past})
-        .await
-        .unwrap();
+    if committed {
+        stack
+            .mongo
+            .collection::<Document>("Group_4_0_0")
+            .update_one(
+                doc! {"id": id},
+                doc! {"$set": {"meta.versionId": version.to_string(), "_memberCommitToken": token}},
+            )
+            .await
+            .unwrap();
+    }
+    stack.mongo.collection::<Document>("Group_4_0_0_MemberState")
+        .update_one(doc! {"_id": id}, doc! {"$set": {"pending": {"token": token, "version": version as i64, "requestId": format!("req-{token}")}}})
+        .await.unwrap();
+    stack.mongo.collection::<Document>("Group_4_0_0_MemberLocks")
+        .insert_one(doc! {"_id": id, "token": token, "expiresAt": mongodb::bson::DateTime::from_millis(1_000)})
+        .await.unwrap();
+}
 
+/// A writer that stopped after the commit point is finished by the next
+/// writer (its events become visible); one that stopped before it never
+/// happened (its staged events stay invisible).
+#[tokio::test]
+async fn stopped_writers_are_recovered_by_the_next_writer() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    stack
+        .patch(&id, json!([add("Patient/1")]), &[])
+        .await
+        .assert_status(200);
+
+    leave_stopped_writer(&stack, &id, "after-commit", 3, "Patient/committed", true).await;
     let reply = stack.patch(&id, json!([add("Patient/2")]), &[]).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     assert_eq!(reply.header("etag"), Some("W/\"4\""));
     assert_eq!(
         refs(&stack.members(&id).await),
         vec!["Patient/1", "Patient/2", "Patient/committed"]
     );
 
-    // Stopped before the commit point: staged and pending, Group still at v4.
-    let mut insert = stack
-        .clickhouse
-        .insert::<MemberEventRow>(EVENTS_STAGED)
-        .await
-        .unwrap();
-    insert
-        .write(&stage("before-commit", 5, "Patient/ghost"))
-        .await
-        .unwrap();
-    insert.end().await.unwrap();
-    states.update_one(doc! {"_id": &id}, doc! {"$set": {"pending": {"token": "before-commit", "version": 5_i64, "requestId": "req-before-commit"}}}).await.unwrap();
-    locks
-        .insert_one(doc! {"_id": &id, "token": "before-commit", "expiresAt": past})
-        .await
-        .unwrap();
-
+    leave_stopped_writer(&stack, &id, "before-commit", 5, "Patient/ghost", false).await;
     let reply = stack.patch(&id, json!([add("Patient/3")]), &[]).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     assert_eq!(reply.header("etag"), Some("W/\"5\""));
     assert_eq!(
         refs(&stack.members(&id).await),
         vec!["Patient/1", "Patient/2", "Patient/3", "Patient/committed"],
         "the uncommitted write stays invisible"
     );
-    let state = states.find_one(doc! {"_id": &id}).await.unwrap().unwrap();
+    let state = stack
+        .mongo
+        .collection::<Document>("Group_4_0_0_MemberState")
+        .find_one(doc! {"_id": &id})
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         state.get("pending").is_none_or(|p| p == &Bson::Null),
         "{state}"
     );
-    assert!(
-        locks.find_one(doc! {"_id": &id}).await.unwrap().is_none(),
-        "lock released"
-    );
+    let lock = stack
+        .mongo
+        .collection::<Document>("Group_4_0_0_MemberLocks")
+        .find_one(doc! {"_id": &id})
+        .await
+        .unwrap();
+    assert!(lock.is_none(), "lock released");
 }
 
-/// After member writes through the proxy, reads through the proxy show them.
 #[tokio::test]
 async fn reads_merge_members_from_clickhouse() {
     let stack = Stack::start(&[("FGP_FHIR_MAX_INLINE_MEMBERS", "3")]).await;
@@ -1000,7 +954,7 @@ async fn reads_merge_members_from_clickhouse() {
         "",
     )
     .await;
-    assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
+    read.assert_status(200);
     assert_eq!(read.header("etag"), Some("W/\"2\""));
     let group = read.json();
     assert_eq!(group["quantity"], 1, "active members");

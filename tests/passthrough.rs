@@ -67,12 +67,7 @@ async fn fhir_crud_on_several_resource_types_goes_through_unchanged() {
             serde_json::to_vec(&resource).unwrap(),
         )
         .await;
-        assert_eq!(
-            created.status,
-            201,
-            "{}",
-            String::from_utf8_lossy(&created.body)
-        );
+        created.assert_status(201);
         let id = created.json()["id"]
             .as_str()
             .expect("server-assigned id")
@@ -101,12 +96,7 @@ async fn fhir_crud_on_several_resource_types_goes_through_unchanged() {
             "",
         )
         .await;
-        assert_eq!(
-            via_proxy.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&via_proxy.body)
-        );
+        via_proxy.assert_status(200);
         assert_eq!(via_proxy.body, direct.body);
         assert_eq!(
             comparable_headers(&via_proxy.headers),
@@ -126,7 +116,7 @@ async fn fhir_crud_on_several_resource_types_goes_through_unchanged() {
             serde_json::to_vec(&updated).unwrap(),
         )
         .await;
-        assert_eq!(put.status, 200, "{}", String::from_utf8_lossy(&put.body));
+        put.assert_status(200);
         assert_eq!(put.header("etag"), Some("W/\"2\""));
 
         let stale = send(
@@ -154,12 +144,7 @@ async fn fhir_crud_on_several_resource_types_goes_through_unchanged() {
             serde_json::to_vec(&patch).unwrap(),
         )
         .await;
-        assert_eq!(
-            patched.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&patched.body)
-        );
+        patched.assert_status(200);
         assert_eq!(patched.json()["language"], "en");
         assert_eq!(patched.header("etag"), Some("W/\"3\""));
 
