@@ -1062,3 +1062,72 @@ async fn an_unreachable_member_store_is_503_and_changes_nothing() {
     let read = send(&stack.client, "GET", &stack.group_url(&id), &[], "").await;
     assert_eq!(read.status, 200);
 }
+
+/// Seek pagination by reference: every member present from start to end is
+/// listed exactly once, even while other members are added between pages.
+#[tokio::test]
+async fn members_pages_are_stable_under_concurrent_adds() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let ops: Vec<Value> = (0..2_500)
+        .map(|i| add(&format!("Patient/p{i:05}")))
+        .collect();
+    stack
+        .patch(&id, Value::Array(ops), &[("prefer", "return=minimal")])
+        .await
+        .assert_status(200);
+
+    let mut url = format!("{}/$members?_count=400", stack.group_url(&id));
+    let mut seen: Vec<String> = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = send(&stack.client, "GET", &url, &[], "").await;
+        page.assert_status(200);
+        let bundle = page.json();
+        assert_eq!(bundle["type"], "searchset");
+        for member in bundle["entry"][0]["resource"]["member"].as_array().unwrap() {
+            seen.push(member["entity"]["reference"].as_str().unwrap().to_string());
+        }
+        // Writers add members before and after the cursor between pages.
+        let early = format!("Patient/a-{pages}");
+        let late = format!("Patient/z-{pages}");
+        stack
+            .patch(
+                &id,
+                json!([add(&early), add(&late)]),
+                &[("prefer", "return=minimal")],
+            )
+            .await
+            .assert_status(200);
+        pages += 1;
+        let Some(next) = bundle["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+        else {
+            break;
+        };
+        url = format!("{}{}", stack.proxy.url(), next["url"].as_str().unwrap());
+    }
+    let originals: Vec<&String> = seen.iter().filter(|r| r.starts_with("Patient/p")).collect();
+    let expected: Vec<String> = (0..2_500).map(|i| format!("Patient/p{i:05}")).collect();
+    assert_eq!(
+        originals,
+        expected.iter().collect::<Vec<_>>(),
+        "none skipped, none repeated"
+    );
+    let mut unique = seen.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "no member listed twice");
+
+    let bad = send(
+        &stack.client,
+        "GET",
+        &format!("{}/$members?_count=0", stack.group_url(&id)),
+        &[],
+        "",
+    )
+    .await;
+    assert_outcome(&bad, 400, "invalid");
+}

@@ -66,6 +66,66 @@ pub fn with_paging_link(mut group: Value, members_url: &str) -> Value {
     group
 }
 
+/// One page of `$members`: a searchset Bundle whose single entry is the Group
+/// holding this page's members (a Bundle entry must be a resource, and a
+/// member is not one), with `total` members and `next` for the following page.
+pub fn members_page(
+    group: Value,
+    members: Vec<Value>,
+    total: i64,
+    self_url: &str,
+    next_url: Option<&str>,
+) -> Value {
+    let mut group = group;
+    if let Some(object) = group.as_object_mut() {
+        object.insert("member".into(), Value::Array(members));
+    }
+    let mut links = vec![json!({ "relation": "self", "url": self_url })];
+    if let Some(next) = next_url {
+        links.push(json!({ "relation": "next", "url": next }));
+    }
+    json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total.max(0),
+        "link": links,
+        "entry": [{ "resource": group, "search": { "mode": "match" } }]
+    })
+}
+
+/// `_count` and `_cursor` of a `$members` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    pub count: usize,
+    /// The last reference of the previous page ("" for the first page).
+    pub cursor: String,
+}
+
+pub const MAX_PAGE_SIZE: usize = 1_000;
+
+pub fn page_request(query: Option<&str>) -> Result<PageRequest, String> {
+    let mut page = PageRequest {
+        count: 100,
+        cursor: String::new(),
+    };
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "_count" => {
+                page.count = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE_SIZE).contains(n))
+                    .ok_or_else(|| {
+                        format!("_count must be between 1 and {MAX_PAGE_SIZE}, not '{value}'")
+                    })?;
+            }
+            "_cursor" => page.cursor = value.into_owned(),
+            _ => {}
+        }
+    }
+    Ok(page)
+}
+
 /// The JSON text of `group` split where a `"member":[ ... ]` array goes, so
 /// members can be streamed between the two parts.
 pub fn split_around_members(group: &Value) -> (Vec<u8>, Vec<u8>) {
@@ -120,6 +180,41 @@ mod tests {
         assert_eq!(parsed["member"][0]["entity"]["reference"], "Patient/1");
         assert_eq!(parsed["member"][1]["period"]["start"], "2024");
         assert_eq!(parsed["member"][1]["inactive"], true);
+    }
+
+    #[test]
+    fn page_requests_are_checked() {
+        assert_eq!(
+            page_request(None).unwrap(),
+            PageRequest {
+                count: 100,
+                cursor: String::new()
+            }
+        );
+        let page = page_request(Some("_count=5&_cursor=Patient%2F7")).unwrap();
+        assert_eq!((page.count, page.cursor.as_str()), (5, "Patient/7"));
+        assert!(page_request(Some("_count=0")).is_err());
+        assert!(page_request(Some("_count=5000"))
+            .unwrap_err()
+            .contains("between 1 and 1000"));
+    }
+
+    #[test]
+    fn a_page_is_a_searchset_with_next() {
+        let page = members_page(
+            json!({"resourceType": "Group", "id": "g"}),
+            vec![json!({"entity": {"reference": "Patient/1"}})],
+            7,
+            "/self",
+            Some("/next"),
+        );
+        assert_eq!(page["type"], "searchset");
+        assert_eq!(page["total"], 7);
+        assert_eq!(page["link"][1]["url"], "/next");
+        assert_eq!(
+            page["entry"][0]["resource"]["member"][0]["entity"]["reference"],
+            "Patient/1"
+        );
     }
 
     #[test]

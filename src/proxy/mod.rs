@@ -228,6 +228,9 @@ impl ProxyHttp for FhirGroupProxy {
             Route::GroupRead { base, group_id } => {
                 read::group_read(self, session, ctx, &base, &group_id).await
             }
+            Route::GroupMembers { base, group_id } => {
+                read::members_page(self, session, ctx, &base, &group_id).await
+            }
             Route::GroupPatch { base, group_id } => {
                 match intercept::group_patch(self, session, ctx, &base, &group_id).await? {
                     Next::Answered => Ok(true),

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::fhir::group_read::{
-    member_json, split_around_members, wants_members, with_paging_link, with_quantity,
+    member_json, page_request, split_around_members, wants_members, with_paging_link, with_quantity,
 };
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
@@ -24,16 +24,32 @@ use crate::proxy::{FhirGroupProxy, RequestContext};
 /// Members per streamed chunk.
 const MEMBERS_PER_CHUNK: usize = 1_000;
 
-/// Answers the read, or returns `false` when the legacy server should.
-pub async fn group_read(
+/// A migrated Group as the legacy server returns it to this client.
+struct MigratedGroup {
+    roster: RosterForRead,
+    group: Value,
+    headers: http::HeaderMap,
+}
+
+enum Fetched {
+    /// The response was written (an error, or the legacy server's own answer).
+    Answered,
+    /// The Group keeps its members in MongoDB: the legacy server answers.
+    NotMigrated,
+    Ready(Box<MigratedGroup>),
+}
+
+/// Looks up the member store, then reads `{base}/Group/{id}` from the legacy
+/// server with the client's own headers, so its access control decides.
+async fn fetch_migrated_group(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<bool> {
+) -> Result<Fetched> {
     let Some(service) = proxy.group_service.clone() else {
-        return Ok(false);
+        return Ok(Fetched::NotMigrated);
     };
     let id = group_id.to_string();
     let lookup = proxy
@@ -42,7 +58,7 @@ pub async fn group_read(
         .await;
     let roster = match lookup {
         Ok(Ok(Some(roster))) => roster,
-        Ok(Ok(None)) => return Ok(false),
+        Ok(Ok(None)) => return Ok(Fetched::NotMigrated),
         Ok(Err(error)) => {
             tracing::warn!(group = group_id, %error, "member store unavailable for a Group read");
             let outcome = Outcome::error(
@@ -51,16 +67,23 @@ pub async fn group_read(
                 format!("the members of Group/{group_id} cannot be read now: {error}"),
             );
             send_outcome(session, &outcome, &ctx.request_id).await?;
-            return Ok(true);
+            return Ok(Fetched::Answered);
         }
         Err(join_error) => {
             tracing::error!(%join_error, "Group read task failed");
-            return Ok(false);
+            return Ok(Fetched::NotMigrated);
         }
     };
     ctx.intercepted = true;
 
     let mut request = session.req_header().clone();
+    let group_uri = format!("{base}/Group/{group_id}");
+    if request.uri.path() != group_uri {
+        let uri = group_uri.parse::<http::Uri>().map_err(|e| {
+            pingora::Error::because(pingora::ErrorType::InternalError, "Group URI", e)
+        })?;
+        request.set_uri(uri);
+    }
     proxy.rewrite_for_upstream(session, &mut request, ctx)?;
     // The Group body is rewritten here, so it must come uncompressed.
     request.remove_header(&http::header::ACCEPT_ENCODING);
@@ -72,35 +95,44 @@ pub async fn group_read(
         Ok(reply) => reply,
         Err(outcome) => {
             send_outcome(session, &outcome, &ctx.request_id).await?;
-            return Ok(true);
+            return Ok(Fetched::Answered);
         }
     };
-    let group = match serde_json::from_slice::<Value>(&reply.body) {
-        Ok(group) if reply.status == 200 && group["resourceType"] == "Group" => group,
+    match serde_json::from_slice::<Value>(&reply.body) {
+        Ok(group) if reply.status == 200 && group["resourceType"] == "Group" => {
+            Ok(Fetched::Ready(Box::new(MigratedGroup {
+                roster,
+                group,
+                headers: reply.headers,
+            })))
+        }
         _ => {
             relay(session, ctx, reply).await?;
-            return Ok(true);
+            Ok(Fetched::Answered)
         }
-    };
+    }
+}
 
+/// Answers the read, or returns `false` when the legacy server should.
+pub async fn group_read(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+) -> Result<bool> {
+    let MigratedGroup {
+        roster,
+        group,
+        headers,
+    } = match fetch_migrated_group(proxy, session, ctx, base, group_id).await? {
+        Fetched::Answered => return Ok(true),
+        Fetched::NotMigrated => return Ok(false),
+        Fetched::Ready(migrated) => *migrated,
+    };
     let group = with_quantity(group, roster.counts.active_members);
     let query = session.req_header().uri.query().map(str::to_string);
-    let mut header = ResponseHeader::build(200, Some(reply.headers.len() + 2))?;
-    for (name, value) in reply.headers.iter() {
-        let skip = [
-            http::header::CONTENT_LENGTH,
-            http::header::TRANSFER_ENCODING,
-            http::header::CONTENT_ENCODING,
-            http::header::CONTENT_TYPE,
-        ];
-        if !skip.contains(name) {
-            header.append_header(name.clone(), value.clone())?;
-        }
-    }
-    header.insert_header("content-type", FHIR_JSON)?;
-    if !header.headers.contains_key(X_REQUEST_ID) {
-        header.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
-    }
+    let mut header = json_header(&headers, ctx)?;
 
     let inline = wants_members(query.as_deref())
         && roster.counts.members <= proxy.config.fhir.max_inline_members as i64;
@@ -144,6 +176,127 @@ pub async fn group_read(
     session
         .write_response_body(Some(Bytes::from(suffix)), true)
         .await?;
+    Ok(true)
+}
+
+/// The legacy server's response headers for a body the proxy rewrote.
+fn json_header(upstream: &http::HeaderMap, ctx: &RequestContext) -> Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(200, Some(upstream.len() + 2))?;
+    let rewritten = [
+        http::header::CONTENT_LENGTH,
+        http::header::TRANSFER_ENCODING,
+        http::header::CONTENT_ENCODING,
+        http::header::CONTENT_TYPE,
+    ];
+    for (name, value) in upstream.iter() {
+        if !rewritten.contains(name) {
+            header.append_header(name.clone(), value.clone())?;
+        }
+    }
+    header.insert_header("content-type", FHIR_JSON)?;
+    if !header.headers.contains_key(X_REQUEST_ID) {
+        header.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+    }
+    Ok(header)
+}
+
+/// `GET {base}/Group/{id}/$members?_count=N&_cursor=REF`: one page of members,
+/// seeking by reference. Groups not migrated go to the legacy server.
+pub async fn members_page(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+) -> Result<bool> {
+    let query = session.req_header().uri.query().map(str::to_string);
+    let page = match page_request(query.as_deref()) {
+        Ok(page) => page,
+        Err(why) => {
+            ctx.intercepted = true;
+            send_outcome(
+                session,
+                &Outcome::error(400, IssueType::Invalid, why),
+                &ctx.request_id,
+            )
+            .await?;
+            return Ok(true);
+        }
+    };
+    let MigratedGroup {
+        roster,
+        group,
+        headers,
+    } = match fetch_migrated_group(proxy, session, ctx, base, group_id).await? {
+        Fetched::Answered => return Ok(true),
+        Fetched::NotMigrated => return Ok(false),
+        Fetched::Ready(migrated) => *migrated,
+    };
+    let Some(service) = proxy.group_service.clone() else {
+        return Ok(false);
+    };
+    let (key, cursor, limit) = (
+        roster.group_key.clone(),
+        page.cursor.clone(),
+        page.count + 1,
+    );
+    let rows = proxy
+        .store_runtime
+        .spawn(async move { service.events.roster_page(&key, &cursor, limit).await })
+        .await;
+    let mut rows = match rows {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(error)) => {
+            let outcome = Outcome::error(
+                503,
+                IssueType::Transient,
+                format!("members cannot be read now: {error}"),
+            );
+            send_outcome(session, &outcome, &ctx.request_id).await?;
+            return Ok(true);
+        }
+        Err(join_error) => {
+            tracing::error!(%join_error, "members page task failed");
+            let outcome = Outcome::error(
+                500,
+                IssueType::Exception,
+                "the members page failed unexpectedly",
+            );
+            send_outcome(session, &outcome, &ctx.request_id).await?;
+            return Ok(true);
+        }
+    };
+    let has_next = rows.len() > page.count;
+    rows.truncate(page.count);
+    let link = |cursor: &str| {
+        let encoded: String = url::form_urlencoded::byte_serialize(cursor.as_bytes()).collect();
+        format!(
+            "{base}/Group/{group_id}/$members?_count={}&_cursor={encoded}",
+            page.count
+        )
+    };
+    let next = has_next
+        .then(|| rows.last().map(|row| link(&row.entity_reference)))
+        .flatten();
+    let members = rows
+        .iter()
+        .map(|row| member_json(&row.entity_reference, &row.attributes()))
+        .collect();
+    let group = with_quantity(group, roster.counts.active_members);
+    let bundle = crate::fhir::group_read::members_page(
+        group,
+        members,
+        roster.counts.members,
+        &link(&page.cursor),
+        next.as_deref(),
+    );
+    let body = Bytes::from(serde_json::to_vec(&bundle).unwrap_or_default());
+    let mut header = json_header(&headers, ctx)?;
+    header.insert_header("content-length", body.len().to_string())?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
     Ok(true)
 }
 

@@ -14,11 +14,19 @@ pub enum Route {
     GroupPatch { base: String, group_id: String },
     /// A read of a Group: members come from ClickHouse once it was migrated.
     GroupRead { base: String, group_id: String },
+    /// `GET {base}/Group/{id}/$members`: one page of a migrated Group's members.
+    GroupMembers { base: String, group_id: String },
 }
 
 pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
     if request.method == http::Method::GET {
-        return match group_id(request.uri.path(), base_paths) {
+        let path = request.uri.path();
+        if let Some(group_path) = path.strip_suffix("/$members") {
+            if let Some((base, group_id)) = group_id(group_path, base_paths) {
+                return Route::GroupMembers { base, group_id };
+            }
+        }
+        return match group_id(path, base_paths) {
             Some((base, group_id)) => Route::GroupRead { base, group_id },
             None => Route::Passthrough,
         };
@@ -104,10 +112,20 @@ mod tests {
                 group_id: "g".into()
             }
         );
+        assert_eq!(
+            route(
+                &request("GET", "/4_0_0/Group/g/$members?_count=5", None),
+                &bases()
+            ),
+            Route::GroupMembers {
+                base: "/4_0_0".into(),
+                group_id: "g".into()
+            }
+        );
         for path in [
             "/4_0_0/Group",
             "/4_0_0/Group/g/_history/2",
-            "/4_0_0/Group/g/$members",
+            "/4_0_0/Group/g/$everything",
         ] {
             assert_eq!(
                 route(&request("GET", path, None), &bases()),

@@ -247,6 +247,31 @@ impl RosterRow {
 }
 
 impl EventStore {
+    /// Up to `limit` current members with a reference after `after`, in
+    /// reference order (seek pagination: stable under concurrent writes).
+    pub async fn roster_page(
+        &self,
+        group_key: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<RosterRow>, EventStoreError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT entity_reference, inactive, period_start, period_end FROM ( \
+                   SELECT entity_reference, argMaxMerge(present) AS present, \
+                          argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
+                          argMaxMerge(period_end) AS period_end \
+                   FROM {CURRENT} WHERE group_key = ? AND entity_reference > ? GROUP BY entity_reference) \
+                 WHERE present = 1 ORDER BY entity_reference LIMIT ?"
+            ))
+            .bind(group_key)
+            .bind(after)
+            .bind(limit as u64)
+            .fetch_all::<RosterRow>()
+            .await?)
+    }
+
     /// All current members of a group, ordered by reference, as a stream.
     pub fn roster(
         &self,
