@@ -13,4 +13,12 @@ cargo fmt --all -- --check
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "cargo test (target dir: $CARGO_TARGET_DIR)"
-cargo test --workspace --no-fail-fast
+mkdir -p "$RUN_DIR"
+set +e
+cargo test --workspace --no-fail-fast 2>&1 | tee "$RUN_DIR/cargo-test.log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' \
+  "$RUN_DIR/cargo-test.log"
+exit "$status"
