@@ -1131,3 +1131,88 @@ async fn members_pages_are_stable_under_concurrent_adds() {
     .await;
     assert_outcome(&bad, 400, "invalid");
 }
+
+/// The versionId, member references and quantity of `_history/{version}`.
+async fn roster_at(stack: &Stack, id: &str, version: u64) -> (String, Vec<String>, Value) {
+    let url = format!("{}/_history/{version}", stack.group_url(id));
+    let read = send(&stack.client, "GET", &url, &[], "").await;
+    read.assert_status(200);
+    let group = read.json();
+    let references = group["member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["entity"]["reference"].as_str().unwrap().to_string())
+        .collect();
+    (
+        group["meta"]["versionId"].as_str().unwrap().to_string(),
+        references,
+        group["quantity"].clone(),
+    )
+}
+
+/// `_history/{vid}` of a migrated Group shows the roster as it was then.
+#[tokio::test]
+async fn version_reads_rebuild_the_roster_of_that_version() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    stack
+        .patch(&id, json!([add("Patient/a"), add("Patient/b")]), &[])
+        .await
+        .assert_status(200);
+    stack
+        .patch(&id, json!([remove("Patient/a"), add("Patient/c")]), &[])
+        .await
+        .assert_status(200);
+    stack
+        .patch(
+            &id,
+            json!([
+                {"op": "test", "path": "/member/0/entity/reference", "value": "Patient/b"},
+                {"op": "add", "path": "/member/0/inactive", "value": true}
+            ]),
+            &[],
+        )
+        .await
+        .assert_status(200);
+
+    assert_eq!(
+        roster_at(&stack, &id, 1).await,
+        ("1".into(), vec![], json!(0))
+    );
+    assert_eq!(
+        roster_at(&stack, &id, 2).await,
+        (
+            "2".into(),
+            vec!["Patient/a".into(), "Patient/b".into()],
+            json!(2)
+        )
+    );
+    assert_eq!(
+        roster_at(&stack, &id, 3).await,
+        (
+            "3".into(),
+            vec!["Patient/b".into(), "Patient/c".into()],
+            json!(2)
+        )
+    );
+    assert_eq!(
+        roster_at(&stack, &id, 4).await,
+        (
+            "4".into(),
+            vec!["Patient/b".into(), "Patient/c".into()],
+            json!(1)
+        ),
+        "b inactive"
+    );
+
+    let unknown = send(
+        &stack.client,
+        "GET",
+        &format!("{}/_history/99", stack.group_url(&id)),
+        &[],
+        "",
+    )
+    .await;
+    assert_outcome(&unknown, 404, "not-found");
+}

@@ -231,6 +231,11 @@ impl ProxyHttp for FhirGroupProxy {
             Route::GroupMembers { base, group_id } => {
                 read::members_page(self, session, ctx, &base, &group_id).await
             }
+            Route::GroupVersionRead {
+                base,
+                group_id,
+                version,
+            } => read::group_version_read(self, session, ctx, &base, &group_id, version).await,
             Route::GroupPatch { base, group_id } => {
                 match intercept::group_patch(self, session, ctx, &base, &group_id).await? {
                     Next::Answered => Ok(true),

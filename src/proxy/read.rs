@@ -45,8 +45,8 @@ async fn fetch_migrated_group(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
-    base: &str,
     group_id: &str,
+    upstream_path: &str,
 ) -> Result<Fetched> {
     let Some(service) = proxy.group_service.clone() else {
         return Ok(Fetched::NotMigrated);
@@ -77,9 +77,8 @@ async fn fetch_migrated_group(
     ctx.intercepted = true;
 
     let mut request = session.req_header().clone();
-    let group_uri = format!("{base}/Group/{group_id}");
-    if request.uri.path() != group_uri {
-        let uri = group_uri.parse::<http::Uri>().map_err(|e| {
+    if request.uri.path() != upstream_path {
+        let uri = upstream_path.parse::<http::Uri>().map_err(|e| {
             pingora::Error::because(pingora::ErrorType::InternalError, "Group URI", e)
         })?;
         request.set_uri(uri);
@@ -125,7 +124,15 @@ pub async fn group_read(
         roster,
         group,
         headers,
-    } = match fetch_migrated_group(proxy, session, ctx, base, group_id).await? {
+    } = match fetch_migrated_group(
+        proxy,
+        session,
+        ctx,
+        group_id,
+        &format!("{base}/Group/{group_id}"),
+    )
+    .await?
+    {
         Fetched::Answered => return Ok(true),
         Fetched::NotMigrated => return Ok(false),
         Fetched::Ready(migrated) => *migrated,
@@ -151,31 +158,53 @@ pub async fn group_read(
         return Ok(true);
     }
 
-    let (prefix, suffix) = split_around_members(&group);
-    header.insert_header("transfer-encoding", "chunked")?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session
-        .write_response_body(Some(Bytes::from(prefix)), false)
-        .await?;
-    let mut chunks = stream_members(proxy, roster);
-    while let Some(chunk) = chunks.recv().await {
-        match chunk {
-            Ok(bytes) => session.write_response_body(Some(bytes), false).await?,
-            Err(error) => {
-                // Headers are out: the only honest signal left is a broken body.
-                tracing::error!(group = group_id, %error, "roster stream failed mid-response");
-                return Err(pingora::Error::explain(
-                    pingora::ErrorType::InternalError,
-                    "roster stream failed mid-response",
-                ));
-            }
-        }
+    write_streamed_group(proxy, session, header, group, roster.group_key, None).await?;
+    Ok(true)
+}
+
+/// `GET {base}/Group/{id}/_history/{vid}` of a migrated Group: the legacy
+/// server's version of the Group with the roster as it was at that version,
+/// rebuilt from the events. A version from before the migration still holds
+/// its members inline and is relayed as the legacy server returns it.
+pub async fn group_version_read(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+    version: u64,
+) -> Result<bool> {
+    let path = format!("{base}/Group/{group_id}/_history/{version}");
+    let MigratedGroup {
+        roster,
+        group,
+        headers,
+    } = match fetch_migrated_group(proxy, session, ctx, group_id, &path).await? {
+        Fetched::Answered => return Ok(true),
+        Fetched::NotMigrated => return Ok(false),
+        Fetched::Ready(migrated) => *migrated,
+    };
+    let header = json_header(&headers, ctx)?;
+    let inline_members = group["member"].as_array().is_some_and(|m| !m.is_empty());
+    if inline_members {
+        let body = Bytes::from(serde_json::to_vec(&group).unwrap_or_default());
+        let mut header = header;
+        header.insert_header("content-length", body.len().to_string())?;
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(body), true).await?;
+        return Ok(true);
     }
-    session
-        .write_response_body(Some(Bytes::from(suffix)), true)
-        .await?;
+    write_streamed_group(
+        proxy,
+        session,
+        header,
+        group,
+        roster.group_key,
+        Some(version),
+    )
+    .await?;
     Ok(true)
 }
 
@@ -227,7 +256,15 @@ pub async fn members_page(
         roster,
         group,
         headers,
-    } = match fetch_migrated_group(proxy, session, ctx, base, group_id).await? {
+    } = match fetch_migrated_group(
+        proxy,
+        session,
+        ctx,
+        group_id,
+        &format!("{base}/Group/{group_id}"),
+    )
+    .await?
+    {
         Fetched::Answered => return Ok(true),
         Fetched::NotMigrated => return Ok(false),
         Fetched::Ready(migrated) => *migrated,
@@ -300,17 +337,26 @@ pub async fn members_page(
     Ok(true)
 }
 
-/// Reads the roster on the store runtime and hands it over in JSON chunks
-/// (comma-separated members), a few chunks ahead at most.
+/// What the roster stream hands over.
+enum RosterChunk {
+    /// Comma-separated member JSON.
+    Members(Bytes),
+    /// The end, with the number of active members streamed.
+    End { active_members: i64 },
+}
+
+/// Reads the roster (current, or as of a version) on the store runtime and
+/// hands it over in JSON chunks, a few chunks ahead at most.
 fn stream_members(
     proxy: &FhirGroupProxy,
-    roster: RosterForRead,
-) -> mpsc::Receiver<std::result::Result<Bytes, String>> {
+    group_key: String,
+    at_version: Option<u64>,
+) -> mpsc::Receiver<std::result::Result<RosterChunk, String>> {
     let (sender, receiver) = mpsc::channel(4);
     let service: Option<GroupService> = proxy.group_service.clone();
     proxy.store_runtime.spawn(async move {
         let Some(service) = service else { return };
-        let mut cursor = match service.events.roster(&roster.group_key) {
+        let mut cursor = match service.events.roster(&group_key, at_version) {
             Ok(cursor) => cursor,
             Err(e) => {
                 let _ = sender.send(Err(e.to_string())).await;
@@ -320,6 +366,7 @@ fn stream_members(
         let mut chunk = Vec::with_capacity(64 * 1024);
         let mut in_chunk = 0;
         let mut first = true;
+        let mut active_members = 0;
         loop {
             match cursor.next().await {
                 Ok(Some(row)) => {
@@ -327,13 +374,21 @@ fn stream_members(
                         chunk.push(b',');
                     }
                     first = false;
-                    let member = member_json(&row.entity_reference, &row.attributes());
+                    let attributes = row.attributes();
+                    if !attributes.inactive {
+                        active_members += 1;
+                    }
+                    let member = member_json(&row.entity_reference, &attributes);
                     chunk.extend(serde_json::to_vec(&member).unwrap_or_default());
                     in_chunk += 1;
                     if in_chunk == MEMBERS_PER_CHUNK {
                         let full = std::mem::replace(&mut chunk, Vec::with_capacity(64 * 1024));
                         in_chunk = 0;
-                        if sender.send(Ok(Bytes::from(full))).await.is_err() {
+                        if sender
+                            .send(Ok(RosterChunk::Members(Bytes::from(full))))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -345,9 +400,71 @@ fn stream_members(
                 }
             }
         }
-        if !chunk.is_empty() {
-            let _ = sender.send(Ok(Bytes::from(chunk))).await;
+        if !chunk.is_empty()
+            && sender
+                .send(Ok(RosterChunk::Members(Bytes::from(chunk))))
+                .await
+                .is_err()
+        {
+            return;
         }
+        let _ = sender.send(Ok(RosterChunk::End { active_members })).await;
     });
     receiver
+}
+
+/// Writes `group` with its roster streamed into `member`. With `quantity_last`
+/// the `quantity` is the count of active members streamed (version reads).
+async fn write_streamed_group(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    mut header: ResponseHeader,
+    group: Value,
+    group_key: String,
+    at_version: Option<u64>,
+) -> Result<()> {
+    let quantity_last = at_version.is_some();
+    let group = match (quantity_last, group) {
+        (true, Value::Object(mut object)) => {
+            object.remove("quantity");
+            Value::Object(object)
+        }
+        (_, group) => group,
+    };
+    let (prefix, _) = split_around_members(&group);
+    header.insert_header("transfer-encoding", "chunked")?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session
+        .write_response_body(Some(Bytes::from(prefix)), false)
+        .await?;
+    let mut chunks = stream_members(proxy, group_key, at_version);
+    while let Some(chunk) = chunks.recv().await {
+        match chunk {
+            Ok(RosterChunk::Members(bytes)) => {
+                session.write_response_body(Some(bytes), false).await?
+            }
+            Ok(RosterChunk::End { active_members }) => {
+                let suffix = if quantity_last {
+                    format!("],\"quantity\":{active_members}}}")
+                } else {
+                    "]}".to_string()
+                };
+                session
+                    .write_response_body(Some(Bytes::from(suffix)), true)
+                    .await?;
+                return Ok(());
+            }
+            Err(error) => {
+                // Headers are out: the only honest signal left is a broken body.
+                tracing::error!(%error, "roster stream failed mid-response");
+                break;
+            }
+        }
+    }
+    Err(pingora::Error::explain(
+        pingora::ErrorType::InternalError,
+        "roster stream ended before its end marker",
+    ))
 }

@@ -16,6 +16,12 @@ pub enum Route {
     GroupRead { base: String, group_id: String },
     /// `GET {base}/Group/{id}/$members`: one page of a migrated Group's members.
     GroupMembers { base: String, group_id: String },
+    /// `GET {base}/Group/{id}/_history/{vid}`: the roster as of that version.
+    GroupVersionRead {
+        base: String,
+        group_id: String,
+        version: u64,
+    },
 }
 
 pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
@@ -24,6 +30,18 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
         if let Some(group_path) = path.strip_suffix("/$members") {
             if let Some((base, group_id)) = group_id(group_path, base_paths) {
                 return Route::GroupMembers { base, group_id };
+            }
+        }
+        if let Some((group_path, version)) = path.rsplit_once("/_history/") {
+            let version = version.parse::<u64>().ok().filter(|v| *v > 0);
+            if let (Some((base, group_id)), Some(version)) =
+                (group_id(group_path, base_paths), version)
+            {
+                return Route::GroupVersionRead {
+                    base,
+                    group_id,
+                    version,
+                };
             }
         }
         return match group_id(path, base_paths) {
@@ -122,9 +140,18 @@ mod tests {
                 group_id: "g".into()
             }
         );
+        assert_eq!(
+            route(&request("GET", "/4_0_0/Group/g/_history/7", None), &bases()),
+            Route::GroupVersionRead {
+                base: "/4_0_0".into(),
+                group_id: "g".into(),
+                version: 7
+            }
+        );
         for path in [
             "/4_0_0/Group",
-            "/4_0_0/Group/g/_history/2",
+            "/4_0_0/Group/g/_history",
+            "/4_0_0/Group/g/_history/x",
             "/4_0_0/Group/g/$everything",
         ] {
             assert_eq!(

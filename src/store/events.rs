@@ -272,23 +272,39 @@ impl EventStore {
             .await?)
     }
 
-    /// All current members of a group, ordered by reference, as a stream.
+    /// All current members of a group (or, with `at_version`, the members as
+    /// of that version, rebuilt from the events), ordered by reference, as a stream.
     pub fn roster(
         &self,
         group_key: &str,
+        at_version: Option<u64>,
     ) -> Result<clickhouse::query::RowCursor<RosterRow>, EventStoreError> {
-        Ok(self
-            .client
-            .query(&format!(
-                "SELECT entity_reference, inactive, period_start, period_end FROM ( \
-                   SELECT entity_reference, argMaxMerge(present) AS present, \
-                          argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
-                          argMaxMerge(period_end) AS period_end \
-                   FROM {CURRENT} WHERE group_key = ? GROUP BY entity_reference) \
-                 WHERE present = 1 ORDER BY entity_reference"
-            ))
-            .bind(group_key)
-            .fetch::<RosterRow>()?)
+        let query = match at_version {
+            None => self
+                .client
+                .query(&format!(
+                    "SELECT entity_reference, inactive, period_start, period_end FROM ( \
+                       SELECT entity_reference, argMaxMerge(present) AS present, \
+                              argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
+                              argMaxMerge(period_end) AS period_end \
+                       FROM {CURRENT} WHERE group_key = ? GROUP BY entity_reference) \
+                     WHERE present = 1 ORDER BY entity_reference"
+                ))
+                .bind(group_key),
+            Some(version) => self
+                .client
+                .query(&format!(
+                    "SELECT entity_reference, inactive, period_start, period_end FROM ( \
+                       SELECT entity_reference, argMax(toUInt8(event_type = 'added'), sequence) AS present, \
+                              argMax(inactive, sequence) AS inactive, argMax(period_start, sequence) AS period_start, \
+                              argMax(period_end, sequence) AS period_end \
+                       FROM {EVENTS} WHERE group_key = ? AND group_version <= ? GROUP BY entity_reference) \
+                     WHERE present = 1 ORDER BY entity_reference"
+                ))
+                .bind(group_key)
+                .bind(version),
+        };
+        Ok(query.fetch::<RosterRow>()?)
     }
 }
 
