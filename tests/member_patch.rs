@@ -1216,3 +1216,85 @@ async fn version_reads_rebuild_the_roster_of_that_version() {
     .await;
     assert_outcome(&unknown, 404, "not-found");
 }
+
+/// `$members?_since=` lists the members changed after an instant, removed
+/// ones marked as such, and keeps `_since` in its next link.
+#[tokio::test]
+async fn members_changed_since_an_instant() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    stack
+        .patch(
+            &id,
+            json!([add("Patient/a"), add("Patient/b"), add("Patient/c")]),
+            &[],
+        )
+        .await
+        .assert_status(200);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let since = chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    stack
+        .patch(
+            &id,
+            json!([remove("Patient/a"), add("Patient/d"), add("Patient/e")]),
+            &[],
+        )
+        .await
+        .assert_status(200);
+
+    let url = format!("{}/$members?_count=2&_since={since}", stack.group_url(&id));
+    let first = send(&stack.client, "GET", &url, &[], "").await;
+    first.assert_status(200);
+    let bundle = first.json();
+    let members = bundle["entry"][0]["resource"]["member"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(members[0]["entity"]["reference"], "Patient/a");
+    assert_eq!(
+        members[0]["extension"][0]["valueBoolean"], true,
+        "marked removed: {}",
+        members[0]
+    );
+    assert_eq!(members[1]["entity"]["reference"], "Patient/d");
+    assert!(members[1].get("extension").is_none());
+    let next = bundle["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(next.contains("_since="), "{next}");
+    let second = send(
+        &stack.client,
+        "GET",
+        &format!("{}{}", stack.proxy.url(), next),
+        &[],
+        "",
+    )
+    .await
+    .json();
+    let rest: Vec<&str> = second["entry"][0]["resource"]["member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["entity"]["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(rest, vec!["Patient/e"]);
+
+    let bad = send(
+        &stack.client,
+        "GET",
+        &format!("{}/$members?_since=yesterday", stack.group_url(&id)),
+        &[],
+        "",
+    )
+    .await;
+    assert_outcome(&bad, 400, "invalid");
+}

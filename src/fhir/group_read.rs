@@ -99,6 +99,26 @@ pub struct PageRequest {
     pub count: usize,
     /// The last reference of the previous page ("" for the first page).
     pub cursor: String,
+    /// `_since` as Unix milliseconds: list members changed after it,
+    /// removed ones included.
+    pub since_ms: Option<u64>,
+}
+
+/// Extension on a member listed by `$members?_since=` that was removed.
+pub const MEMBER_REMOVED_EXTENSION: &str =
+    "https://github.com/fhir-group-proxy/StructureDefinition/member-removed";
+
+/// A member removed since `_since`: its last attributes, marked removed.
+pub fn removed_member_json(reference: &str, attributes: &MemberAttributes) -> Value {
+    let mut member = member_json(reference, attributes);
+    if let Some(object) = member.as_object_mut() {
+        object.insert(
+            "extension".into(),
+            json!([{ "url": MEMBER_REMOVED_EXTENSION, "valueBoolean": true }]),
+        );
+        object.insert("inactive".into(), json!(true));
+    }
+    member
 }
 
 pub const MAX_PAGE_SIZE: usize = 1_000;
@@ -107,6 +127,7 @@ pub fn page_request(query: Option<&str>) -> Result<PageRequest, String> {
     let mut page = PageRequest {
         count: 100,
         cursor: String::new(),
+        since_ms: None,
     };
     for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match key.as_ref() {
@@ -120,6 +141,12 @@ pub fn page_request(query: Option<&str>) -> Result<PageRequest, String> {
                     })?;
             }
             "_cursor" => page.cursor = value.into_owned(),
+            "_since" => {
+                let instant = chrono::DateTime::parse_from_rfc3339(&value).map_err(|_| {
+                    format!("_since '{value}' is not a FHIR instant like 2026-01-31T12:00:00Z")
+                })?;
+                page.since_ms = Some(instant.timestamp_millis().max(0) as u64);
+            }
             _ => {}
         }
     }
@@ -188,9 +215,15 @@ mod tests {
             page_request(None).unwrap(),
             PageRequest {
                 count: 100,
-                cursor: String::new()
+                cursor: String::new(),
+                since_ms: None
             }
         );
+        let since = page_request(Some("_since=2026-01-01T00:00:01.5Z")).unwrap();
+        assert_eq!(since.since_ms, Some(1_767_225_601_500));
+        assert!(page_request(Some("_since=yesterday"))
+            .unwrap_err()
+            .contains("FHIR instant"));
         let page = page_request(Some("_count=5&_cursor=Patient%2F7")).unwrap();
         assert_eq!((page.count, page.cursor.as_str()), (5, "Patient/7"));
         assert!(page_request(Some("_count=0")).is_err());

@@ -10,7 +10,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::fhir::group_read::{
-    member_json, page_request, split_around_members, wants_members, with_paging_link, with_quantity,
+    member_json, page_request, removed_member_json, split_around_members, wants_members,
+    with_paging_link, with_quantity,
 };
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
@@ -239,6 +240,12 @@ pub async fn members_page(
     group_id: &str,
 ) -> Result<bool> {
     let query = session.req_header().uri.query().map(str::to_string);
+    // `_since` as the client wrote it, carried into the next link.
+    let page_since = query.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "_since")
+            .map(|(_, v)| v.into_owned())
+    });
     let page = match page_request(query.as_deref()) {
         Ok(page) => page,
         Err(why) => {
@@ -272,14 +279,20 @@ pub async fn members_page(
     let Some(service) = proxy.group_service.clone() else {
         return Ok(false);
     };
-    let (key, cursor, limit) = (
+    let (key, cursor, since, limit) = (
         roster.group_key.clone(),
         page.cursor.clone(),
+        page.since_ms,
         page.count + 1,
     );
     let rows = proxy
         .store_runtime
-        .spawn(async move { service.events.roster_page(&key, &cursor, limit).await })
+        .spawn(async move {
+            service
+                .events
+                .roster_page(&key, &cursor, since, limit)
+                .await
+        })
         .await;
     let mut rows = match rows {
         Ok(Ok(rows)) => rows,
@@ -305,11 +318,16 @@ pub async fn members_page(
     };
     let has_next = rows.len() > page.count;
     rows.truncate(page.count);
+    let since = page_since.as_deref().map(|s| {
+        let encoded: String = url::form_urlencoded::byte_serialize(s.as_bytes()).collect();
+        format!("&_since={encoded}")
+    });
     let link = |cursor: &str| {
         let encoded: String = url::form_urlencoded::byte_serialize(cursor.as_bytes()).collect();
         format!(
-            "{base}/Group/{group_id}/$members?_count={}&_cursor={encoded}",
-            page.count
+            "{base}/Group/{group_id}/$members?_count={}&_cursor={encoded}{}",
+            page.count,
+            since.as_deref().unwrap_or_default()
         )
     };
     let next = has_next
@@ -317,7 +335,10 @@ pub async fn members_page(
         .flatten();
     let members = rows
         .iter()
-        .map(|row| member_json(&row.entity_reference, &row.attributes()))
+        .map(|row| match row.present {
+            1 => member_json(&row.entity_reference, &row.attributes()),
+            _ => removed_member_json(&row.entity_reference, &row.attributes()),
+        })
         .collect();
     let group = with_quantity(group, roster.counts.active_members);
     let bundle = crate::fhir::group_read::members_page(

@@ -238,38 +238,67 @@ pub struct RosterRow {
 
 impl RosterRow {
     pub fn attributes(&self) -> MemberAttributes {
-        MemberAttributes {
-            period_start: non_empty(self.period_start.clone()),
-            period_end: non_empty(self.period_end.clone()),
-            inactive: self.inactive == 1,
-        }
+        attributes(self.inactive, &self.period_start, &self.period_end)
+    }
+}
+
+/// One member of a `$members` page; `present == 0` marks a removed member
+/// (only listed when asking for changes).
+#[derive(Debug, Row, Deserialize)]
+pub struct PageRow {
+    pub entity_reference: String,
+    pub present: u8,
+    pub inactive: u8,
+    pub period_start: String,
+    pub period_end: String,
+}
+
+impl PageRow {
+    pub fn attributes(&self) -> MemberAttributes {
+        attributes(self.inactive, &self.period_start, &self.period_end)
+    }
+}
+
+fn attributes(inactive: u8, period_start: &str, period_end: &str) -> MemberAttributes {
+    MemberAttributes {
+        period_start: non_empty(period_start.to_string()),
+        period_end: non_empty(period_end.to_string()),
+        inactive: inactive == 1,
     }
 }
 
 impl EventStore {
-    /// Up to `limit` current members with a reference after `after`, in
-    /// reference order (seek pagination: stable under concurrent writes).
+    /// Up to `limit` members with a reference after `after`, in reference
+    /// order (seek pagination: stable under concurrent writes). Without
+    /// `changed_since_ms`: the current members; with it: every member whose
+    /// last event is newer, removed ones included (`present == 0`).
     pub async fn roster_page(
         &self,
         group_key: &str,
         after: &str,
+        changed_since_ms: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<RosterRow>, EventStoreError> {
-        Ok(self
+    ) -> Result<Vec<PageRow>, EventStoreError> {
+        let filter = match changed_since_ms {
+            None => "present = 1",
+            Some(_) => "last_event_time_ms > ?",
+        };
+        let mut query = self
             .client
             .query(&format!(
-                "SELECT entity_reference, inactive, period_start, period_end FROM ( \
+                "SELECT entity_reference, present, inactive, period_start, period_end FROM ( \
                    SELECT entity_reference, argMaxMerge(present) AS present, \
                           argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
-                          argMaxMerge(period_end) AS period_end \
+                          argMaxMerge(period_end) AS period_end, maxMerge(last_event_time_ms) AS last_event_time_ms \
                    FROM {CURRENT} WHERE group_key = ? AND entity_reference > ? GROUP BY entity_reference) \
-                 WHERE present = 1 ORDER BY entity_reference LIMIT ?"
+                 WHERE {filter} ORDER BY entity_reference LIMIT ?"
             ))
             .bind(group_key)
-            .bind(after)
-            .bind(limit as u64)
-            .fetch_all::<RosterRow>()
-            .await?)
+            .bind(after);
+        if let Some(since) = changed_since_ms {
+            query = query.bind(since);
+        }
+        Ok(query.bind(limit as u64).fetch_all::<PageRow>().await?)
     }
 
     /// All current members of a group (or, with `at_version`, the members as
