@@ -1298,3 +1298,70 @@ async fn members_changed_since_an_instant() {
     .await;
     assert_outcome(&bad, 400, "invalid");
 }
+
+/// Search by member finds Groups with inline members (legacy search) and
+/// migrated Groups (reverse index) alike, once each.
+#[tokio::test]
+async fn search_by_member_merges_legacy_and_migrated_groups() {
+    let stack = Stack::start(&[]).await;
+    let migrated_a = stack.create_group(json!([])).await;
+    let migrated_b = stack.create_group(json!([])).await;
+    let migrated_other = stack.create_group(json!([])).await;
+    let legacy = stack
+        .create_group(json!([{"entity": {"reference": "Patient/x"}}]))
+        .await;
+    stack
+        .patch(
+            &migrated_a,
+            json!([add("Patient/x"), add("Patient/y")]),
+            &[],
+        )
+        .await
+        .assert_status(200);
+    stack
+        .patch(&migrated_b, json!([add("Patient/x")]), &[])
+        .await
+        .assert_status(200);
+    stack
+        .patch(&migrated_other, json!([add("Patient/z")]), &[])
+        .await
+        .assert_status(200);
+    // Removed members no longer match.
+    let gone = stack.create_group(json!([])).await;
+    stack
+        .patch(&gone, json!([add("Patient/x")]), &[])
+        .await
+        .assert_status(200);
+    stack
+        .patch(&gone, json!([remove("Patient/x")]), &[])
+        .await
+        .assert_status(200);
+
+    let url = format!("{}/4_0_0/Group?member=Patient/x", stack.proxy.url());
+    let reply = send(&stack.client, "GET", &url, &[], "").await;
+    reply.assert_status(200);
+    let bundle = reply.json();
+    let mut ids: Vec<&str> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut expected = vec![migrated_a.as_str(), migrated_b.as_str(), legacy.as_str()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    assert_eq!(bundle["total"], 3);
+    let a = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["resource"]["id"] == migrated_a.as_str())
+        .unwrap();
+    assert_eq!(a["resource"]["quantity"], 2);
+
+    // A member no migrated Group holds: the legacy server's answer as is.
+    let url = format!("{}/4_0_0/Group?member=Patient/nobody", stack.proxy.url());
+    let bundle = send(&stack.client, "GET", &url, &[], "").await.json();
+    assert_eq!(bundle["total"], 0);
+}

@@ -2,6 +2,7 @@
 //! so everything in this module is unit-tested without servers.
 
 pub mod group_read;
+pub mod group_search;
 pub mod member_patch;
 pub mod outcome;
 pub mod reference;

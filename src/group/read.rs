@@ -26,3 +26,41 @@ impl GroupService {
         }))
     }
 }
+
+/// Most migrated Groups one member search may return (their ids go upstream
+/// in one `_id` list).
+pub const MAX_GROUPS_PER_MEMBER_SEARCH: usize = 500;
+
+impl GroupService {
+    /// The migrated Groups that currently hold any of `references`, with
+    /// their active member counts, by FHIR id.
+    pub async fn migrated_groups_with(
+        &self,
+        references: &[String],
+    ) -> Result<Vec<(String, i64)>, WriteError> {
+        let names: Vec<&str> = references.iter().map(String::as_str).collect();
+        let groups = self
+            .events
+            .groups_with_members(&names, MAX_GROUPS_PER_MEMBER_SEARCH + 1)
+            .await?;
+        if groups.len() > MAX_GROUPS_PER_MEMBER_SEARCH {
+            return Err(WriteError::Outcome(crate::fhir::outcome::Outcome::error(
+                400,
+                crate::fhir::outcome::IssueType::TooCostly,
+                format!(
+                    "more than {MAX_GROUPS_PER_MEMBER_SEARCH} Groups hold these members; \
+                     narrow the search"
+                ),
+            )));
+        }
+        let keys: Vec<&str> = groups.iter().map(|g| g.group_key.as_str()).collect();
+        let counts = self.events.counts_of(&keys).await?;
+        Ok(groups
+            .into_iter()
+            .map(|g| {
+                let active = counts.get(&g.group_key).map_or(0, |c| c.active_members);
+                (g.group_id, active)
+            })
+            .collect())
+    }
+}

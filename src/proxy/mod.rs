@@ -8,6 +8,7 @@ pub mod intercept;
 pub mod read;
 pub mod respond;
 pub mod route;
+pub mod search;
 pub mod upstream_client;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -227,6 +228,9 @@ impl ProxyHttp for FhirGroupProxy {
             Route::Passthrough => Ok(false),
             Route::GroupRead { base, group_id } => {
                 read::group_read(self, session, ctx, &base, &group_id).await
+            }
+            Route::GroupSearchByMember { base } => {
+                search::group_member_search(self, session, ctx, &base).await
             }
             Route::GroupMembers { base, group_id } => {
                 read::members_page(self, session, ctx, &base, &group_id).await

@@ -210,7 +210,10 @@ pub async fn group_version_read(
 }
 
 /// The legacy server's response headers for a body the proxy rewrote.
-fn json_header(upstream: &http::HeaderMap, ctx: &RequestContext) -> Result<ResponseHeader> {
+pub(crate) fn json_header(
+    upstream: &http::HeaderMap,
+    ctx: &RequestContext,
+) -> Result<ResponseHeader> {
     let mut header = ResponseHeader::build(200, Some(upstream.len() + 2))?;
     let rewritten = [
         http::header::CONTENT_LENGTH,

@@ -16,6 +16,8 @@ pub enum Route {
     GroupRead { base: String, group_id: String },
     /// `GET {base}/Group/{id}/$members`: one page of a migrated Group's members.
     GroupMembers { base: String, group_id: String },
+    /// `GET {base}/Group?member=...`: migrated Groups come from the reverse index.
+    GroupSearchByMember { base: String },
     /// `GET {base}/Group/{id}/_history/{vid}`: the roster as of that version.
     GroupVersionRead {
         base: String,
@@ -27,6 +29,11 @@ pub enum Route {
 pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
     if request.method == http::Method::GET {
         let path = request.uri.path();
+        let searches_members =
+            crate::fhir::group_search::member_search_terms(request.uri.query()).is_some();
+        if let (true, Some(base)) = (searches_members, group_type_base(path, base_paths)) {
+            return Route::GroupSearchByMember { base };
+        }
         if let Some(group_path) = path.strip_suffix("/$members") {
             if let Some((base, group_id)) = group_id(group_path, base_paths) {
                 return Route::GroupMembers { base, group_id };
@@ -65,6 +72,14 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
         Some((base, group_id)) => Route::GroupPatch { base, group_id },
         None => Route::Passthrough,
     }
+}
+
+/// `{base}/Group` (exactly) to its base.
+fn group_type_base(path: &str, base_paths: &[String]) -> Option<String> {
+    base_paths.iter().find_map(|base| {
+        let base = base.trim_end_matches('/');
+        (path.strip_prefix(base)? == "/Group").then(|| base.to_string())
+    })
 }
 
 /// `{base}/Group/{id}` (exactly) to its base and id.

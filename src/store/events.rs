@@ -13,7 +13,7 @@ use crate::config::ClickHouseSettings;
 use crate::fhir::member_patch::MemberAttributes;
 use crate::fhir::reference::{parse_reference, EntityReference};
 use crate::store::group_commit::{BatchError, BatchSettings, GroupCommit};
-use crate::store::schema::{self, COMMITS, COUNTS, CURRENT, EVENTS, EVENTS_STAGED};
+use crate::store::schema::{self, COMMITS, COUNTS, CURRENT, EVENTS, EVENTS_STAGED, GROUPS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventStoreError {
@@ -411,5 +411,73 @@ mod tests {
         assert!(event_sequence(2, 0) > event_sequence(1, 10_000));
         assert!(event_sequence(1, 1) > event_sequence(1, 0));
         assert_eq!(event_sequence(3, 5) >> 20, 3);
+    }
+}
+
+/// A migrated Group that holds a member (reverse index).
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct GroupWithMember {
+    pub group_key: String,
+    pub group_id: String,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct GroupCounts {
+    group_key: String,
+    members: i64,
+    active_members: i64,
+}
+
+impl EventStore {
+    /// The Groups whose current members include any of `references`, at most
+    /// `limit` of them, ordered by id.
+    pub async fn groups_with_members(
+        &self,
+        references: &[&str],
+        limit: usize,
+    ) -> Result<Vec<GroupWithMember>, EventStoreError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT group_key, any(group_id) AS group_id FROM ( \
+                   SELECT entity_reference, group_key, argMaxMerge(group_id) AS group_id, \
+                          argMaxMerge(present) AS present \
+                   FROM {GROUPS} WHERE entity_reference IN (SELECT arrayJoin(?)) \
+                   GROUP BY entity_reference, group_key) \
+                 WHERE present = 1 GROUP BY group_key ORDER BY group_id LIMIT ?"
+            ))
+            .bind(references)
+            .bind(limit as u64)
+            .fetch_all::<GroupWithMember>()
+            .await?)
+    }
+
+    /// Member counts of several groups, by group key.
+    pub async fn counts_of(
+        &self,
+        group_keys: &[&str],
+    ) -> Result<HashMap<String, MemberCounts>, EventStoreError> {
+        let rows = self
+            .client
+            .query(&format!(
+                "SELECT group_key, toInt64(sum(members)) AS members, \
+                        toInt64(sum(active_members)) AS active_members \
+                 FROM {COUNTS} WHERE group_key IN (SELECT arrayJoin(?)) GROUP BY group_key"
+            ))
+            .bind(group_keys)
+            .fetch_all::<GroupCounts>()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.group_key,
+                    MemberCounts {
+                        members: r.members,
+                        active_members: r.active_members,
+                    },
+                )
+            })
+            .collect())
     }
 }
