@@ -418,6 +418,12 @@ fn checked_reference(text: &str, index: usize) -> Result<EntityReference, Outcom
 
 const MEMBER_KEYS: [&str; 3] = ["entity", "period", "inactive"];
 
+/// Reads a `Group.member` value (entity.reference, period, inactive) outside
+/// a patch, e.g. for the ATR operations; errors point at `/0`.
+pub fn parse_member_value(value: &Value) -> Result<(EntityReference, MemberAttributes), Outcome> {
+    member_value(Some(value), 0)
+}
+
 /// Reads a `Group.member` value: `entity.reference` required, `period` and
 /// `inactive` optional. Anything else is refused rather than silently dropped.
 fn member_value(

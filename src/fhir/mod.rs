@@ -1,6 +1,7 @@
 //! Pure FHIR logic: resources, OperationOutcome, JSON Patch analysis. No I/O here,
 //! so everything in this module is unit-tested without servers.
 
+pub mod atr;
 pub mod group_read;
 pub mod group_search;
 pub mod member_patch;

@@ -8,10 +8,12 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 use crate::config::MixedPatchPolicy;
+use crate::fhir::atr::{parse_atr_parameters, AtrOperation};
+use crate::fhir::member_patch::MemberChange;
 use crate::fhir::member_patch::{parse_patch, PatchClass, PatchLimits};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
-use crate::group::patch::{MemberPatchRequest, MemberPatchResult, UpstreamReply};
+use crate::group::patch::{MemberPatchRequest, MemberPatchResult, UpstreamPart, UpstreamReply};
 use crate::group::WriteError;
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::respond::send_outcome;
@@ -38,13 +40,9 @@ pub async fn group_patch(
     base: &str,
     group_id: &str,
 ) -> Result<Next> {
-    let Some(service) = proxy.group_service.as_ref() else {
-        return Ok(Next::Forward);
-    };
-    session.enable_retry_buffering();
-    let body = match read_body(session, proxy.config.fhir.max_intercepted_body_bytes).await? {
+    let body = match read_intercepted_body(proxy, session, ctx).await? {
         Ok(body) => body,
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Err(next) => return Ok(next),
     };
     let forward = |body: Bytes| {
         if body.len() <= PINGORA_REPLAY_LIMIT {
@@ -80,7 +78,53 @@ pub async fn group_patch(
         Some(ops) => Some(proxy.upstream_half(session, ctx, ops)?),
         None => None,
     };
+    let Some(next) =
+        write_members(proxy, session, ctx, base, group_id, changes, upstream_part).await?
+    else {
+        return Ok(forward(body));
+    };
+    Ok(next)
+}
 
+/// Da Vinci ATR `$member-add` / `$member-remove` on a Group: the same write
+/// path as a member PATCH. Groups not migrated go to the legacy server.
+pub async fn atr_operation(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+    operation: AtrOperation,
+) -> Result<Next> {
+    let body = match read_intercepted_body(proxy, session, ctx).await? {
+        Ok(body) => body,
+        Err(next) => return Ok(next),
+    };
+    let changes = match parse_atr_parameters(operation, &body) {
+        Ok(changes) => changes,
+        Err(outcome) => return answer(session, ctx, &outcome).await,
+    };
+    match write_members(proxy, session, ctx, base, group_id, changes, None).await? {
+        Some(next) => Ok(next),
+        None if body.len() <= PINGORA_REPLAY_LIMIT => Ok(Next::Forward),
+        None => Ok(Next::ForwardWithBody(body)),
+    }
+}
+
+/// Runs a member write (from a PATCH or an ATR operation) and answers it;
+/// `None` when the Group is not migrated and the legacy server must answer.
+pub(crate) async fn write_members(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+    changes: Vec<MemberChange>,
+    upstream_part: Option<UpstreamPart>,
+) -> Result<Option<Next>> {
+    let Some(service) = proxy.group_service.as_ref() else {
+        return Ok(None);
+    };
     let headers = &session.req_header().headers;
     let if_match = match headers
         .get(http::header::IF_MATCH)
@@ -92,11 +136,11 @@ pub async fn group_patch(
                 IssueType::Required,
                 "this server requires If-Match (W/\"<versionId>\") on Group member PATCHes",
             );
-            return answer(session, ctx, &outcome).await;
+            return answer(session, ctx, &outcome).await.map(Some);
         }
         None => None,
         Some(Ok(version)) => Some(version),
-        Some(Err(outcome)) => return answer(session, ctx, &outcome).await,
+        Some(Err(outcome)) => return answer(session, ctx, &outcome).await.map(Some),
     };
     let prefer = Prefer::from_header(headers.get("prefer").and_then(|v| v.to_str().ok()));
     let client_request_id = headers
@@ -129,7 +173,7 @@ pub async fn group_patch(
                 IssueType::Exception,
                 "the member write failed unexpectedly",
             );
-            return answer(session, ctx, &outcome).await;
+            return answer(session, ctx, &outcome).await.map(Some);
         }
     };
     match result {
@@ -139,19 +183,19 @@ pub async fn group_patch(
         }) => {
             ctx.intercepted = true;
             relay(session, ctx, reply).await?;
-            Ok(Next::Answered)
+            Ok(Some(Next::Answered))
         }
         Ok(result) => {
             ctx.intercepted = true;
             write_success(session, ctx, base, group_id, &result, prefer).await?;
-            Ok(Next::Answered)
+            Ok(Some(Next::Answered))
         }
-        Err(WriteError::NotMigrated) => Ok(forward(body)),
+        Err(WriteError::NotMigrated) => Ok(None),
         Err(error) => {
             if !matches!(error, WriteError::Outcome(_)) {
                 tracing::warn!(group = group_id, %error, "member write failed");
             }
-            answer(session, ctx, &error.to_outcome()).await
+            answer(session, ctx, &error.to_outcome()).await.map(Some)
         }
     }
 }
@@ -180,6 +224,24 @@ pub(crate) async fn relay(
         session.write_response_body(Some(reply.body), true).await?;
     }
     Ok(())
+}
+
+/// Reads the body of a request the proxy may answer itself, keeping it for a
+/// replay upstream. `Err` carries what happens instead: forwarding (member
+/// handling off) or an answered 413.
+async fn read_intercepted_body(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+) -> Result<std::result::Result<Bytes, Next>> {
+    if proxy.group_service.is_none() {
+        return Ok(Err(Next::Forward));
+    }
+    session.enable_retry_buffering();
+    match read_body(session, proxy.config.fhir.max_intercepted_body_bytes).await? {
+        Ok(body) => Ok(Ok(body)),
+        Err(outcome) => Ok(Err(answer(session, ctx, &outcome).await?)),
+    }
 }
 
 async fn answer(

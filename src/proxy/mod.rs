@@ -103,6 +103,23 @@ impl FhirGroupProxy {
         })
     }
 
+    /// Carries out what an inspected request needs next; `true` when answered.
+    async fn finish_intercept(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        next: Next,
+    ) -> Result<bool> {
+        match next {
+            Next::Answered => Ok(true),
+            Next::Forward => Ok(false),
+            Next::ForwardWithBody(body) => {
+                self.forward_with_body(session, ctx, body).await?;
+                Ok(true)
+            }
+        }
+    }
+
     /// Sends the request on with a body we already hold (beyond pingora's replay buffer).
     async fn forward_with_body(
         &self,
@@ -229,6 +246,16 @@ impl ProxyHttp for FhirGroupProxy {
             Route::GroupRead { base, group_id } => {
                 read::group_read(self, session, ctx, &base, &group_id).await
             }
+            Route::GroupAtrOperation {
+                base,
+                group_id,
+                operation,
+            } => {
+                let next =
+                    intercept::atr_operation(self, session, ctx, &base, &group_id, operation)
+                        .await?;
+                self.finish_intercept(session, ctx, next).await
+            }
             Route::GroupSearchByMember { base } => {
                 search::group_member_search(self, session, ctx, &base).await
             }
@@ -241,14 +268,8 @@ impl ProxyHttp for FhirGroupProxy {
                 version,
             } => read::group_version_read(self, session, ctx, &base, &group_id, version).await,
             Route::GroupPatch { base, group_id } => {
-                match intercept::group_patch(self, session, ctx, &base, &group_id).await? {
-                    Next::Answered => Ok(true),
-                    Next::Forward => Ok(false),
-                    Next::ForwardWithBody(body) => {
-                        self.forward_with_body(session, ctx, body).await?;
-                        Ok(true)
-                    }
-                }
+                let next = intercept::group_patch(self, session, ctx, &base, &group_id).await?;
+                self.finish_intercept(session, ctx, next).await
             }
         }
     }

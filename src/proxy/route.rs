@@ -16,6 +16,12 @@ pub enum Route {
     GroupRead { base: String, group_id: String },
     /// `GET {base}/Group/{id}/$members`: one page of a migrated Group's members.
     GroupMembers { base: String, group_id: String },
+    /// `POST {base}/Group/{id}/$member-add|$member-remove` (Da Vinci ATR).
+    GroupAtrOperation {
+        base: String,
+        group_id: String,
+        operation: crate::fhir::atr::AtrOperation,
+    },
     /// `GET {base}/Group?member=...`: migrated Groups come from the reverse index.
     GroupSearchByMember { base: String },
     /// `GET {base}/Group/{id}/_history/{vid}`: the roster as of that version.
@@ -55,6 +61,22 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
             Some((base, group_id)) => Route::GroupRead { base, group_id },
             None => Route::Passthrough,
         };
+    }
+    if request.method == http::Method::POST {
+        let path = request.uri.path();
+        if let Some((group_path, segment)) = path.rsplit_once('/') {
+            let operation = crate::fhir::atr::AtrOperation::from_path_segment(segment);
+            if let (Some(operation), Some((base, group_id))) =
+                (operation, group_id(group_path, base_paths))
+            {
+                return Route::GroupAtrOperation {
+                    base,
+                    group_id,
+                    operation,
+                };
+            }
+        }
+        return Route::Passthrough;
     }
     if request.method != http::Method::PATCH {
         return Route::Passthrough;
