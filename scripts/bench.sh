@@ -7,4 +7,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_all_installed
 start_services_for_this_script
 cd "$REPO_ROOT"
-cargo bench --bench member_patch "$@"
+cargo bench --bench member_patch --bench group_read "$@"

@@ -1,0 +1,173 @@
+//! Group reads: a migrated Group read through the proxy (roster streamed from
+//! ClickHouse) versus the legacy server reading the whole document, in one
+//! run. Time to first byte, total time, and the proxy's peak RSS, for groups
+//! of 10k, 100k and 1M members. Run with `bash scripts/bench.sh`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::raw::RawConnection;
+use support::*;
+
+const SAMPLES: usize = 5;
+
+#[tokio::main]
+async fn main() {
+    let sizes: Vec<usize> = std::env::var("FGP_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10_000, 100_000, 1_000_000]);
+    let standin = Standin::start().await;
+    let ch = fhir_group_proxy::config::ClickHouseSettings {
+        url: clickhouse_url(),
+        database: unique_name("fgp_bench"),
+        ..Default::default()
+    };
+    fhir_group_proxy::store::events::apply_schema(&ch)
+        .await
+        .expect("schema");
+    let mongo = mongo_uri();
+    let proxy = ProxyProcess::start(
+        &standin.url(),
+        &[
+            ("FGP_CLICKHOUSE_URL", ch.url.as_str()),
+            ("FGP_CLICKHOUSE_DATABASE", ch.database.as_str()),
+            ("FGP_MONGO_URI", mongo.as_str()),
+            ("FGP_MONGO_DATABASE", standin.database.as_str()),
+            // Inline every roster: this measures streaming, not the cap.
+            ("FGP_FHIR_MAX_INLINE_MEMBERS", "10000000"),
+        ],
+    );
+    let client = http_client();
+    let base = format!("{}/4_0_0", proxy.url());
+
+    println!("\n## GET a Group with its roster ({SAMPLES} samples each, median ms)\n");
+    println!("| members | legacy TTFB | legacy total | proxy TTFB | proxy total | body MB | proxy peak RSS MiB |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| (idle) | | | | | | {:.0} |",
+        proxy.peak_rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    for &size in &sizes {
+        let id = create_group(&client, &base).await;
+        seed(&client, &base, &id, size).await;
+        let proxy_times = timed_reads(proxy.addr, &format!("/4_0_0/Group/{id}"), size).await;
+
+        let legacy_standin = Standin::start().await;
+        let legacy =
+            match create_legacy_group(&client, &format!("{}/4_0_0", legacy_standin.url()), size)
+                .await
+            {
+                Some(legacy_id) => {
+                    let times = timed_reads(
+                        legacy_standin.addr,
+                        &format!("/4_0_0/Group/{legacy_id}"),
+                        size,
+                    )
+                    .await;
+                    (format!("{:.1}", times.0), format!("{:.1}", times.1))
+                }
+                None => ("cannot store".into(), "-".into()),
+            };
+        println!(
+            "| {size} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            legacy.0,
+            legacy.1,
+            proxy_times.0,
+            proxy_times.1,
+            proxy_times.2 as f64 / 1e6,
+            proxy.peak_rss_kib().unwrap_or(0) as f64 / 1024.0
+        );
+    }
+}
+
+/// Median time to first byte and total (ms), and the body size, over raw reads.
+async fn timed_reads(addr: std::net::SocketAddr, path: &str, members: usize) -> (f64, f64, usize) {
+    let mut ttfb = Vec::new();
+    let mut total = Vec::new();
+    let mut size = 0;
+    for _ in 0..SAMPLES {
+        let mut conn = RawConnection::open(addr).await;
+        let started = Instant::now();
+        conn.write(format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes())
+            .await;
+        let (status, headers) = conn.read_head().await;
+        let first = started.elapsed();
+        let response = conn.read_body(status, headers).await;
+        let all = started.elapsed();
+        assert_eq!(response.status, 200);
+        let group: Value = serde_json::from_slice(&response.body).expect("Group JSON");
+        assert_eq!(
+            group["member"].as_array().map(Vec::len),
+            Some(members),
+            "whole roster"
+        );
+        size = response.body.len();
+        ttfb.push(ms(first));
+        total.push(ms(all));
+    }
+    (median(ttfb), median(total), size)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn create_group(client: &HttpClient, base: &str) -> String {
+    let group = json!({"resourceType": "Group", "type": "person", "actual": true});
+    let reply = send(
+        client,
+        "POST",
+        &format!("{base}/Group"),
+        &[("content-type", "application/fhir+json")],
+        serde_json::to_vec(&group).expect("json"),
+    )
+    .await;
+    reply.assert_status(201);
+    reply.json()["id"].as_str().expect("id").to_string()
+}
+
+async fn create_legacy_group(client: &HttpClient, base: &str, size: usize) -> Option<String> {
+    let group = json!({"resourceType": "Group", "type": "person", "actual": true,
+        "member": (0..size).map(|i| json!({"entity": {"reference": format!("Patient/r{i}")}})).collect::<Vec<_>>()});
+    let reply = send(
+        client,
+        "POST",
+        &format!("{base}/Group"),
+        &[("content-type", "application/fhir+json")],
+        serde_json::to_vec(&group).expect("json"),
+    )
+    .await;
+    (reply.status == 201).then(|| reply.json()["id"].as_str().expect("id").to_string())
+}
+
+async fn seed(client: &HttpClient, base: &str, id: &str, size: usize) {
+    let mut added = 0;
+    while added < size {
+        let batch = 10_000.min(size - added);
+        let ops: Vec<Value> = (added..added + batch)
+            .map(|i| json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": format!("Patient/r{i}")}}}))
+            .collect();
+        send(
+            client,
+            "PATCH",
+            &format!("{base}/Group/{id}"),
+            &[
+                ("content-type", "application/json-patch+json"),
+                ("prefer", "return=minimal"),
+            ],
+            serde_json::to_vec(&ops).expect("json"),
+        )
+        .await
+        .assert_status(200);
+        added += batch;
+    }
+}
