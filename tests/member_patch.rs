@@ -1435,3 +1435,63 @@ async fn atr_member_add_and_remove() {
     .await;
     assert_outcome(&missing, 422, "processing");
 }
+
+/// Deleting a migrated Group tombstones its roster: a Group created again
+/// with the same id (same `_uuid`) starts without the old members.
+#[tokio::test]
+async fn deleting_a_migrated_group_tombstones_its_roster() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    stack
+        .patch(&id, json!([add("Patient/old1"), add("Patient/old2")]), &[])
+        .await
+        .assert_status(200);
+    let group_key = stack.group_key(&id).await;
+
+    let deleted = send(&stack.client, "DELETE", &stack.group_url(&id), &[], "").await;
+    assert!(
+        matches!(deleted.status, 200 | 204),
+        "DELETE -> {}",
+        deleted.status
+    );
+    let gone = send(&stack.client, "GET", &stack.group_url(&id), &[], "").await;
+    assert!(
+        matches!(gone.status, 404 | 410),
+        "read after delete -> {}",
+        gone.status
+    );
+    let removed_events: u64 = stack.clickhouse
+        .query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_key = ? AND event_type = 'removed'")
+        .bind(&group_key).fetch_one().await.unwrap();
+    assert_eq!(removed_events, 2, "tombstones kept for audit");
+
+    // Created again under the same id: a fresh roster.
+    let again = json!({"resourceType": "Group", "id": id, "type": "person", "actual": true});
+    send(
+        &stack.client,
+        "PUT",
+        &stack.group_url(&id),
+        &[("content-type", "application/fhir+json")],
+        serde_json::to_vec(&again).unwrap(),
+    )
+    .await;
+    stack
+        .patch(&id, json!([add("Patient/new"), add("Patient/old1")]), &[])
+        .await
+        .assert_status(200);
+    let group = send(&stack.client, "GET", &stack.group_url(&id), &[], "")
+        .await
+        .json();
+    let references: Vec<&str> = group["member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["entity"]["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        references,
+        vec!["Patient/new", "Patient/old1"],
+        "old tombstones do not hide a re-added member"
+    );
+    assert_eq!(group["quantity"], 2);
+}

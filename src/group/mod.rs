@@ -1,6 +1,7 @@
 //! Use cases that join the two stores: member writes (and their recovery).
 //! Everything here runs on the store runtime (see [`StoreRuntime`]).
 
+pub mod delete;
 pub mod patch;
 pub mod read;
 pub mod recovery;

@@ -81,10 +81,9 @@ impl GroupService {
             match self.try_member_patch(&request).await? {
                 Attempt::Done(result) => {
                     let mut result = *result;
-                    if want_counts {
-                        if let Some(document) = &result.document {
-                            let key = document.get_str("_uuid").unwrap_or_default();
-                            result.counts = Some(self.events.counts(key).await?);
+                    if want_counts && result.document.is_some() {
+                        if let Some(head) = self.documents.head(&request.group_id).await? {
+                            result.counts = Some(self.events.counts(&head.group_key).await?);
                         }
                     }
                     return Ok(result);

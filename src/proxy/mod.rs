@@ -103,6 +103,59 @@ impl FhirGroupProxy {
         })
     }
 
+    /// DELETE of a Group: the legacy server deletes it; a migrated Group's
+    /// roster is then tombstoned. `false`: not migrated, forward as usual.
+    async fn delete_group(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        group_id: &str,
+    ) -> Result<bool> {
+        let Some(service) = self.group_service.clone() else {
+            return Ok(false);
+        };
+        let mut request = session.req_header().clone();
+        self.rewrite_for_upstream(session, &mut request, ctx)?;
+        let client = self.upstream_client.clone();
+        let delete_upstream =
+            async move { client.send_buffered(&request, bytes::Bytes::new()).await };
+        let (id, request_id) = (group_id.to_string(), ctx.request_id.clone());
+        let result = self
+            .store_runtime
+            .spawn(async move {
+                service
+                    .delete_migrated(&id, &request_id, delete_upstream)
+                    .await
+            })
+            .await;
+        match result {
+            Ok(Ok(None)) => Ok(false),
+            Ok(Ok(Some(reply))) => {
+                ctx.intercepted = true;
+                intercept::relay(session, ctx, reply).await?;
+                Ok(true)
+            }
+            Ok(Err(error)) => {
+                ctx.intercepted = true;
+                tracing::warn!(group = group_id, %error, "Group delete failed");
+                respond::send_outcome(session, &error.to_outcome(), &ctx.request_id).await?;
+                Ok(true)
+            }
+            Err(join_error) => {
+                // The delete may have reached the upstream: never send it twice.
+                tracing::error!(%join_error, "Group delete task failed");
+                ctx.intercepted = true;
+                let outcome = crate::fhir::outcome::Outcome::error(
+                    500,
+                    crate::fhir::outcome::IssueType::Exception,
+                    "the Group delete failed unexpectedly; read the Group to see its state",
+                );
+                respond::send_outcome(session, &outcome, &ctx.request_id).await?;
+                Ok(true)
+            }
+        }
+    }
+
     /// Carries out what an inspected request needs next; `true` when answered.
     async fn finish_intercept(
         &self,
@@ -256,6 +309,7 @@ impl ProxyHttp for FhirGroupProxy {
                         .await?;
                 self.finish_intercept(session, ctx, next).await
             }
+            Route::GroupDelete { group_id, .. } => self.delete_group(session, ctx, &group_id).await,
             Route::GroupSearchByMember { base } => {
                 search::group_member_search(self, session, ctx, &base).await
             }

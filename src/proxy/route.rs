@@ -22,6 +22,8 @@ pub enum Route {
         group_id: String,
         operation: crate::fhir::atr::AtrOperation,
     },
+    /// `DELETE {base}/Group/{id}`: a migrated Group's roster is tombstoned.
+    GroupDelete { base: String, group_id: String },
     /// `GET {base}/Group?member=...`: migrated Groups come from the reverse index.
     GroupSearchByMember { base: String },
     /// `GET {base}/Group/{id}/_history/{vid}`: the roster as of that version.
@@ -59,6 +61,12 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
         }
         return match group_id(path, base_paths) {
             Some((base, group_id)) => Route::GroupRead { base, group_id },
+            None => Route::Passthrough,
+        };
+    }
+    if request.method == http::Method::DELETE {
+        return match group_id(request.uri.path(), base_paths) {
+            Some((base, group_id)) => Route::GroupDelete { base, group_id },
             None => Route::Passthrough,
         };
     }

@@ -38,7 +38,8 @@ pub enum DocumentStoreError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupHead {
     pub id: String,
-    /// Stable, tenant-safe identity (`_uuid`), the key of all member events.
+    /// Stable, tenant-safe identity (`_uuid`, plus the generation once the
+    /// Group was deleted and created again): the key of its member events.
     pub group_key: String,
     pub version: u64,
     pub last_updated: Option<DateTime>,
@@ -92,11 +93,21 @@ impl GroupDocuments {
         while cursor.advance().await? {
             found.push(cursor.deserialize_current()?);
         }
-        match found.len() {
-            0 => Ok(None),
-            1 => parse_head(id, &found[0]).map(Some),
-            _ => Err(DocumentStoreError::Ambiguous { id: id.into() }),
-        }
+        let mut head = match found.len() {
+            0 => return Ok(None),
+            1 => parse_head(id, &found[0])?,
+            _ => return Err(DocumentStoreError::Ambiguous { id: id.into() }),
+        };
+        head.group_key = member_key(&head.group_key, self.generation(id).await?);
+        Ok(Some(head))
+    }
+
+    /// How many times a migrated Group with this id was deleted.
+    async fn generation(&self, id: &str) -> Result<i64, DocumentStoreError> {
+        let state = self.states.find_one(doc! { "_id": id }).await?;
+        Ok(state
+            .and_then(|s| s.get_i64("generation").ok())
+            .unwrap_or(0))
     }
 
     /// Whether the Group document still holds members inline (not migrated).
@@ -285,6 +296,18 @@ impl GroupDocuments {
         Ok(())
     }
 
+    /// Drops the member state of a deleted Group and starts a new generation:
+    /// a Group created again with this id (and so the same `_uuid`) gets its
+    /// own member key, since its versions may start over at 1.
+    pub async fn forget(&self, id: &str) -> Result<(), DocumentStoreError> {
+        let next = self.generation(id).await? + 1;
+        self.states
+            .replace_one(doc! { "_id": id }, doc! { "_id": id, "generation": next })
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+
     /// The commit point: moves `meta.versionId` from `expected` to `expected + 1`
     /// only if nobody else did, and tags the version with our token. Returns
     /// the Group document after the update, or `None` when the version moved.
@@ -344,6 +367,16 @@ impl GroupDocuments {
             .find_one(doc! { "id": id })
             .projection(doc! { "member": 0 })
             .await?)
+    }
+}
+
+/// The key of a Group's member events: its `_uuid`, suffixed from the second
+/// generation on (after the Group was deleted and created again).
+pub fn member_key(uuid: &str, generation: i64) -> String {
+    if generation == 0 {
+        uuid.to_string()
+    } else {
+        format!("{uuid}~{generation}")
     }
 }
 

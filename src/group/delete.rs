@@ -1,0 +1,125 @@
+//! Deleting a migrated Group: the legacy server deletes the document; the
+//! proxy then tombstones the roster (a `removed` event for every member, kept
+//! for audit) and forgets the Group's member state, so a Group later created
+//! with the same id (and so the same `_uuid`) starts with no members.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::fhir::outcome::{IssueType, Outcome};
+use crate::group::patch::UpstreamReply;
+use crate::store::events::{event_sequence, EventType, MemberEventRow};
+
+use super::{GroupService, WriteError};
+
+/// Tombstones are staged in chunks of this many rows, so memory stays flat
+/// whatever the roster size.
+const TOMBSTONE_CHUNK: usize = 10_000;
+
+impl GroupService {
+    /// `None` when the Group is not migrated (the legacy server handles it
+    /// alone); otherwise the legacy server's reply to `delete_upstream`.
+    pub async fn delete_migrated<F>(
+        &self,
+        id: &str,
+        request_id: &str,
+        delete_upstream: F,
+    ) -> Result<Option<UpstreamReply>, WriteError>
+    where
+        F: Future<Output = Result<UpstreamReply, Outcome>>,
+    {
+        if !self.documents.member_state(id).await?.in_clickhouse {
+            return Ok(None);
+        }
+        let token = uuid::Uuid::new_v4().to_string();
+        let deadline = Instant::now() + self.settings.write_wait;
+        while !self
+            .documents
+            .acquire_lease(id, &token, self.settings.lease_ttl)
+            .await?
+        {
+            if let Some(holder) = self.documents.expired_lease_holder(id).await? {
+                self.documents.break_expired_lease(id, &holder).await?;
+            }
+            if Instant::now() >= deadline {
+                return Err(WriteError::Outcome(Outcome::error(
+                    503,
+                    IssueType::Transient,
+                    format!("Group/{id} is busy with member writes; retry the delete later"),
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let result = self
+            .delete_under_lease(id, request_id, &token, delete_upstream)
+            .await;
+        if let Err(e) = self.documents.release_lease(id, &token).await {
+            tracing::warn!(group = id, error = %e, "could not release the member write lock");
+        }
+        result.map(Some)
+    }
+
+    async fn delete_under_lease<F>(
+        &self,
+        id: &str,
+        request_id: &str,
+        token: &str,
+        delete_upstream: F,
+    ) -> Result<UpstreamReply, WriteError>
+    where
+        F: Future<Output = Result<UpstreamReply, Outcome>>,
+    {
+        let head = self.documents.head(id).await?;
+        let reply = delete_upstream.await.map_err(WriteError::Outcome)?;
+        let Some(head) = head.filter(|_| (200..300).contains(&reply.status)) else {
+            return Ok(reply);
+        };
+        // The legacy server records the delete as the next version.
+        let version = head.version + 1;
+        let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        let mut roster = self.events.roster(&head.group_key, None)?;
+        let mut rows = Vec::with_capacity(TOMBSTONE_CHUNK);
+        let mut tombstones = 0;
+        while let Some(member) = roster
+            .next()
+            .await
+            .map_err(crate::store::events::EventStoreError::from)?
+        {
+            rows.push(MemberEventRow {
+                group_key: head.group_key.clone(),
+                group_id: id.to_string(),
+                group_version: version,
+                token: token.to_string(),
+                request_id: request_id.to_string(),
+                // One event per member at this version: a shared op index
+                // keeps `sequence` in range for any roster size.
+                op_index: 0,
+                sequence: event_sequence(version, 0),
+                entity_type: member
+                    .entity_reference
+                    .split('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+                entity_reference: member.entity_reference,
+                event_type: EventType::Removed,
+                period_start: String::new(),
+                period_end: String::new(),
+                inactive: 0,
+                member_delta: -1,
+                active_delta: if member.inactive == 1 { 0 } else { -1 },
+                event_time_ms: now_ms,
+            });
+            if rows.len() == TOMBSTONE_CHUNK {
+                tombstones += rows.len();
+                self.events.stage(std::mem::take(&mut rows)).await?;
+            }
+        }
+        tombstones += rows.len();
+        self.events.stage(rows).await?;
+        self.events.publish(token).await?;
+        self.documents.forget(id).await?;
+        tracing::info!(group = id, tombstones, "deleted Group's roster tombstoned");
+        Ok(reply)
+    }
+}
