@@ -26,26 +26,8 @@ async fn main() {
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1_000, 100_000, 1_000_000]);
 
-    let standin = Standin::start().await;
-    let ch = fhir_group_proxy::config::ClickHouseSettings {
-        url: clickhouse_url(),
-        database: unique_name("fgp_bench"),
-        ..Default::default()
-    };
-    fhir_group_proxy::store::events::apply_schema(&ch)
-        .await
-        .expect("schema");
-    let mongo = mongo_uri();
-    let proxy = ProxyProcess::start(
-        &standin.url(),
-        &[
-            ("FGP_CLICKHOUSE_URL", ch.url.as_str()),
-            ("FGP_CLICKHOUSE_DATABASE", ch.database.as_str()),
-            ("FGP_MONGO_URI", mongo.as_str()),
-            ("FGP_MONGO_DATABASE", standin.database.as_str()),
-            ("FGP_FHIR_MAX_INTERCEPTED_BODY_BYTES", "67108864"),
-        ],
-    );
+    let (_standin, proxy, _clickhouse) =
+        start_with_member_stores(&[("FGP_FHIR_MAX_INTERCEPTED_BODY_BYTES", "67108864")]).await;
     let client = http_client();
     let proxy_base = format!("{}/4_0_0", proxy.url());
 

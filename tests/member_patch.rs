@@ -25,31 +25,13 @@ struct Stack {
 
 impl Stack {
     async fn start(extra: &[(&str, &str)]) -> Stack {
-        let standin = Standin::start().await;
-        let ch_database = unique_name("fgp_test");
-        let ch_settings = fhir_group_proxy::config::ClickHouseSettings {
-            url: clickhouse_url(),
-            database: ch_database.clone(),
-            ..Default::default()
-        };
-        fhir_group_proxy::store::events::apply_schema(&ch_settings)
-            .await
-            .expect("schema applies on the real ClickHouse");
-        let mongo_uri = mongo_uri();
-        let mut settings = vec![
-            ("FGP_CLICKHOUSE_URL", ch_settings.url.as_str()),
-            ("FGP_CLICKHOUSE_DATABASE", ch_database.as_str()),
-            ("FGP_MONGO_URI", mongo_uri.as_str()),
-            ("FGP_MONGO_DATABASE", standin.database.as_str()),
-        ];
-        settings.extend_from_slice(extra);
-        let proxy = ProxyProcess::start(&standin.url(), &settings);
-        let mongo = mongodb::Client::with_uri_str(&mongo_uri)
+        let (standin, proxy, clickhouse) = start_with_member_stores(extra).await;
+        let mongo = mongodb::Client::with_uri_str(mongo_uri())
             .await
             .expect("mongo client")
             .database(&standin.database);
         Stack {
-            clickhouse: fhir_group_proxy::store::clickhouse::connect(&ch_settings),
+            clickhouse: fhir_group_proxy::store::clickhouse::connect(&clickhouse),
             standin,
             proxy,
             mongo,

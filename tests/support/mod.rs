@@ -72,6 +72,37 @@ impl Drop for Standin {
     }
 }
 
+/// The stand-in legacy server with the proxy in front of it, and the member
+/// stores the proxy uses: a fresh ClickHouse database (schema applied) and the
+/// stand-in's own MongoDB database. `extra` adds or overrides `FGP_*` settings.
+pub async fn start_with_member_stores(
+    extra: &[(&str, &str)],
+) -> (
+    Standin,
+    ProxyProcess,
+    fhir_group_proxy::config::ClickHouseSettings,
+) {
+    let standin = Standin::start().await;
+    let clickhouse = fhir_group_proxy::config::ClickHouseSettings {
+        url: clickhouse_url(),
+        database: unique_name("fgp_test"),
+        ..Default::default()
+    };
+    fhir_group_proxy::store::events::apply_schema(&clickhouse)
+        .await
+        .expect("schema applies on the real ClickHouse");
+    let mongo = mongo_uri();
+    let mut settings = vec![
+        ("FGP_CLICKHOUSE_URL", clickhouse.url.as_str()),
+        ("FGP_CLICKHOUSE_DATABASE", clickhouse.database.as_str()),
+        ("FGP_MONGO_URI", mongo.as_str()),
+        ("FGP_MONGO_DATABASE", standin.database.as_str()),
+    ];
+    settings.extend_from_slice(extra);
+    let proxy = ProxyProcess::start(&standin.url(), &settings);
+    (standin, proxy, clickhouse)
+}
+
 /// The proxy binary running as a child process; killed on drop.
 pub struct ProxyProcess {
     pub addr: SocketAddr,
