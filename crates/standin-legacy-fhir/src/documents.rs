@@ -1,12 +1,25 @@
 //! FHIR JSON <-> stored MongoDB documents, in the layout of the Mongo-backed
-//! reference server: FHIR JSON plus `_uuid`, `_sourceId`,
-//! `_sourceAssigningAuthority`; `meta.versionId` a string, `meta.lastUpdated`
-//! a BSON date. Pure functions.
+//! reference server (icanbwell/fhir-server): the FHIR JSON plus `_uuid`,
+//! `_sourceId` and `_sourceAssigningAuthority`; `meta.versionId` a string and
+//! `meta.lastUpdated` a BSON date. Pure functions only, so the layout can be
+//! checked without a database.
 
-use mongodb::bson::{Bson, DateTime, Document};
+use mongodb::bson::{doc, Bson, DateTime, Document};
 use serde_json::{Map, Value};
 
-const OWNER_SYSTEM: &str = "https://www.icanbwell.com/owner";
+/// Security tag system naming the owning organisation.
+pub const OWNER_SYSTEM: &str = "https://www.icanbwell.com/owner";
+
+/// Authority used when a resource carries no owner tag.
+pub const DEFAULT_AUTHORITY: &str = "default";
+
+/// Top-level fields starting with this are not FHIR: `_id`, `_uuid`, and
+/// markers other tools (the proxy) put on stored documents.
+const INTERNAL_PREFIX: char = '_';
+
+fn is_internal(key: &str) -> bool {
+    key.starts_with(INTERNAL_PREFIX)
+}
 
 /// The authority owning a resource: the code of its owner security tag.
 pub fn source_assigning_authority(resource: &Value) -> String {
@@ -18,11 +31,12 @@ pub fn source_assigning_authority(resource: &Value) -> String {
                 .find(|t| t["system"] == OWNER_SYSTEM)
                 .and_then(|t| t["code"].as_str())
         })
-        .unwrap_or("default")
+        .unwrap_or(DEFAULT_AUTHORITY)
         .to_string()
 }
 
-/// `_uuid`: UUIDv5 of `id|authority` (URL namespace), stable across versions.
+/// `_uuid`: UUIDv5 of `id|authority` in the URL namespace, so it is the same
+/// for every version and for every server that stores the resource.
 pub fn resource_uuid(id: &str, authority: &str) -> String {
     uuid::Uuid::new_v5(
         &uuid::Uuid::NAMESPACE_URL,
@@ -31,62 +45,103 @@ pub fn resource_uuid(id: &str, authority: &str) -> String {
     .to_string()
 }
 
-/// FHIR JSON to the stored document, with the given version and time.
+/// FHIR JSON to the stored document at `version`, last updated at
+/// `last_updated` (both replace whatever `meta` the client sent).
+///
+/// Top-level `_` fields of the input are dropped: they are reserved for the
+/// server and the proxy, and a client must not be able to set them.
 pub fn to_document(resource: &Value, version: u64, last_updated: DateTime) -> Document {
     let id = resource["id"].as_str().unwrap_or_default().to_string();
     let authority = source_assigning_authority(resource);
     let mut document = Document::new();
     if let Value::Object(fields) = resource {
         for (key, value) in fields {
-            if key == "meta" {
+            if is_internal(key) {
                 continue;
             }
-            document.insert(key.clone(), json_to_bson(value));
+            if key == "meta" {
+                document.insert("meta", stored_meta(value, version, last_updated));
+            } else {
+                document.insert(key.clone(), json_to_bson(value));
+            }
         }
     }
-    let mut meta = match resource.get("meta").map(json_to_bson) {
-        Some(Bson::Document(meta)) => meta,
-        _ => Document::new(),
-    };
-    meta.insert("versionId", version.to_string());
-    meta.insert("lastUpdated", last_updated);
-    document.insert("meta", meta);
+    if !document.contains_key("meta") {
+        document.insert("meta", stored_meta(&Value::Null, version, last_updated));
+    }
     document.insert("_uuid", resource_uuid(&id, &authority));
     document.insert("_sourceId", id);
     document.insert("_sourceAssigningAuthority", authority);
     document
 }
 
-/// The stored document as FHIR JSON: `_`-prefixed fields dropped, dates rendered.
+fn stored_meta(meta: &Value, version: u64, last_updated: DateTime) -> Document {
+    let mut stored = match json_to_bson(meta) {
+        Bson::Document(stored) => stored,
+        _ => Document::new(),
+    };
+    stored.insert("versionId", version.to_string());
+    stored.insert("lastUpdated", last_updated);
+    stored
+}
+
+/// The stored document as FHIR JSON: `_`-prefixed fields dropped, dates
+/// rendered as FHIR instants.
 pub fn to_fhir(document: &Document) -> Value {
     Value::Object(
         document
             .iter()
-            .filter(|(k, _)| !k.starts_with('_'))
+            .filter(|(k, _)| !is_internal(k))
             .map(|(k, v)| (k.clone(), bson_to_json(v)))
             .collect(),
     )
 }
 
-/// Fields of a stored document that are not FHIR (`_uuid`, markers of other
-/// tools): kept across the stand-in's own rewrites.
-pub fn internal_fields(document: &Document) -> Document {
-    document
-        .iter()
-        .filter(|(k, _)| k.starts_with('_') && k.as_str() != "_id")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+/// Copies `_` fields of `stored` that `replacement` lacks into it, so a
+/// rewrite by the stand-in keeps markers other tools put on the document.
+/// Mongo's own `_id` is left out: a replacement keeps it anyway.
+pub fn keep_internal_fields(replacement: &mut Document, stored: &Document) {
+    for (key, value) in stored {
+        if is_internal(key) && key != "_id" && !replacement.contains_key(key) {
+            replacement.insert(key.clone(), value.clone());
+        }
+    }
 }
 
+/// A history entry, shaped like a Bundle entry as the reference server
+/// writes it. `document` is the stored document at that version.
+pub fn history_entry(
+    document: &Document,
+    request_id: &str,
+    method: &str,
+    url: &str,
+    status: &str,
+) -> Document {
+    let mut resource = document.clone();
+    resource.remove("_id");
+    doc! {
+        "id": document.get_str("id").unwrap_or_default(),
+        "_uuid": document.get_str("_uuid").unwrap_or_default(),
+        "resource": resource,
+        "request": { "id": request_id, "method": method, "url": url },
+        "response": { "status": status },
+    }
+}
+
+/// JSON to BSON as the Node driver of the reference server stores it:
+/// integers as Int32 when they fit, else Int64; other numbers as doubles.
 pub fn json_to_bson(value: &Value) -> Bson {
     match value {
         Value::Null => Bson::Null,
         Value::Bool(b) => Bson::Boolean(*b),
-        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
-            (Some(i), _) => Bson::Int64(i),
-            (None, Some(f)) => Bson::Double(f),
-            _ => Bson::Null,
-        },
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i32::try_from(i).map_or(Bson::Int64(i), Bson::Int32)
+            } else {
+                // u64 above i64::MAX or a fraction; f64 is what JS has anyway.
+                n.as_f64().map_or(Bson::Null, Bson::Double)
+            }
+        }
         Value::String(s) => Bson::String(s.clone()),
         Value::Array(items) => Bson::Array(items.iter().map(json_to_bson).collect()),
         Value::Object(fields) => Bson::Document(
@@ -98,6 +153,8 @@ pub fn json_to_bson(value: &Value) -> Bson {
     }
 }
 
+/// BSON to JSON for responses. Dates become FHIR instants; BSON types with
+/// no JSON counterpart (ObjectId, ...) become relaxed Extended JSON.
 pub fn bson_to_json(value: &Bson) -> Value {
     match value {
         Bson::DateTime(date) => Value::String(render_instant(*date)),
@@ -134,7 +191,7 @@ pub fn http_date(date: DateTime) -> String {
         .unwrap_or_default()
 }
 
-/// `meta.versionId` of a stored document.
+/// `meta.versionId` of a stored document as a number.
 pub fn stored_version(document: &Document) -> Option<u64> {
     document
         .get_document("meta")
@@ -145,6 +202,7 @@ pub fn stored_version(document: &Document) -> Option<u64> {
         .ok()
 }
 
+/// `meta.lastUpdated` of a stored document.
 pub fn stored_last_updated(document: &Document) -> Option<DateTime> {
     document
         .get_document("meta")
@@ -159,14 +217,24 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn owned_group() -> Value {
+        json!({"resourceType": "Group", "id": "g1", "quantity": 2, "actual": true,
+            "meta": {"versionId": "99", "lastUpdated": "2000-01-01T00:00:00Z",
+                     "security": [{"system": OWNER_SYSTEM, "code": "clinic-a"}]},
+            "member": [{"entity": {"reference": "Patient/1"}}]})
+    }
+
     #[test]
     fn documents_use_the_reference_layout() {
-        let resource = json!({"resourceType": "Group", "id": "g1", "quantity": 2, "actual": true,
-            "meta": {"security": [{"system": OWNER_SYSTEM, "code": "clinic-a"}]}, "member": [{"entity": {"reference": "Patient/1"}}]});
-        let document = to_document(&resource, 3, DateTime::from_millis(1_700_000_000_123));
+        let document = to_document(&owned_group(), 3, DateTime::from_millis(1_700_000_000_123));
         let meta = document.get_document("meta").unwrap();
         assert_eq!(meta.get("versionId"), Some(&Bson::String("3".into())));
-        assert!(matches!(meta.get("lastUpdated"), Some(Bson::DateTime(_))));
+        assert_eq!(
+            meta.get("lastUpdated"),
+            Some(&Bson::DateTime(DateTime::from_millis(1_700_000_000_123)))
+        );
+        assert!(meta.contains_key("security"));
+        assert_eq!(document.get_str("_sourceId").unwrap(), "g1");
         assert_eq!(
             document.get_str("_sourceAssigningAuthority").unwrap(),
             "clinic-a"
@@ -175,31 +243,167 @@ mod tests {
             document.get_str("_uuid").unwrap(),
             resource_uuid("g1", "clinic-a")
         );
+        assert!(!document.contains_key("_id"));
+    }
 
+    #[test]
+    fn stored_documents_render_as_fhir() {
+        let document = to_document(&owned_group(), 3, DateTime::from_millis(1_700_000_000_123));
         let back = to_fhir(&document);
         assert_eq!(back["meta"]["lastUpdated"], "2023-11-14T22:13:20.123Z");
         assert_eq!(back["meta"]["versionId"], "3");
         assert_eq!(back["quantity"], 2);
+        assert_eq!(back["actual"], true);
         assert_eq!(back["member"][0]["entity"]["reference"], "Patient/1");
-        assert!(back.get("_uuid").is_none());
+        assert!(back
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with('_')));
+    }
+
+    #[test]
+    fn meta_is_created_when_absent() {
+        let document = to_document(
+            &json!({"resourceType": "Patient", "id": "p"}),
+            1,
+            DateTime::from_millis(0),
+        );
+        assert_eq!(
+            document
+                .get_document("meta")
+                .unwrap()
+                .get_str("versionId")
+                .unwrap(),
+            "1"
+        );
+        assert_eq!(
+            document.get_str("_sourceAssigningAuthority").unwrap(),
+            "default"
+        );
+        assert_eq!(
+            document.get_str("_uuid").unwrap(),
+            resource_uuid("p", "default")
+        );
+    }
+
+    #[test]
+    fn clients_cannot_set_internal_fields() {
+        let document = to_document(
+            &json!({"resourceType": "Group", "id": "g", "_memberStorage": "x", "_uuid": "forged"}),
+            1,
+            DateTime::now(),
+        );
+        assert!(!document.contains_key("_memberStorage"));
+        assert_eq!(
+            document.get_str("_uuid").unwrap(),
+            resource_uuid("g", "default")
+        );
+    }
+
+    #[test]
+    fn uuid_is_v5_of_id_and_authority() {
+        let expected = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, b"g1|clinic-a");
+        assert_eq!(resource_uuid("g1", "clinic-a"), expected.to_string());
+        assert_eq!(expected.get_version_num(), 5);
     }
 
     #[test]
     fn values_round_trip() {
-        let value = json!({"a": [1, 2.5, "x", true, null, {"b": -7}]});
+        let value = json!({"a": [1, -7, 2.5, 1e300, 5_000_000_000i64, "x", true, false, null,
+            {"b": {"c": []}}], "d": {}});
         assert_eq!(bson_to_json(&json_to_bson(&value)), value);
     }
 
     #[test]
-    fn internal_fields_are_kept_apart() {
-        let mut document = to_document(
-            &json!({"resourceType": "Group", "id": "g"}),
-            1,
-            DateTime::now(),
+    fn integers_are_stored_like_the_node_driver_does() {
+        assert_eq!(json_to_bson(&json!(7)), Bson::Int32(7));
+        assert_eq!(
+            json_to_bson(&json!(5_000_000_000i64)),
+            Bson::Int64(5_000_000_000)
         );
-        document.insert("_memberCommitToken", "t");
-        let internal = internal_fields(&document);
-        assert!(internal.contains_key("_uuid") && internal.contains_key("_memberCommitToken"));
-        assert!(!internal.contains_key("resourceType"));
+        assert_eq!(json_to_bson(&json!(0.5)), Bson::Double(0.5));
+        assert_eq!(
+            json_to_bson(&json!(u64::MAX)),
+            Bson::Double(u64::MAX as f64)
+        );
+    }
+
+    #[test]
+    fn object_key_order_is_kept() {
+        let value = json!({"z": 1, "a": 2, "m": 3});
+        let back = bson_to_json(&json_to_bson(&value));
+        let keys: Vec<_> = back.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["z", "a", "m"]);
+    }
+
+    #[test]
+    fn instants_have_milliseconds_and_z() {
+        assert_eq!(
+            render_instant(DateTime::from_millis(1_700_000_000_000)),
+            "2023-11-14T22:13:20.000Z"
+        );
+        assert_eq!(
+            http_date(DateTime::from_millis(1_700_000_000_999)),
+            "Tue, 14 Nov 2023 22:13:20 GMT"
+        );
+    }
+
+    #[test]
+    fn non_json_bson_becomes_extended_json() {
+        let oid = mongodb::bson::oid::ObjectId::new();
+        assert_eq!(
+            bson_to_json(&Bson::ObjectId(oid)),
+            json!({"$oid": oid.to_hex()})
+        );
+        assert_eq!(bson_to_json(&Bson::Double(f64::NAN)), Value::Null);
+    }
+
+    #[test]
+    fn rewrites_keep_markers_of_other_tools() {
+        let mut stored = to_document(&owned_group(), 1, DateTime::now());
+        stored.insert("_id", mongodb::bson::oid::ObjectId::new());
+        stored.insert("_memberStorage", "clickhouse");
+        stored.insert("_uuid", "stale");
+        let mut replacement = to_document(&owned_group(), 2, DateTime::now());
+        keep_internal_fields(&mut replacement, &stored);
+        assert_eq!(replacement.get_str("_memberStorage").unwrap(), "clickhouse");
+        // The replacement's own server fields win over the stored ones.
+        assert_eq!(
+            replacement.get_str("_uuid").unwrap(),
+            resource_uuid("g1", "clinic-a")
+        );
+        assert!(!replacement.contains_key("_id"));
+    }
+
+    #[test]
+    fn history_entries_are_bundle_entries() {
+        let mut document = to_document(&owned_group(), 4, DateTime::from_millis(5));
+        document.insert("_id", mongodb::bson::oid::ObjectId::new());
+        let entry = history_entry(&document, "req-1", "PATCH", "/4_0_0/Group/g1", "200");
+        assert_eq!(entry.get_str("id").unwrap(), "g1");
+        assert_eq!(
+            entry.get_str("_uuid").unwrap(),
+            resource_uuid("g1", "clinic-a")
+        );
+        let resource = entry.get_document("resource").unwrap();
+        assert!(!resource.contains_key("_id"));
+        assert_eq!(stored_version(resource), Some(4));
+        assert_eq!(
+            stored_last_updated(resource),
+            Some(DateTime::from_millis(5))
+        );
+        let request = entry.get_document("request").unwrap();
+        assert_eq!(request.get_str("method").unwrap(), "PATCH");
+        assert_eq!(request.get_str("url").unwrap(), "/4_0_0/Group/g1");
+        assert_eq!(request.get_str("id").unwrap(), "req-1");
+        assert_eq!(
+            entry
+                .get_document("response")
+                .unwrap()
+                .get_str("status")
+                .unwrap(),
+            "200"
+        );
     }
 }

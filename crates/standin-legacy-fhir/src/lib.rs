@@ -1,46 +1,74 @@
 //! A STAND-IN for a legacy MongoDB-backed FHIR R4 server.
 //!
 //! Only for fhir-group-proxy's tests, demo and benchmarks: it stores resources
-//! in MongoDB exactly like the Mongo-backed reference server, and applies a
-//! PATCH by reading, patching and rewriting the whole document, which is the
-//! slow path the proxy exists to avoid. It is not a FHIR server for real use.
+//! in MongoDB in the layout of the Mongo-backed reference server
+//! (icanbwell/fhir-server), and applies a PATCH by reading, patching and
+//! rewriting the whole document, which is the slow path the proxy exists to
+//! avoid. It is not a FHIR server for real use.
 //!
 //! Besides FHIR routes it has diagnostics under `/__standin/` that let the
 //! proxy's passthrough tests see exactly what arrived.
 
 mod diagnostics;
 pub mod documents;
-mod fhir;
-mod http_util;
+mod locks;
+mod outcome;
+mod responses;
+mod routes;
+mod search;
+pub mod storage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::service::service_fn;
+use hyper::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use mongodb::bson::doc;
-use mongodb::options::IndexOptions;
-use mongodb::IndexModel;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+pub use diagnostics::GZIP_PATIENT;
+pub use storage::{history_collection, resource_collection};
+
+use crate::outcome::{outcome, IssueCode};
+use crate::storage::{Storage, PREINDEXED_TYPES};
+
+/// Base path of the reference server's FHIR R4 API.
+pub const DEFAULT_BASE_PATH: &str = "/4_0_0";
 
 #[derive(Debug, Clone)]
 pub struct StandinConfig {
     pub mongo_uri: String,
+    /// MongoDB database holding the `{Type}_4_0_0` collections.
     pub database: String,
     /// FHIR base path, e.g. `/4_0_0`.
     pub base_path: String,
 }
 
+impl StandinConfig {
+    /// The default base path on the given database.
+    pub fn new(mongo_uri: impl Into<String>, database: impl Into<String>) -> Self {
+        Self {
+            mongo_uri: mongo_uri.into(),
+            database: database.into(),
+            base_path: DEFAULT_BASE_PATH.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StandinError {
-    #[error("MongoDB: {0}")]
+    #[error("stand-in legacy FHIR server: MongoDB: {0}")]
     Mongo(#[from] mongodb::error::Error),
-    #[error("I/O: {0}")]
+    #[error("stand-in legacy FHIR server: I/O: {0}")]
     Io(#[from] std::io::Error),
 }
 
 struct Shared {
-    database: mongodb::Database,
+    storage: Storage,
+    /// Normalised: starts with `/` unless empty, no trailing `/`.
     base_path: String,
 }
 
@@ -50,86 +78,137 @@ pub struct StandinServer {
     shared: Arc<Shared>,
 }
 
-impl StandinServer {
-    pub async fn connect(config: StandinConfig) -> Result<Self, StandinError> {
-        let client = mongodb::Client::with_uri_str(&config.mongo_uri).await?;
-        let database = client.database(&config.database);
-        let server = Self {
-            shared: Arc::new(Shared {
-                database,
-                base_path: config.base_path.trim_end_matches('/').to_string(),
-            }),
-        };
-        server.ensure_indexes("Group").await?;
-        server.ensure_indexes("Patient").await?;
-        Ok(server)
-    }
-
-    pub fn database(&self) -> &mongodb::Database {
-        &self.shared.database
-    }
-
-    async fn ensure_indexes(&self, resource_type: &str) -> Result<(), StandinError> {
-        let collection = self
-            .shared
-            .database
-            .collection::<mongodb::bson::Document>(&fhir::collection_name(resource_type));
-        collection
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "id": 1 })
-                    .options(IndexOptions::builder().name("id_1".to_string()).build())
-                    .build(),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Serves HTTP/1.1 (keep-alive) on `listener` until the task is dropped.
-    pub async fn serve(self, listener: tokio::net::TcpListener) -> Result<(), StandinError> {
-        loop {
-            let (stream, _) = listener.accept().await?;
-            let server = self.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let server = server.clone();
-                    async move { Ok::<_, std::convert::Infallible>(server.handle(request).await) }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    }
-
-    async fn handle(&self, request: hyper::Request<hyper::body::Incoming>) -> http_util::Response {
-        let path = request.uri().path().to_string();
-        if let Some(rest) = path.strip_prefix("/__standin/") {
-            let rest = rest.to_string();
-            return diagnostics::handle(request, &rest).await;
-        }
-        let base = &self.shared.base_path;
-        match path.strip_prefix(base.as_str()) {
-            Some(rest) if rest.starts_with('/') || rest.is_empty() => {
-                let rest = rest.to_string();
-                fhir::handle(&self.shared.database, base, request, &rest).await
-            }
-            _ => http_util::outcome(404, "not-found", &format!("no route for {path}")),
-        }
+fn normalise_base_path(base_path: &str) -> String {
+    let trimmed = base_path.trim().trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("/{trimmed}")
     }
 }
 
-/// Binds 127.0.0.1:0 and serves there on a new task.
+impl StandinServer {
+    /// Connects to MongoDB and makes sure the indexes of the Group and Patient
+    /// collections exist (which also proves the database is reachable).
+    pub async fn connect(config: StandinConfig) -> Result<Self, StandinError> {
+        let client = mongodb::Client::with_uri_str(&config.mongo_uri).await?;
+        let storage = Storage::new(client.database(&config.database));
+        for resource_type in PREINDEXED_TYPES {
+            storage.ensure_indexes(resource_type).await?;
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                storage,
+                base_path: normalise_base_path(&config.base_path),
+            }),
+        })
+    }
+
+    pub fn database(&self) -> &mongodb::Database {
+        self.shared.storage.database()
+    }
+
+    /// Serves HTTP/1.1 (keep-alive; HTTP/2 with prior knowledge too) on
+    /// `listener` until this future is dropped, e.g. by aborting its task,
+    /// which also closes every open connection.
+    pub async fn serve(self, listener: TcpListener) -> Result<(), StandinError> {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        connections.spawn(self.clone().serve_connection(stream));
+                    }
+                    Err(e) if is_transient_accept_error(&e) => {
+                        tracing::warn!(error = %e, "stand-in could not accept a connection");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                // Reap finished connections so the set does not grow.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+    }
+
+    async fn serve_connection(self, stream: TcpStream) {
+        // Small responses on keep-alive connections must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let service = service_fn(move |request| {
+            let server = self.clone();
+            async move { Ok::<_, std::convert::Infallible>(server.handle(request).await) }
+        });
+        if let Err(e) = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await
+        {
+            tracing::debug!(error = %e, "stand-in connection ended with an error");
+        }
+    }
+
+    async fn handle(&self, request: hyper::Request<hyper::body::Incoming>) -> responses::Response {
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let response = if let Some(rest) = path.strip_prefix("/__standin/") {
+            diagnostics::handle(request, rest).await
+        } else {
+            let base = self.shared.base_path.as_str();
+            match path.strip_prefix(base) {
+                Some(rest) if rest.starts_with('/') => {
+                    routes::handle(&self.shared.storage, base, request, rest).await
+                }
+                _ => outcome(
+                    StatusCode::NOT_FOUND,
+                    IssueCode::NotFound,
+                    format!("the stand-in has no route {path} (FHIR base is {base:?})"),
+                ),
+            }
+        };
+        tracing::debug!(%method, %path, status = response.status().as_u16(), "stand-in answered");
+        response
+    }
+}
+
+/// Errors after which accepting again can succeed: the peer went away, or
+/// the process is briefly out of descriptors or memory.
+fn is_transient_accept_error(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionAborted
+            | ErrorKind::ConnectionReset
+            | ErrorKind::Interrupted
+            | ErrorKind::WouldBlock
+            | ErrorKind::TimedOut
+            | ErrorKind::OutOfMemory
+    ) || matches!(error.raw_os_error(), Some(12 | 23 | 24 | 105))
+}
+
+/// Binds 127.0.0.1:0, serves there on a new task, and returns the bound
+/// address and that task (abort it to stop the server).
 pub async fn spawn_on_free_port(
     config: StandinConfig,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), StandinError> {
     let server = StandinServer::connect(config).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
         if let Err(e) = server.serve(listener).await {
-            tracing::error!(error = %e, "stand-in server stopped");
+            tracing::error!(error = %e, "stand-in legacy FHIR server stopped");
         }
     });
     Ok((addr, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_paths_are_normalised() {
+        assert_eq!(normalise_base_path("/4_0_0"), "/4_0_0");
+        assert_eq!(normalise_base_path("4_0_0/"), "/4_0_0");
+        assert_eq!(normalise_base_path("/"), "");
+        assert_eq!(normalise_base_path(""), "");
+    }
 }
