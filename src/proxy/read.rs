@@ -32,13 +32,10 @@ struct MigratedGroup {
     headers: http::HeaderMap,
 }
 
-enum Fetched {
-    /// The response was written (an error, or the legacy server's own answer).
-    Answered,
-    /// The Group keeps its members in MongoDB: the legacy server answers.
-    NotMigrated,
-    Ready(Box<MigratedGroup>),
-}
+/// `Err(answered)`: no migrated Group to work on; `answered` says whether a
+/// response was already written (an error, or the legacy server's own
+/// answer) or the legacy server should answer (Group not migrated).
+type Fetched = std::result::Result<MigratedGroup, bool>;
 
 /// Looks up the member store, then reads `{base}/Group/{id}` from the legacy
 /// server with the client's own headers, so its access control decides.
@@ -50,7 +47,7 @@ async fn fetch_migrated_group(
     upstream_path: &str,
 ) -> Result<Fetched> {
     let Some(service) = proxy.group_service.clone() else {
-        return Ok(Fetched::NotMigrated);
+        return Ok(Err(false));
     };
     let id = group_id.to_string();
     let lookup = proxy
@@ -59,7 +56,7 @@ async fn fetch_migrated_group(
         .await;
     let roster = match lookup {
         Ok(Ok(Some(roster))) => roster,
-        Ok(Ok(None)) => return Ok(Fetched::NotMigrated),
+        Ok(Ok(None)) => return Ok(Err(false)),
         Ok(Err(error)) => {
             tracing::warn!(group = group_id, %error, "member store unavailable for a Group read");
             let outcome = Outcome::error(
@@ -68,11 +65,11 @@ async fn fetch_migrated_group(
                 format!("the members of Group/{group_id} cannot be read now: {error}"),
             );
             send_outcome(session, &outcome, &ctx.request_id).await?;
-            return Ok(Fetched::Answered);
+            return Ok(Err(true));
         }
         Err(join_error) => {
             tracing::error!(%join_error, "Group read task failed");
-            return Ok(Fetched::NotMigrated);
+            return Ok(Err(false));
         }
     };
     ctx.intercepted = true;
@@ -95,20 +92,20 @@ async fn fetch_migrated_group(
         Ok(reply) => reply,
         Err(outcome) => {
             send_outcome(session, &outcome, &ctx.request_id).await?;
-            return Ok(Fetched::Answered);
+            return Ok(Err(true));
         }
     };
     match serde_json::from_slice::<Value>(&reply.body) {
         Ok(group) if reply.status == 200 && group["resourceType"] == "Group" => {
-            Ok(Fetched::Ready(Box::new(MigratedGroup {
+            Ok(Ok(MigratedGroup {
                 roster,
                 group,
                 headers: reply.headers,
-            })))
+            }))
         }
         _ => {
             relay(session, ctx, reply).await?;
-            Ok(Fetched::Answered)
+            Ok(Err(true))
         }
     }
 }
@@ -134,9 +131,8 @@ pub async fn group_read(
     )
     .await?
     {
-        Fetched::Answered => return Ok(true),
-        Fetched::NotMigrated => return Ok(false),
-        Fetched::Ready(migrated) => *migrated,
+        Ok(migrated) => migrated,
+        Err(answered) => return Ok(answered),
     };
     let group = with_quantity(group, roster.counts.active_members);
     let query = session.req_header().uri.query().map(str::to_string);
@@ -181,9 +177,8 @@ pub async fn group_version_read(
         group,
         headers,
     } = match fetch_migrated_group(proxy, session, ctx, group_id, &path).await? {
-        Fetched::Answered => return Ok(true),
-        Fetched::NotMigrated => return Ok(false),
-        Fetched::Ready(migrated) => *migrated,
+        Ok(migrated) => migrated,
+        Err(answered) => return Ok(answered),
     };
     let header = json_header(&headers, ctx)?;
     let inline_members = group["member"].as_array().is_some_and(|m| !m.is_empty());
@@ -275,9 +270,8 @@ pub async fn members_page(
     )
     .await?
     {
-        Fetched::Answered => return Ok(true),
-        Fetched::NotMigrated => return Ok(false),
-        Fetched::Ready(migrated) => *migrated,
+        Ok(migrated) => migrated,
+        Err(answered) => return Ok(answered),
     };
     let Some(service) = proxy.group_service.clone() else {
         return Ok(false);
