@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::raw::RawConnection;
 use support::*;
 
@@ -37,7 +37,7 @@ async fn main() {
     );
     for &size in &sizes {
         let id = create_group(&client, &base).await;
-        seed(&client, &base, &id, size).await;
+        seed_members(&client, &base, &id, size).await;
         let proxy_times = timed_reads(proxy.addr, &format!("/4_0_0/Group/{id}"), size).await;
 
         let legacy_standin = Standin::start().await;
@@ -106,52 +106,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 async fn create_group(client: &HttpClient, base: &str) -> String {
-    let group = json!({"resourceType": "Group", "type": "person", "actual": true});
-    let reply = send(
-        client,
-        "POST",
-        &format!("{base}/Group"),
-        &[("content-type", "application/fhir+json")],
-        serde_json::to_vec(&group).expect("json"),
-    )
-    .await;
+    let reply = post_group(client, base, 0).await;
     reply.assert_status(201);
     reply.json()["id"].as_str().expect("id").to_string()
 }
 
 async fn create_legacy_group(client: &HttpClient, base: &str, size: usize) -> Option<String> {
-    let group = json!({"resourceType": "Group", "type": "person", "actual": true,
-        "member": (0..size).map(|i| json!({"entity": {"reference": format!("Patient/r{i}")}})).collect::<Vec<_>>()});
-    let reply = send(
-        client,
-        "POST",
-        &format!("{base}/Group"),
-        &[("content-type", "application/fhir+json")],
-        serde_json::to_vec(&group).expect("json"),
-    )
-    .await;
+    let reply = post_group(client, base, size).await;
     (reply.status == 201).then(|| reply.json()["id"].as_str().expect("id").to_string())
-}
-
-async fn seed(client: &HttpClient, base: &str, id: &str, size: usize) {
-    let mut added = 0;
-    while added < size {
-        let batch = 10_000.min(size - added);
-        let ops: Vec<Value> = (added..added + batch)
-            .map(|i| json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": format!("Patient/r{i}")}}}))
-            .collect();
-        send(
-            client,
-            "PATCH",
-            &format!("{base}/Group/{id}"),
-            &[
-                ("content-type", "application/json-patch+json"),
-                ("prefer", "return=minimal"),
-            ],
-            serde_json::to_vec(&ops).expect("json"),
-        )
-        .await
-        .assert_status(200);
-        added += batch;
-    }
 }

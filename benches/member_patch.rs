@@ -15,7 +15,6 @@ use serde_json::{json, Value};
 use support::*;
 
 const SAMPLES: usize = 30;
-const SEED_OPS_PER_PATCH: usize = 10_000;
 const CLIENTS: usize = 64;
 const PATCHES_PER_CLIENT: usize = 10;
 
@@ -36,8 +35,8 @@ async fn main() {
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for &size in &sizes {
         let seeding = Instant::now();
-        let proxy_group = create_group(&client, &proxy_base, 0).await;
-        seed_through_proxy(&client, &proxy_base, &proxy_group, size).await;
+        let proxy_group = create_group(&client, &proxy_base).await;
+        seed_members(&client, &proxy_base, &proxy_group, size).await;
         let seeded_in = seeding.elapsed();
         let proxy_ms = single_add_latencies(&client, &proxy_base, &proxy_group).await;
 
@@ -82,8 +81,8 @@ async fn main() {
             let mut ids = Vec::with_capacity(distinct);
             for _ in 0..distinct {
                 let id = if label == "proxy" {
-                    let id = create_group(&client, base, 0).await;
-                    seed_through_proxy(&client, base, &id, 1_000).await;
+                    let id = create_group(&client, base).await;
+                    seed_members(&client, base, &id, 1_000).await;
                     id
                 } else {
                     create_legacy_group(&client, base, 1_000)
@@ -117,21 +116,8 @@ fn add(reference: String) -> Value {
     json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": reference}}})
 }
 
-async fn create_group(client: &HttpClient, base: &str, inline_members: usize) -> String {
-    let mut group = json!({"resourceType": "Group", "type": "person", "actual": true});
-    if inline_members > 0 {
-        group["member"] = (0..inline_members)
-            .map(|i| json!({"entity": {"reference": format!("Patient/seed-{i}")}}))
-            .collect();
-    }
-    let reply = send(
-        client,
-        "POST",
-        &format!("{base}/Group"),
-        &[("content-type", "application/fhir+json")],
-        serde_json::to_vec(&group).expect("json"),
-    )
-    .await;
+async fn create_group(client: &HttpClient, base: &str) -> String {
+    let reply = post_group(client, base, 0).await;
     reply.assert_status(201);
     reply.json()["id"].as_str().expect("id").to_string()
 }
@@ -143,44 +129,11 @@ async fn create_legacy_group(
     base: &str,
     size: usize,
 ) -> Result<String, String> {
-    let group = json!({"resourceType": "Group", "type": "person", "actual": true,
-        "member": (0..size).map(|i| json!({"entity": {"reference": format!("Patient/seed-{i}")}})).collect::<Vec<_>>()});
-    let body = serde_json::to_vec(&group).expect("json");
-    let reply = send(
-        client,
-        "POST",
-        &format!("{base}/Group"),
-        &[("content-type", "application/fhir+json")],
-        body,
-    )
-    .await;
+    let reply = post_group(client, base, size).await;
     if reply.status == 201 {
         Ok(reply.json()["id"].as_str().expect("id").to_string())
     } else {
         Err(format!("fails ({})", reply.status))
-    }
-}
-
-async fn seed_through_proxy(client: &HttpClient, base: &str, id: &str, size: usize) {
-    let mut added = 0;
-    while added < size {
-        let batch = SEED_OPS_PER_PATCH.min(size - added);
-        let ops: Vec<Value> = (added..added + batch)
-            .map(|i| add(format!("Patient/seed-{i}")))
-            .collect();
-        let reply = send(
-            client,
-            "PATCH",
-            &format!("{base}/Group/{id}"),
-            &[
-                ("content-type", "application/json-patch+json"),
-                ("prefer", "return=minimal"),
-            ],
-            serde_json::to_vec(&ops).expect("json"),
-        )
-        .await;
-        reply.assert_status(200);
-        added += batch;
     }
 }
 

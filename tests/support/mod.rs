@@ -298,3 +298,52 @@ pub fn assert_outcome(reply: &Reply, status: u16, code: &str) {
         "diagnostics explain the error: {body}"
     );
 }
+
+/// `Patient/seed-{i}` for the `i`-th member of seeded groups.
+pub fn seed_reference(i: usize) -> String {
+    format!("Patient/seed-{i}")
+}
+
+/// POSTs a Group with `members` inline members (`seed_reference`) to
+/// `{base}/Group`; the legacy server's or the proxy's reply.
+pub async fn post_group(client: &HttpClient, base: &str, members: usize) -> Reply {
+    let mut group = serde_json::json!({"resourceType": "Group", "type": "person", "actual": true});
+    if members > 0 {
+        group["member"] = (0..members)
+            .map(|i| serde_json::json!({"entity": {"reference": seed_reference(i)}}))
+            .collect();
+    }
+    send(
+        client,
+        "POST",
+        &format!("{base}/Group"),
+        &[("content-type", "application/fhir+json")],
+        serde_json::to_vec(&group).expect("json"),
+    )
+    .await
+}
+
+/// Adds members `seed_reference(0..size)` to Group `id` with member PATCHes of
+/// 10,000 ops each.
+pub async fn seed_members(client: &HttpClient, base: &str, id: &str, size: usize) {
+    let mut added = 0;
+    while added < size {
+        let batch = 10_000.min(size - added);
+        let ops: Vec<serde_json::Value> = (added..added + batch)
+            .map(|i| serde_json::json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": seed_reference(i)}}}))
+            .collect();
+        send(
+            client,
+            "PATCH",
+            &format!("{base}/Group/{id}"),
+            &[
+                ("content-type", "application/json-patch+json"),
+                ("prefer", "return=minimal"),
+            ],
+            serde_json::to_vec(&ops).expect("json"),
+        )
+        .await
+        .assert_status(200);
+        added += batch;
+    }
+}
