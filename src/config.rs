@@ -177,6 +177,13 @@ pub struct MemberSettings {
     /// Patches mixing member and other ops: "split" (other ops go upstream as
     /// their own PATCH, one version in total) or "reject" (422).
     pub mixed_patch: MixedPatchPolicy,
+    /// A `PUT` without `member` of a migrated Group: "keep" its roster (what
+    /// clients of a member-less legacy view expect) or "empty" it (FHIR-strict
+    /// replace semantics).
+    pub put_without_member: PutWithoutMember,
+    /// A Group created (POST, or PUT to a new id) with members keeps them as
+    /// events from the start; false: the legacy server stores them inline.
+    pub create_in_clickhouse: bool,
     /// Group commit: most rows in one ClickHouse insert ...
     pub batch_max_rows: usize,
     /// ... and longest wait for more writers after the first one.
@@ -196,6 +203,13 @@ pub enum MixedPatchPolicy {
     Reject,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PutWithoutMember {
+    Keep,
+    Empty,
+}
+
 impl Default for MemberSettings {
     fn default() -> Self {
         Self {
@@ -203,6 +217,8 @@ impl Default for MemberSettings {
             version_conflict_status: 412,
             require_if_match: false,
             mixed_patch: MixedPatchPolicy::Split,
+            put_without_member: PutWithoutMember::Keep,
+            create_in_clickhouse: true,
             batch_max_rows: 10_000,
             batch_max_delay_ms: 5,
             lease_ttl_ms: 30_000,
@@ -301,6 +317,12 @@ pub struct Overrides {
     /// Mixed member/other patches: split or reject [members.mixed_patch]
     #[arg(long, env = "FGP_MEMBERS_MIXED_PATCH", global = true)]
     pub members_mixed_patch: Option<MixedPatchPolicy>,
+    /// PUT without member of a migrated Group: keep or empty its roster [members.put_without_member]
+    #[arg(long, env = "FGP_MEMBERS_PUT_WITHOUT_MEMBER", global = true)]
+    pub members_put_without_member: Option<PutWithoutMember>,
+    /// Groups created with members keep them in ClickHouse [members.create_in_clickhouse]
+    #[arg(long, env = "FGP_MEMBERS_CREATE_IN_CLICKHOUSE", global = true)]
+    pub members_create_in_clickhouse: Option<bool>,
     /// Most rows per ClickHouse insert [members.batch_max_rows]
     #[arg(long, env = "FGP_MEMBERS_BATCH_MAX_ROWS", global = true)]
     pub members_batch_max_rows: Option<usize>,
@@ -410,6 +432,8 @@ impl Config {
         );
         set(&mut m.require_if_match, &o.members_require_if_match);
         set(&mut m.mixed_patch, &o.members_mixed_patch);
+        set(&mut m.put_without_member, &o.members_put_without_member);
+        set(&mut m.create_in_clickhouse, &o.members_create_in_clickhouse);
         set(&mut m.batch_max_rows, &o.members_batch_max_rows);
         set(&mut m.batch_max_delay_ms, &o.members_batch_max_delay_ms);
         set(&mut m.lease_ttl_ms, &o.members_lease_ttl_ms);

@@ -44,6 +44,15 @@ impl Stack {
     }
 
     async fn create_group(&self, members: Value) -> String {
+        self.create_group_at(&self.proxy.url(), members).await
+    }
+
+    /// A Group created on the legacy server directly: members stay inline.
+    async fn create_legacy_group(&self, members: Value) -> String {
+        self.create_group_at(&self.standin.url(), members).await
+    }
+
+    async fn create_group_at(&self, server: &str, members: Value) -> String {
         let mut group = json!({"resourceType": "Group", "type": "person", "actual": true});
         if members.as_array().is_some_and(|m| !m.is_empty()) {
             group["member"] = members;
@@ -51,7 +60,7 @@ impl Stack {
         let reply = send(
             &self.client,
             "POST",
-            &format!("{}/4_0_0/Group", self.proxy.url()),
+            &format!("{server}/4_0_0/Group"),
             &[("content-type", "application/fhir+json")],
             serde_json::to_vec(&group).unwrap(),
         )
@@ -61,14 +70,26 @@ impl Stack {
     }
 
     async fn patch(&self, id: &str, ops: Value, headers: &[(&str, &str)]) -> Reply {
-        let mut all = vec![PATCH];
+        self.send_json(id, "PATCH", PATCH, ops, headers).await
+    }
+
+    /// `method` on Group `id` with a JSON body of the given content type.
+    async fn send_json(
+        &self,
+        id: &str,
+        method: &str,
+        content_type: (&str, &str),
+        body: Value,
+        headers: Headers<'_>,
+    ) -> Reply {
+        let mut all = vec![content_type];
         all.extend_from_slice(headers);
         send(
             &self.client,
-            "PATCH",
+            method,
             &self.group_url(id),
             &all,
-            serde_json::to_vec(&ops).unwrap(),
+            serde_json::to_vec(&body).unwrap(),
         )
         .await
     }
@@ -501,7 +522,7 @@ async fn patches_the_proxy_does_not_own_reach_the_legacy_server() {
 
     // A Group whose members are still inline (not migrated): legacy path.
     let legacy = stack
-        .create_group(json!([{"entity": {"reference": "Patient/inline"}}]))
+        .create_legacy_group(json!([{"entity": {"reference": "Patient/inline"}}]))
         .await;
     let reply = stack.patch(&legacy, json!([add("Patient/new")]), &[]).await;
     assert_eq!(reply.status, 200);
@@ -979,7 +1000,7 @@ async fn reads_merge_members_from_clickhouse() {
 
     // Not migrated, unknown and removed Groups are the legacy server's answers.
     let legacy = stack
-        .create_group(json!([{"entity": {"reference": "Patient/inline"}}]))
+        .create_legacy_group(json!([{"entity": {"reference": "Patient/inline"}}]))
         .await;
     let group = send(&stack.client, "GET", &stack.group_url(&legacy), &[], "")
         .await
@@ -1290,7 +1311,7 @@ async fn search_by_member_merges_legacy_and_migrated_groups() {
     let migrated_b = stack.create_group(json!([])).await;
     let migrated_other = stack.create_group(json!([])).await;
     let legacy = stack
-        .create_group(json!([{"entity": {"reference": "Patient/x"}}]))
+        .create_legacy_group(json!([{"entity": {"reference": "Patient/x"}}]))
         .await;
     stack
         .patch(
@@ -1476,4 +1497,264 @@ async fn deleting_a_migrated_group_tombstones_its_roster() {
         "old tombstones do not hide a re-added member"
     );
     assert_eq!(group["quantity"], 2);
+}
+
+fn references_of(group: &Value) -> Vec<&str> {
+    group["member"]
+        .as_array()
+        .map(|members| {
+            members
+                .iter()
+                .map(|m| m["entity"]["reference"].as_str().unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const FHIR_JSON_BODY: (&str, &str) = ("content-type", "application/fhir+json");
+
+impl Stack {
+    async fn put_group(&self, id: &str, group: Value, headers: Headers<'_>) -> Reply {
+        self.send_json(id, "PUT", FHIR_JSON_BODY, group, headers)
+            .await
+    }
+
+    async fn read_group(&self, id: &str) -> Value {
+        let read = send(&self.client, "GET", &self.group_url(id), &[], "").await;
+        read.assert_status(200);
+        read.json()
+    }
+
+    async fn group_documents_count(&self) -> u64 {
+        self.mongo
+            .collection::<Document>("Group_4_0_0")
+            .count_documents(doc! {})
+            .await
+            .unwrap()
+    }
+}
+
+/// `PUT` with `member` on a migrated Group: the roster is diffed into events
+/// (one version, If-Match honoured), the legacy server stores the rest.
+#[tokio::test]
+async fn put_with_members_replaces_the_roster_through_events() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    stack
+        .patch(
+            &id,
+            json!([add("Patient/a"), add("Patient/b"), add("Patient/c")]),
+            &[],
+        )
+        .await
+        .assert_status(200);
+    let members = json!([
+        {"entity": {"reference": "Patient/b"}, "inactive": true},
+        {"entity": {"reference": "Patient/d"}}
+    ]);
+    let group = json!({"resourceType": "Group", "id": id, "type": "person", "actual": true,
+        "name": "renamed", "member": members});
+
+    let stale = stack
+        .put_group(&id, group.clone(), &[("if-match", "W/\"1\"")])
+        .await;
+    assert_outcome(&stale, 412, "conflict");
+    assert_eq!(
+        stack.event_count(&id).await,
+        3,
+        "a refused PUT writes nothing"
+    );
+
+    let reply = stack
+        .put_group(&id, group.clone(), &[("if-match", "W/\"2\"")])
+        .await;
+    reply.assert_status(200);
+    let answered = reply.json();
+    assert_eq!(answered["meta"]["versionId"], "3");
+    assert_eq!(
+        answered["member"], members,
+        "the reply shows the new roster"
+    );
+    assert_eq!(answered["quantity"], 1);
+
+    let read = stack.read_group(&id).await;
+    assert_eq!(read["name"], "renamed");
+    assert_eq!(read["meta"]["versionId"], "3");
+    assert_eq!(references_of(&read), vec!["Patient/b", "Patient/d"]);
+    assert_eq!(read["member"][0]["inactive"], true);
+    assert_eq!(read["quantity"], 1);
+    let document = stack.group_document(&id).await;
+    assert!(
+        !document.contains_key("member"),
+        "legacy document has no roster"
+    );
+    // a, c removed; b changed; d added. The unchanged roster costs nothing.
+    assert_eq!(stack.event_count(&id).await, 3 + 4);
+    let (_, before, _) = roster_at(&stack, &id, 2).await;
+    assert_eq!(before, vec!["Patient/a", "Patient/b", "Patient/c"]);
+
+    let again = stack.put_group(&id, group, &[]).await;
+    again.assert_status(200);
+    assert_eq!(stack.event_count(&id).await, 7, "same roster: no events");
+    assert_eq!(stack.read_group(&id).await["meta"]["versionId"], "4");
+
+    // Bad members are refused before anything is written.
+    let bad = json!({"resourceType": "Group", "id": id, "type": "person", "actual": true,
+        "member": [{"entity": {"reference": "Patient/ok"}}, {"entity": {"reference": "not a reference"}}]});
+    let refused = stack.put_group(&id, bad, &[]).await;
+    assert_outcome(&refused, 422, "value");
+    assert!(refused.json()["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("Group.member[1]"));
+    let wrong_id = json!({"resourceType": "Group", "id": "other", "type": "person", "actual": true, "member": []});
+    assert_outcome(&stack.put_group(&id, wrong_id, &[]).await, 400, "invalid");
+    assert_eq!(stack.read_group(&id).await["meta"]["versionId"], "4");
+}
+
+/// `PUT` without `member` keeps a migrated roster by default; FHIR-strict
+/// replacement empties it when configured.
+#[tokio::test]
+async fn put_without_members_keeps_or_empties_the_roster_by_setting() {
+    for (setting, expected) in [("keep", vec!["Patient/a"]), ("empty", vec![])] {
+        let stack = Stack::start(&[("FGP_MEMBERS_PUT_WITHOUT_MEMBER", setting)]).await;
+        let id = stack.create_group(json!([])).await;
+        stack
+            .patch(&id, json!([add("Patient/a")]), &[])
+            .await
+            .assert_status(200);
+        let group = json!({"resourceType": "Group", "id": id, "type": "person", "actual": true, "name": "n"});
+        stack.put_group(&id, group, &[]).await.assert_status(200);
+        let read = stack.read_group(&id).await;
+        assert_eq!(read["name"], "n", "{setting}");
+        assert_eq!(read["meta"]["versionId"], "3", "{setting}");
+        assert_eq!(references_of(&read), expected, "{setting}");
+        assert_eq!(read["quantity"], expected.len(), "{setting}");
+    }
+}
+
+/// Groups created with members (POST, or PUT to a new id) keep them as events
+/// from version 1; the legacy server never stores the array.
+#[tokio::test]
+async fn groups_created_with_members_keep_them_as_events() {
+    let stack = Stack::start(&[]).await;
+    let members = json!([{"entity": {"reference": "Patient/2"}}, {"entity": {"reference": "Patient/1"}, "inactive": true}]);
+    let created = send(
+        &stack.client,
+        "POST",
+        &format!("{}/4_0_0/Group", stack.proxy.url()),
+        &[FHIR_JSON_BODY],
+        serde_json::to_vec(
+            &json!({"resourceType": "Group", "type": "person", "actual": true, "member": members}),
+        )
+        .unwrap(),
+    )
+    .await;
+    created.assert_status(201);
+    let body = created.json();
+    let id = body["id"].as_str().unwrap().to_string();
+    assert!(created
+        .header("location")
+        .unwrap()
+        .contains(&format!("/Group/{id}")));
+    assert_eq!(body["member"], members);
+    assert_eq!(body["quantity"], 1);
+    assert!(!stack.group_document(&id).await.contains_key("member"));
+    assert_eq!(stack.members(&id).await.len(), 2);
+    let read = stack.read_group(&id).await;
+    assert_eq!(read["meta"]["versionId"], "1");
+    assert_eq!(references_of(&read), vec!["Patient/1", "Patient/2"]);
+    let (_, at_one, _) = roster_at(&stack, &id, 1).await;
+    assert_eq!(at_one, vec!["Patient/1", "Patient/2"]);
+    // Written as members: PATCHes and $members work on it at once.
+    stack
+        .patch(
+            &id,
+            json!([remove("Patient/2")]),
+            &[("if-match", "W/\"1\"")],
+        )
+        .await
+        .assert_status(200);
+    assert_eq!(
+        references_of(&stack.read_group(&id).await),
+        vec!["Patient/1"]
+    );
+
+    let put_created = stack
+        .put_group(
+            "made-by-put",
+            json!({"resourceType": "Group", "id": "made-by-put", "type": "person", "actual": true,
+                   "member": [{"entity": {"reference": "Group/nested"}}]}),
+            &[],
+        )
+        .await;
+    put_created.assert_status(201);
+    assert!(!stack
+        .group_document("made-by-put")
+        .await
+        .contains_key("member"));
+    assert_eq!(
+        references_of(&stack.read_group("made-by-put").await),
+        vec!["Group/nested"]
+    );
+
+    // A bad roster creates nothing.
+    let before = stack.group_documents_count().await;
+    let refused = send(
+        &stack.client,
+        "POST",
+        &format!("{}/4_0_0/Group", stack.proxy.url()),
+        &[FHIR_JSON_BODY],
+        serde_json::to_vec(&json!({"resourceType": "Group", "type": "person", "actual": true,
+            "member": [{"entity": {"reference": "Patient/1"}}, {"entity": {"reference": "Patient/1"}}]})).unwrap(),
+    )
+    .await;
+    assert_outcome(&refused, 422, "processing");
+    assert_eq!(stack.group_documents_count().await, before);
+}
+
+/// With ClickHouse unreachable a Group created with members is undone
+/// upstream: no Group without its roster stays behind.
+#[tokio::test]
+async fn a_create_whose_members_cannot_be_stored_is_undone() {
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let stack = Stack::start(&[("FGP_CLICKHOUSE_URL", closed.as_str())]).await;
+    let created = send(
+        &stack.client,
+        "POST",
+        &format!("{}/4_0_0/Group", stack.proxy.url()),
+        &[FHIR_JSON_BODY],
+        serde_json::to_vec(
+            &json!({"resourceType": "Group", "type": "person", "actual": true,
+            "member": [{"entity": {"reference": "Patient/1"}}]}),
+        )
+        .unwrap(),
+    )
+    .await;
+    assert_outcome(&created, 503, "transient");
+    assert_eq!(stack.group_documents_count().await, 0, "no Group remains");
+}
+
+/// Whole-resource writes of Groups still inline go to the legacy server as
+/// they are: nothing is migrated behind the client's back.
+#[tokio::test]
+async fn whole_writes_of_inline_groups_stay_with_the_legacy_server() {
+    let stack = Stack::start(&[]).await;
+    let id = stack
+        .create_legacy_group(json!([{"entity": {"reference": "Patient/inline"}}]))
+        .await;
+    let group = json!({"resourceType": "Group", "id": id, "type": "person", "actual": true,
+        "member": [{"entity": {"reference": "Patient/inline"}}, {"entity": {"reference": "Patient/more"}}]});
+    stack.put_group(&id, group, &[]).await.assert_status(200);
+    let document = stack.group_document(&id).await;
+    assert_eq!(document.get_array("member").unwrap().len(), 2);
+    assert!(stack.members(&id).await.is_empty());
+
+    // Legacy-only storage for new Groups, by setting.
+    let legacy_stack = Stack::start(&[("FGP_MEMBERS_CREATE_IN_CLICKHOUSE", "false")]).await;
+    let id = legacy_stack
+        .create_group(json!([{"entity": {"reference": "Patient/kept-inline"}}]))
+        .await;
+    let document = legacy_stack.group_document(&id).await;
+    assert_eq!(document.get_array("member").unwrap().len(), 1);
 }

@@ -3,6 +3,7 @@
 
 pub mod atr;
 pub mod group_read;
+pub mod group_resource;
 pub mod group_search;
 pub mod member_patch;
 pub mod outcome;

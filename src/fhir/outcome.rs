@@ -110,6 +110,11 @@ impl Outcome {
         self
     }
 
+    /// The first issue's diagnostics, for quoting one outcome in another.
+    pub fn first_diagnostics(&self) -> &str {
+        self.issues.first().map_or("", |i| i.diagnostics.as_str())
+    }
+
     pub fn to_json(&self) -> Value {
         let issues: Vec<Value> = self
             .issues

@@ -4,9 +4,8 @@
 //! with the same id (and so the same `_uuid`) starts with no members.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
 
-use crate::fhir::outcome::{IssueType, Outcome};
+use crate::fhir::outcome::Outcome;
 use crate::group::patch::UpstreamReply;
 use crate::store::events::{event_sequence, EventType, MemberEventRow};
 
@@ -32,24 +31,7 @@ impl GroupService {
             return Ok(None);
         }
         let token = uuid::Uuid::new_v4().to_string();
-        let deadline = Instant::now() + self.settings.write_wait;
-        while !self
-            .documents
-            .acquire_lease(id, &token, self.settings.lease_ttl)
-            .await?
-        {
-            if let Some(holder) = self.documents.expired_lease_holder(id).await? {
-                self.documents.break_expired_lease(id, &holder).await?;
-            }
-            if Instant::now() >= deadline {
-                return Err(WriteError::Outcome(Outcome::error(
-                    503,
-                    IssueType::Transient,
-                    format!("Group/{id} is busy with member writes; retry the delete later"),
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.acquire_lease_waiting(id, &token).await?;
         let result = self
             .delete_under_lease(id, request_id, &token, delete_upstream)
             .await;

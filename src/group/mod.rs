@@ -1,6 +1,7 @@
 //! Use cases that join the two stores: member writes (and their recovery).
 //! Everything here runs on the store runtime (see [`StoreRuntime`]).
 
+pub mod create;
 pub mod delete;
 pub mod patch;
 pub mod read;
@@ -59,6 +60,19 @@ impl WriteError {
     }
 }
 
+/// Where a Group keeps its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RosterHome {
+    /// No such Group (a `PUT` creates it).
+    NoGroup,
+    /// Members live in the legacy document (not migrated): the legacy path.
+    Inline,
+    /// Not migrated, but no members either: the first member write migrates it.
+    Empty,
+    /// Migrated: members are events in ClickHouse.
+    Events,
+}
+
 #[derive(Debug, Clone)]
 pub struct WriteSettings {
     /// A write holding a Group longer than this is presumed dead.
@@ -97,6 +111,49 @@ impl GroupService {
                 version_conflict_status: config.members.version_conflict_status,
             },
         })
+    }
+
+    /// Where Group `id` keeps its members, for whole-resource writes.
+    pub async fn roster_home(&self, id: &str) -> Result<RosterHome, WriteError> {
+        if self.documents.head(id).await?.is_none() {
+            return Ok(RosterHome::NoGroup);
+        }
+        if self.documents.member_state(id).await?.in_clickhouse {
+            return Ok(RosterHome::Events);
+        }
+        if self.documents.has_inline_members(id).await? {
+            return Ok(RosterHome::Inline);
+        }
+        Ok(RosterHome::Empty)
+    }
+
+    /// Takes the Group's write lock for `token`, waiting up to `write_wait`
+    /// (breaking a lock whose holder died); 503 when the Group stays busy.
+    pub(crate) async fn acquire_lease_waiting(
+        &self,
+        id: &str,
+        token: &str,
+    ) -> Result<(), WriteError> {
+        let deadline = std::time::Instant::now() + self.settings.write_wait;
+        while !self
+            .documents
+            .acquire_lease(id, token, self.settings.lease_ttl)
+            .await?
+        {
+            if let Some(holder) = self.documents.expired_lease_holder(id).await? {
+                tracing::warn!(group = id, %holder, "breaking an expired member write lock");
+                self.documents.break_expired_lease(id, &holder).await?;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(WriteError::Outcome(Outcome::error(
+                    503,
+                    IssueType::Transient,
+                    format!("Group/{id} is busy with other member writes; retry later"),
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     async fn head_or_404(&self, id: &str) -> Result<GroupHead, WriteError> {

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use mongodb::bson::Document;
 
+use crate::fhir::group_resource::{roster_diff, RosterEntry};
 use crate::fhir::member_patch::{plan_changes, MemberChange, PlannedEvent};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::reference::EntityReference;
@@ -29,7 +30,7 @@ use super::{GroupService, WriteError};
 
 pub struct MemberPatchRequest {
     pub group_id: String,
-    pub changes: Vec<MemberChange>,
+    pub edit: MemberEdit,
     /// Version from `If-Match`, when the client sent one.
     pub if_match: Option<u64>,
     /// `X-Request-Id` as sent by the client: a retry with the same id is
@@ -40,6 +41,15 @@ pub struct MemberPatchRequest {
     pub url: String,
     /// For a split mixed patch: sends the non-member ops upstream.
     pub upstream_part: Option<UpstreamPart>,
+}
+
+/// What a member write does to the roster.
+pub enum MemberEdit {
+    /// Changes named one by one (PATCH, ATR operations): cost follows their number.
+    Changes(Vec<MemberChange>),
+    /// The whole roster as a `PUT` states it: diffed against the current
+    /// roster under the write lock, so concurrent writes cannot slip between.
+    ReplaceRoster(Vec<RosterEntry>),
 }
 
 /// Sends the non-member half of a mixed patch to the legacy server as its own
@@ -186,10 +196,7 @@ impl GroupService {
         }
         self.check_if_match(id, request.if_match, head.version)?;
 
-        let named: Vec<&EntityReference> = unique_references(&request.changes);
-        let current = self.events.current_members(&head.group_key, &named).await?;
-        let planned = plan_changes(&format!("Group/{id}"), &request.changes, &current)
-            .map_err(WriteError::Outcome)?;
+        let planned = self.plan_edit(id, &head.group_key, &request.edit).await?;
         if planned.is_empty() && request.upstream_part.is_none() {
             // Only `test` ops: nothing changes, so no new version either.
             self.documents.finish(id, token, false).await?;
@@ -325,6 +332,29 @@ impl GroupService {
         })))
     }
 
+    async fn plan_edit(
+        &self,
+        id: &str,
+        group_key: &str,
+        edit: &MemberEdit,
+    ) -> Result<Vec<PlannedEvent>, WriteError> {
+        let label = format!("Group/{id}");
+        let planned = match edit {
+            MemberEdit::Changes(changes) => {
+                let named: Vec<&EntityReference> = unique_references(changes);
+                let current = self.events.current_members(group_key, &named).await?;
+                plan_changes(&label, changes, &current)
+            }
+            MemberEdit::ReplaceRoster(desired) => {
+                // Each member appears once in a diff, so op indexes past the
+                // per-version range (they wrap in `sequence`) never tie.
+                let current = self.events.current_roster(group_key).await?;
+                plan_changes(&label, &roster_diff(&current, desired), &current)
+            }
+        };
+        planned.map_err(WriteError::Outcome)
+    }
+
     fn check_if_match(
         &self,
         id: &str,
@@ -372,7 +402,7 @@ fn unique_references(changes: &[MemberChange]) -> Vec<&EntityReference> {
         .collect()
 }
 
-fn event_rows(
+pub(super) fn event_rows(
     group_key: &str,
     group_id: &str,
     version: u64,

@@ -9,11 +9,12 @@ use pingora::Result;
 
 use crate::config::MixedPatchPolicy;
 use crate::fhir::atr::{parse_atr_parameters, AtrOperation};
-use crate::fhir::member_patch::MemberChange;
 use crate::fhir::member_patch::{parse_patch, PatchClass, PatchLimits};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
-use crate::group::patch::{MemberPatchRequest, MemberPatchResult, UpstreamPart, UpstreamReply};
+use crate::group::patch::{
+    MemberEdit, MemberPatchRequest, MemberPatchResult, UpstreamPart, UpstreamReply,
+};
 use crate::group::WriteError;
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::respond::send_outcome;
@@ -22,6 +23,16 @@ use crate::store::group_documents::to_fhir_json;
 
 /// Pingora replays at most this much buffered body to the upstream itself.
 const PINGORA_REPLAY_LIMIT: usize = 64 * 1024;
+
+/// Forwarding a body we read: pingora replays what fits its buffer; the rest
+/// goes through our own client.
+pub(crate) fn forward(body: Bytes) -> Next {
+    if body.len() <= PINGORA_REPLAY_LIMIT {
+        Next::Forward
+    } else {
+        Next::ForwardWithBody(body)
+    }
+}
 
 /// What happens next with an inspected request.
 pub enum Next {
@@ -43,13 +54,6 @@ pub async fn group_patch(
     let body = match read_intercepted_body(proxy, session, ctx).await? {
         Ok(body) => body,
         Err(next) => return Ok(next),
-    };
-    let forward = |body: Bytes| {
-        if body.len() <= PINGORA_REPLAY_LIMIT {
-            Next::Forward
-        } else {
-            Next::ForwardWithBody(body)
-        }
     };
     let limits = PatchLimits {
         max_operations: proxy.config.fhir.max_patch_operations,
@@ -75,11 +79,24 @@ pub async fn group_patch(
         Err(outcome) => return answer(session, ctx, &outcome).await,
     };
     let upstream_part = match other_ops {
-        Some(ops) => Some(proxy.upstream_half(session, ctx, ops)?),
+        Some(ops) => {
+            let body = Bytes::from(serde_json::to_vec(&ops).unwrap_or_default());
+            Some(proxy.conditional_upstream_write(session, ctx, body)?)
+        }
         None => None,
     };
-    let Some(next) =
-        write_members(proxy, session, ctx, base, group_id, changes, upstream_part).await?
+    let edit = MemberEdit::Changes(changes);
+    let Some(next) = write_members(
+        proxy,
+        session,
+        ctx,
+        base,
+        group_id,
+        edit,
+        upstream_part,
+        None,
+    )
+    .await?
     else {
         return Ok(forward(body));
     };
@@ -104,23 +121,27 @@ pub async fn atr_operation(
         Ok(changes) => changes,
         Err(outcome) => return answer(session, ctx, &outcome).await,
     };
-    match write_members(proxy, session, ctx, base, group_id, changes, None).await? {
+    let edit = MemberEdit::Changes(changes);
+    match write_members(proxy, session, ctx, base, group_id, edit, None, None).await? {
         Some(next) => Ok(next),
-        None if body.len() <= PINGORA_REPLAY_LIMIT => Ok(Next::Forward),
-        None => Ok(Next::ForwardWithBody(body)),
+        None => Ok(forward(body)),
     }
 }
 
-/// Runs a member write (from a PATCH or an ATR operation) and answers it;
-/// `None` when the Group is not migrated and the legacy server must answer.
+/// Runs a member write (from a PATCH, an ATR operation or a PUT) and answers
+/// it; `None` when the Group is not migrated and the legacy server must answer.
+/// `answer_members`: the `member` array of a PUT, put back into the legacy
+/// server's reply (which never saw it).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn write_members(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-    changes: Vec<MemberChange>,
+    edit: MemberEdit,
     upstream_part: Option<UpstreamPart>,
+    answer_members: Option<serde_json::Value>,
 ) -> Result<Option<Next>> {
     let Some(service) = proxy.group_service.as_ref() else {
         return Ok(None);
@@ -150,7 +171,7 @@ pub(crate) async fn write_members(
         .map(str::to_string);
     let request = MemberPatchRequest {
         group_id: group_id.to_string(),
-        changes,
+        edit,
         if_match,
         client_request_id,
         request_id: ctx.request_id.clone(),
@@ -182,6 +203,10 @@ pub(crate) async fn write_members(
             ..
         }) => {
             ctx.intercepted = true;
+            let reply = match &answer_members {
+                Some(members) => with_members(reply, members),
+                None => reply,
+            };
             relay(session, ctx, reply).await?;
             Ok(Some(Next::Answered))
         }
@@ -198,6 +223,17 @@ pub(crate) async fn write_members(
             answer(session, ctx, &error.to_outcome()).await.map(Some)
         }
     }
+}
+
+/// The legacy server's reply to a write it stored without `member`, with the
+/// client's roster put back when the reply is the Group.
+pub(crate) fn with_members(mut reply: UpstreamReply, members: &serde_json::Value) -> UpstreamReply {
+    if (200..300).contains(&reply.status) {
+        if let Some(body) = crate::fhir::group_resource::with_roster(&reply.body, members) {
+            reply.body = Bytes::from(body);
+        }
+    }
+    reply
 }
 
 pub(crate) async fn relay(
@@ -229,7 +265,7 @@ pub(crate) async fn relay(
 /// Reads the body of a request the proxy may answer itself, keeping it for a
 /// replay upstream. `Err` carries what happens instead: forwarding (member
 /// handling off) or an answered 413.
-async fn read_intercepted_body(
+pub(crate) async fn read_intercepted_body(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
@@ -244,7 +280,7 @@ async fn read_intercepted_body(
     }
 }
 
-async fn answer(
+pub(crate) async fn answer(
     session: &mut Session,
     ctx: &mut RequestContext,
     outcome: &Outcome,

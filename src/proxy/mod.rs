@@ -7,6 +7,7 @@ pub mod forwarding;
 pub mod intercept;
 pub mod read;
 pub mod respond;
+pub mod roster_write;
 pub mod route;
 pub mod search;
 pub mod upstream_client;
@@ -188,19 +189,19 @@ impl FhirGroupProxy {
         Ok(())
     }
 
-    /// The upstream half of a split mixed patch: the same request (headers,
-    /// credentials) with only the non-member ops, conditional on the version
-    /// the member half was planned against.
-    fn upstream_half(
+    /// The legacy server's half of a member write: the same request (headers,
+    /// credentials) with `body` instead (the non-member ops of a split patch,
+    /// or a PUT's Group without `member`), conditional on the version the
+    /// member half was planned against.
+    pub(crate) fn conditional_upstream_write(
         &self,
         session: &Session,
         ctx: &RequestContext,
-        other_ops: Vec<serde_json::Value>,
+        body: bytes::Bytes,
     ) -> Result<crate::group::patch::UpstreamPart> {
         let mut request = session.req_header().clone();
         self.rewrite_for_upstream(session, &mut request, ctx)?;
         request.remove_header(&http::header::EXPECT);
-        let body = bytes::Bytes::from(serde_json::to_vec(&other_ops).unwrap_or_default());
         let client = self.upstream_client.clone();
         Ok(crate::group::patch::UpstreamPart {
             send: Box::new(move |version: u64| {
@@ -307,6 +308,14 @@ impl ProxyHttp for FhirGroupProxy {
                 let next =
                     intercept::atr_operation(self, session, ctx, &base, &group_id, operation)
                         .await?;
+                self.finish_intercept(session, ctx, next).await
+            }
+            Route::GroupUpdate { base, group_id } => {
+                let next = roster_write::group_update(self, session, ctx, &base, &group_id).await?;
+                self.finish_intercept(session, ctx, next).await
+            }
+            Route::GroupCreate { .. } => {
+                let next = roster_write::group_create(self, session, ctx).await?;
                 self.finish_intercept(session, ctx, next).await
             }
             Route::GroupDelete { group_id, .. } => self.delete_group(session, ctx, &group_id).await,

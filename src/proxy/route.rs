@@ -22,6 +22,12 @@ pub enum Route {
         group_id: String,
         operation: crate::fhir::atr::AtrOperation,
     },
+    /// `PUT {base}/Group/{id}` with a JSON body: a roster replacement once
+    /// the Group's members are events.
+    GroupUpdate { base: String, group_id: String },
+    /// `POST {base}/Group` with a JSON body: a Group created with members
+    /// keeps them as events.
+    GroupCreate { base: String },
     /// `DELETE {base}/Group/{id}`: a migrated Group's roster is tombstoned.
     GroupDelete { base: String, group_id: String },
     /// `GET {base}/Group?member=...`: migrated Groups come from the reverse index.
@@ -70,8 +76,19 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
             None => Route::Passthrough,
         };
     }
+    if request.method == http::Method::PUT {
+        return match group_id(request.uri.path(), base_paths) {
+            Some((base, group_id)) if has_json_body(request) => {
+                Route::GroupUpdate { base, group_id }
+            }
+            _ => Route::Passthrough,
+        };
+    }
     if request.method == http::Method::POST {
         let path = request.uri.path();
+        if let (Some(base), true) = (group_type_base(path, base_paths), has_json_body(request)) {
+            return Route::GroupCreate { base };
+        }
         if let Some((group_path, segment)) = path.rsplit_once('/') {
             let operation = crate::fhir::atr::AtrOperation::from_path_segment(segment);
             if let (Some(operation), Some((base, group_id))) =
@@ -89,19 +106,32 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
     if request.method != http::Method::PATCH {
         return Route::Passthrough;
     }
-    let is_json_patch = request
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case(JSON_PATCH));
-    if !is_json_patch {
+    if media_type(request).is_none_or(|media| !media.eq_ignore_ascii_case(JSON_PATCH)) {
         return Route::Passthrough;
     }
     match group_id(request.uri.path(), base_paths) {
         Some((base, group_id)) => Route::GroupPatch { base, group_id },
         None => Route::Passthrough,
     }
+}
+
+/// The request's media type, without parameters.
+fn media_type(request: &RequestHeader) -> Option<&str> {
+    request
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim)
+}
+
+/// FHIR JSON (`application/fhir+json`, or plain `application/json`); XML
+/// resources are the legacy server's business.
+fn has_json_body(request: &RequestHeader) -> bool {
+    media_type(request).is_some_and(|media| {
+        media.eq_ignore_ascii_case("application/fhir+json")
+            || media.eq_ignore_ascii_case("application/json")
+    })
 }
 
 /// `{base}/Group` (exactly) to its base.
@@ -203,6 +233,45 @@ mod tests {
                 route(&request("GET", path, None), &bases()),
                 Route::Passthrough,
                 "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn whole_group_writes_in_json_are_inspected() {
+        let json = Some("application/fhir+json; fhirVersion=4.0");
+        assert_eq!(
+            route(&request("PUT", "/4_0_0/Group/g", json), &bases()),
+            Route::GroupUpdate {
+                base: "/4_0_0".into(),
+                group_id: "g".into()
+            }
+        );
+        assert_eq!(
+            route(
+                &request("POST", "/4_0_0/Group", Some("application/json")),
+                &bases()
+            ),
+            Route::GroupCreate {
+                base: "/4_0_0".into()
+            }
+        );
+        for (method, path, ct) in [
+            ("PUT", "/4_0_0/Group/g", Some("application/fhir+xml")),
+            ("PUT", "/4_0_0/Group/g", None),
+            ("PUT", "/4_0_0/Patient/g", json),
+            ("POST", "/4_0_0/Group", Some("application/fhir+xml")),
+            (
+                "POST",
+                "/4_0_0/Group/_search",
+                Some("application/x-www-form-urlencoded"),
+            ),
+            ("POST", "/4_0_0/Patient", json),
+        ] {
+            assert_eq!(
+                route(&request(method, path, ct), &bases()),
+                Route::Passthrough,
+                "{method} {path} {ct:?}"
             );
         }
     }

@@ -176,6 +176,23 @@ impl EventStore {
             .collect())
     }
 
+    /// Every current member of a group with its attributes (for a whole-roster
+    /// `PUT`, whose cost follows the roster size by nature).
+    pub async fn current_roster(
+        &self,
+        group_key: &str,
+    ) -> Result<HashMap<EntityReference, MemberAttributes>, EventStoreError> {
+        let mut cursor = self.roster(group_key, None)?;
+        let mut members = HashMap::new();
+        while let Some(row) = cursor.next().await? {
+            if let Ok(reference) = parse_reference(&row.entity_reference) {
+                let attributes = row.attributes();
+                members.insert(reference, attributes);
+            }
+        }
+        Ok(members)
+    }
+
     pub async fn counts(&self, group_key: &str) -> Result<MemberCounts, EventStoreError> {
         Ok(self
             .client

@@ -1,0 +1,355 @@
+//! Whole Group resources in `PUT` and `POST` bodies: the roster they carry,
+//! the document the legacy server stores without it, and the diff that turns a
+//! roster replacement into member events.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Map, Value};
+
+use crate::fhir::member_patch::{parse_member_value, ChangeKind, MemberAttributes, MemberChange};
+use crate::fhir::outcome::{IssueType, Outcome};
+use crate::fhir::reference::EntityReference;
+
+/// One member of a roster as a whole-resource write states it.
+pub type RosterEntry = (EntityReference, MemberAttributes);
+
+/// A Group body split into what the legacy server stores and what the member
+/// store keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupBody {
+    /// The resource without `member`: what goes upstream.
+    pub document: Map<String, Value>,
+    /// `Some` when the body has a `member` element (possibly empty).
+    pub roster: Option<Vec<RosterEntry>>,
+    /// The `member` array as the client sent it, to answer with.
+    pub member_json: Option<Value>,
+}
+
+/// Reads a Group resource body. `expected_id` is the id in the URL of a `PUT`.
+pub fn parse_group_body(body: &[u8], expected_id: Option<&str>) -> Result<GroupBody, Outcome> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        Outcome::error(
+            400,
+            IssueType::Invalid,
+            format!("the Group body is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(mut document) = value else {
+        return Err(Outcome::error(
+            400,
+            IssueType::Structure,
+            "the body must be a JSON object (a FHIR Group resource)",
+        ));
+    };
+    match document.get("resourceType").and_then(Value::as_str) {
+        Some("Group") => {}
+        Some(other) => {
+            return Err(Outcome::error(
+                400,
+                IssueType::Invalid,
+                format!("resourceType is '{other}', but this endpoint takes a Group"),
+            ))
+        }
+        None => {
+            return Err(Outcome::error(
+                400,
+                IssueType::Required,
+                "resourceType is missing; expected \"Group\"",
+            ))
+        }
+    }
+    if let Some(expected) = expected_id {
+        match document.get("id") {
+            Some(Value::String(id)) if id == expected => {}
+            Some(other) => {
+                return Err(Outcome::error(
+                    400,
+                    IssueType::Invalid,
+                    format!("the resource id {other} does not match the id '{expected}' in the URL"),
+                )
+                .at("Group.id"))
+            }
+            None => {
+                return Err(Outcome::error(
+                    400,
+                    IssueType::Required,
+                    format!("the resource has no id; a PUT to Group/{expected} must carry id \"{expected}\""),
+                )
+                .at("Group.id"))
+            }
+        }
+    }
+    let member_json = document.remove("member");
+    let roster = member_json.as_ref().map(parse_roster).transpose()?;
+    Ok(GroupBody {
+        document,
+        roster,
+        member_json,
+    })
+}
+
+fn parse_roster(members: &Value) -> Result<Vec<RosterEntry>, Outcome> {
+    let items = members.as_array().ok_or_else(|| {
+        Outcome::error(400, IssueType::Structure, "Group.member must be an array")
+            .at("Group.member")
+    })?;
+    let mut seen: HashMap<EntityReference, usize> = HashMap::with_capacity(items.len());
+    let mut roster = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let (reference, attributes) =
+            parse_member_value(item).map_err(|outcome| at_member(outcome, index))?;
+        if let Some(first) = seen.insert(reference.clone(), index) {
+            return Err(Outcome::error(
+                422,
+                IssueType::Processing,
+                format!(
+                    "Group.member lists {reference} twice (member[{first}] and member[{index}]); \
+                     this server keeps one entry per member"
+                ),
+            )
+            .at(format!("Group.member[{index}]")));
+        }
+        roster.push((reference, attributes));
+    }
+    Ok(roster)
+}
+
+/// A member error found by the patch parser speaks of "operation 0"; in a
+/// resource body it is about `Group.member[index]`.
+fn at_member(mut outcome: Outcome, index: usize) -> Outcome {
+    let location = format!("Group.member[{index}]");
+    for issue in &mut outcome.issues {
+        let why = issue
+            .diagnostics
+            .strip_prefix("operation 0: ")
+            .unwrap_or(&issue.diagnostics);
+        issue.diagnostics = format!("{location}: {why}");
+        issue.expression = vec![location.clone()];
+    }
+    outcome
+}
+
+/// The member changes that turn `current` into `desired`: a `Put` for every
+/// new or changed member (in `desired` order), a `Remove` for every member not
+/// in `desired` (in reference order, so the result is deterministic).
+/// Unchanged members produce nothing.
+pub fn roster_diff(
+    current: &HashMap<EntityReference, MemberAttributes>,
+    desired: &[RosterEntry],
+) -> Vec<MemberChange> {
+    let mut changes = Vec::new();
+    for (reference, attributes) in desired {
+        if current.get(reference) != Some(attributes) {
+            changes.push(MemberChange {
+                op_index: changes.len(),
+                reference: reference.clone(),
+                kind: ChangeKind::Put(attributes.clone()),
+            });
+        }
+    }
+    let kept: HashSet<&EntityReference> = desired.iter().map(|(r, _)| r).collect();
+    let mut gone: Vec<&EntityReference> = current.keys().filter(|r| !kept.contains(r)).collect();
+    gone.sort();
+    for reference in gone {
+        changes.push(MemberChange {
+            op_index: changes.len(),
+            reference: reference.clone(),
+            kind: ChangeKind::Remove,
+        });
+    }
+    changes
+}
+
+/// The Group the legacy server answered with, with the roster the client sent
+/// put back (the legacy server never saw it) and `quantity` set to its active
+/// members. Bodies that are not a Group are returned as they are.
+pub fn with_roster(reply_body: &[u8], member_json: &Value) -> Option<Vec<u8>> {
+    let Ok(Value::Object(mut group)) = serde_json::from_slice::<Value>(reply_body) else {
+        return None;
+    };
+    if group.get("resourceType").and_then(Value::as_str) != Some("Group") {
+        return None;
+    }
+    let members = member_json
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let active = members
+        .iter()
+        .filter(|m| m.get("inactive") != Some(&Value::Bool(true)))
+        .count();
+    group.insert("quantity".into(), active.into());
+    if members.is_empty() {
+        group.remove("member");
+    } else {
+        group.insert("member".into(), member_json.clone());
+    }
+    serde_json::to_vec(&Value::Object(group)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::reference::parse_reference;
+    use serde_json::json;
+
+    fn reference(text: &str) -> EntityReference {
+        parse_reference(text).unwrap()
+    }
+
+    fn body(value: Value) -> Vec<u8> {
+        serde_json::to_vec(&value).unwrap()
+    }
+
+    #[test]
+    fn a_group_body_splits_into_document_and_roster() {
+        let group = parse_group_body(
+            &body(
+                json!({"resourceType": "Group", "id": "g1", "type": "person", "actual": true,
+                "member": [{"entity": {"reference": "Patient/1"}},
+                           {"entity": {"reference": "Patient/2"}, "inactive": true}]}),
+            ),
+            Some("g1"),
+        )
+        .unwrap();
+        assert!(!group.document.contains_key("member"));
+        assert_eq!(group.document["type"], "person");
+        let roster = group.roster.unwrap();
+        assert_eq!(roster.len(), 2);
+        assert_eq!(roster[1].0.as_str(), "Patient/2");
+        assert!(roster[1].1.inactive);
+        assert_eq!(group.member_json.unwrap().as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_body_without_member_has_no_roster_and_an_empty_one_has_an_empty_roster() {
+        let none = parse_group_body(&body(json!({"resourceType": "Group"})), None).unwrap();
+        assert_eq!(none.roster, None);
+        let empty =
+            parse_group_body(&body(json!({"resourceType": "Group", "member": []})), None).unwrap();
+        assert_eq!(empty.roster, Some(vec![]));
+    }
+
+    #[test]
+    fn bad_bodies_are_refused_with_what_was_wrong() {
+        let cases: Vec<(Vec<u8>, Option<&str>, u16, &str)> = vec![
+            (b"{not json".to_vec(), None, 400, "not valid JSON"),
+            (body(json!([1])), None, 400, "JSON object"),
+            (
+                body(json!({"resourceType": "Patient"})),
+                None,
+                400,
+                "'Patient'",
+            ),
+            (
+                body(json!({"id": "x"})),
+                None,
+                400,
+                "resourceType is missing",
+            ),
+            (
+                body(json!({"resourceType": "Group", "id": "b"})),
+                Some("a"),
+                400,
+                "does not match",
+            ),
+            (
+                body(json!({"resourceType": "Group"})),
+                Some("a"),
+                400,
+                "has no id",
+            ),
+            (
+                body(json!({"resourceType": "Group", "member": {}})),
+                None,
+                400,
+                "must be an array",
+            ),
+            (
+                body(
+                    json!({"resourceType": "Group", "member": [{"entity": {"reference": "Patient/1"}}, {"entity": {"reference": "nope"}}]}),
+                ),
+                None,
+                422,
+                "Group.member[1]: ",
+            ),
+            (
+                body(
+                    json!({"resourceType": "Group", "member": [{"entity": {"reference": "Patient/1"}}, {"entity": {"reference": "Patient/1"}}]}),
+                ),
+                None,
+                422,
+                "twice (member[0] and member[1])",
+            ),
+        ];
+        for (input, id, status, words) in cases {
+            let outcome = parse_group_body(&input, id).unwrap_err();
+            assert_eq!(outcome.status, status, "{words}");
+            assert!(
+                outcome.issues[0].diagnostics.contains(words),
+                "{words}: {:?}",
+                outcome.issues[0].diagnostics
+            );
+        }
+    }
+
+    #[test]
+    fn the_diff_adds_new_and_changed_members_and_removes_missing_ones() {
+        let current: HashMap<_, _> = [
+            (reference("Patient/keep"), MemberAttributes::default()),
+            (reference("Patient/change"), MemberAttributes::default()),
+            (reference("Patient/z-gone"), MemberAttributes::default()),
+            (reference("Patient/a-gone"), MemberAttributes::default()),
+        ]
+        .into_iter()
+        .collect();
+        let inactive = MemberAttributes {
+            inactive: true,
+            ..Default::default()
+        };
+        let desired = vec![
+            (reference("Patient/new"), MemberAttributes::default()),
+            (reference("Patient/keep"), MemberAttributes::default()),
+            (reference("Patient/change"), inactive.clone()),
+        ];
+        let changes = roster_diff(&current, &desired);
+        let summary: Vec<(usize, &str, &ChangeKind)> = changes
+            .iter()
+            .map(|c| (c.op_index, c.reference.as_str(), &c.kind))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (
+                    0,
+                    "Patient/new",
+                    &ChangeKind::Put(MemberAttributes::default())
+                ),
+                (1, "Patient/change", &ChangeKind::Put(inactive)),
+                (2, "Patient/a-gone", &ChangeKind::Remove),
+                (3, "Patient/z-gone", &ChangeKind::Remove),
+            ]
+        );
+        assert!(roster_diff(&current, &[])
+            .iter()
+            .all(|c| c.kind == ChangeKind::Remove));
+        let same: Vec<RosterEntry> = current.clone().into_iter().collect();
+        assert!(roster_diff(&current, &same).is_empty());
+    }
+
+    #[test]
+    fn the_reply_gets_the_roster_back_with_its_quantity() {
+        let members = json!([{"entity": {"reference": "Patient/1"}}, {"entity": {"reference": "Patient/2"}, "inactive": true}]);
+        let reply = body(json!({"resourceType": "Group", "id": "g", "meta": {"versionId": "2"}}));
+        let merged: Value =
+            serde_json::from_slice(&with_roster(&reply, &members).unwrap()).unwrap();
+        assert_eq!(merged["member"], members);
+        assert_eq!(merged["quantity"], 1);
+        assert_eq!(merged["meta"]["versionId"], "2");
+        assert_eq!(with_roster(b"", &members), None);
+        assert_eq!(
+            with_roster(&body(json!({"resourceType": "OperationOutcome"})), &members),
+            None
+        );
+    }
+}
