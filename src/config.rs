@@ -192,6 +192,9 @@ pub struct MemberSettings {
     pub lease_ttl_ms: u64,
     /// How long a write waits for a busy Group before answering 503.
     pub write_wait_ms: u64,
+    /// Longest wait for the member stores per request, then 504 (a write
+    /// that reached its commit point still completes).
+    pub store_timeout_ms: u64,
     /// Worker threads of the store runtime (MongoDB, ClickHouse clients).
     pub store_threads: usize,
 }
@@ -223,6 +226,7 @@ impl Default for MemberSettings {
             batch_max_delay_ms: 5,
             lease_ttl_ms: 30_000,
             write_wait_ms: 10_000,
+            store_timeout_ms: 20_000,
             store_threads: 2,
         }
     }
@@ -335,6 +339,9 @@ pub struct Overrides {
     /// Longest wait for a busy Group in ms [members.write_wait_ms]
     #[arg(long, env = "FGP_MEMBERS_WRITE_WAIT_MS", global = true)]
     pub members_write_wait_ms: Option<u64>,
+    /// Longest wait for the member stores per request in ms [members.store_timeout_ms]
+    #[arg(long, env = "FGP_MEMBERS_STORE_TIMEOUT_MS", global = true)]
+    pub members_store_timeout_ms: Option<u64>,
     /// Store runtime worker threads [members.store_threads]
     #[arg(long, env = "FGP_MEMBERS_STORE_THREADS", global = true)]
     pub members_store_threads: Option<usize>,
@@ -438,6 +445,7 @@ impl Config {
         set(&mut m.batch_max_delay_ms, &o.members_batch_max_delay_ms);
         set(&mut m.lease_ttl_ms, &o.members_lease_ttl_ms);
         set(&mut m.write_wait_ms, &o.members_write_wait_ms);
+        set(&mut m.store_timeout_ms, &o.members_store_timeout_ms);
         set(&mut m.store_threads, &o.members_store_threads);
     }
 

@@ -137,14 +137,7 @@ impl GroupService {
         if let Err(e) = self.documents.tag_version(id, head.version, token).await {
             tracing::warn!(group = id, error = %e, "could not tag the created version");
         }
-        match self.events.publish(token).await {
-            Ok(()) => self.documents.finish(id, token, true).await?,
-            Err(e) => tracing::error!(
-                group = id,
-                error = %e,
-                "members of a new Group committed but not yet published; the next access publishes them"
-            ),
-        }
+        self.complete_committed(id, token).await;
         Ok(())
     }
 }

@@ -24,6 +24,11 @@ pub enum WriteError {
     /// The Group still holds its members inline: the legacy path serves it.
     #[error("Group members are still stored inline (not migrated)")]
     NotMigrated,
+    /// The store failed while the commit point was being written: the write
+    /// may or may not have happened. Recovery settles it; a retry with the
+    /// same `X-Request-Id` learns which.
+    #[error("the outcome of the write to Group/{id} is unknown: {reason}")]
+    CommitUnknown { id: String, reason: String },
     #[error(transparent)]
     Events(#[from] EventStoreError),
     #[error(transparent)]
@@ -40,6 +45,15 @@ impl WriteError {
                 500,
                 IssueType::Exception,
                 "internal routing error: an unmigrated Group reached the member store",
+            ),
+            WriteError::CommitUnknown { id, reason } => Outcome::error(
+                503,
+                IssueType::Transient,
+                format!(
+                    "the Group metadata store failed while committing the write to Group/{id} \
+                     ({reason}); the write may or may not have been applied: retry it with the \
+                     same X-Request-Id to learn its outcome"
+                ),
             ),
             WriteError::Events(e) => Outcome::error(
                 503,

@@ -92,8 +92,13 @@ impl GroupService {
                 Attempt::Done(result) => {
                     let mut result = *result;
                     if want_counts && result.document.is_some() {
-                        if let Some(head) = self.documents.head(&request.group_id).await? {
-                            result.counts = Some(self.events.counts(&head.group_key).await?);
+                        // The write stands whatever happens here: a failed
+                        // count only leaves `quantity` out of the answer.
+                        match self.current_counts(&request.group_id).await {
+                            Ok(counts) => result.counts = counts,
+                            Err(e) => {
+                                tracing::warn!(group = %request.group_id, error = %e, "member counts unavailable for the answer")
+                            }
                         }
                     }
                     return Ok(result);
@@ -140,11 +145,16 @@ impl GroupService {
             return Ok(Attempt::Busy);
         }
         let result = self.write_under_lease(request, &token).await;
-        if !matches!(result, Ok(Attempt::Done(_))) {
+        let release = match &result {
+            Ok(Attempt::Done(_)) => Ok(()),
+            // The commit may or may not have happened: `pending` stays for
+            // recovery, which reads the truth from the Group document.
+            Err(WriteError::CommitUnknown { .. }) => self.documents.release_lease(id, &token).await,
             // Not committed: pending (if set) is cleared and the lock released.
-            if let Err(e) = self.documents.finish(id, &token, false).await {
-                tracing::warn!(group = id, error = %e, "could not release the member write lock");
-            }
+            _ => self.documents.finish(id, &token, false).await,
+        };
+        if let Err(e) = release {
+            tracing::warn!(group = id, error = %e, "could not release the member write lock");
         }
         result
     }
@@ -234,11 +244,15 @@ impl GroupService {
                 .commit_through_upstream(request, part, head.version, token, events_written)
                 .await;
         }
-        let Some(document) = self
+        let committed = self
             .documents
             .commit_version(id, head.version, token)
-            .await?
-        else {
+            .await
+            .map_err(|e| WriteError::CommitUnknown {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        let Some(document) = committed else {
             // Someone (the legacy server, via passthrough) moved the version
             // between our read and our commit; nothing of ours is visible.
             self.documents.finish(id, token, false).await?;
@@ -257,14 +271,7 @@ impl GroupService {
         {
             tracing::error!(group = id, error = %e, "history entry not written for a committed member write");
         }
-        match self.events.publish(token).await {
-            Ok(()) => self.documents.finish(id, token, true).await?,
-            Err(e) => tracing::error!(
-                group = id,
-                error = %e,
-                "member events committed but not yet published; the next access publishes them"
-            ),
-        }
+        self.complete_committed(id, token).await;
         Ok(Attempt::Done(Box::new(MemberPatchResult {
             version: new_version,
             document: Some(document),
@@ -316,12 +323,7 @@ impl GroupService {
                 None
             }
         };
-        match self.events.publish(token).await {
-            Ok(()) => self.documents.finish(id, token, true).await?,
-            Err(e) => {
-                tracing::error!(group = id, error = %e, "split patch events not yet published; the next access publishes them")
-            }
-        }
+        self.complete_committed(id, token).await;
         Ok(Attempt::Done(Box::new(MemberPatchResult {
             version: new_version,
             document,
@@ -353,6 +355,33 @@ impl GroupService {
             }
         };
         planned.map_err(WriteError::Outcome)
+    }
+
+    /// After the commit point: publish the events and end the write. Nothing
+    /// here can fail the write, which stands; what does not happen now is
+    /// finished by recovery (the pending record stays until then).
+    pub(super) async fn complete_committed(&self, id: &str, token: &str) {
+        match self.events.publish(token).await {
+            Ok(()) => {
+                if let Err(e) = self.documents.finish(id, token, true).await {
+                    tracing::warn!(group = id, error = %e, "committed write not marked finished; recovery will");
+                }
+            }
+            Err(e) => {
+                tracing::error!(group = id, error = %e, "member events committed but not yet published; recovery publishes them");
+                // The lock goes now so recovery need not wait for it to expire.
+                if let Err(e) = self.documents.release_lease(id, token).await {
+                    tracing::warn!(group = id, error = %e, "could not release the member write lock");
+                }
+            }
+        }
+    }
+
+    async fn current_counts(&self, id: &str) -> Result<Option<MemberCounts>, WriteError> {
+        match self.documents.head(id).await? {
+            Some(head) => Ok(Some(self.events.counts(&head.group_key).await?)),
+            None => Ok(None),
+        }
     }
 
     fn check_if_match(

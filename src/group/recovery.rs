@@ -4,6 +4,8 @@
 //! upstream confirmed its half); then its staged events are published.
 //! Otherwise it never happened, and its staged events stay invisible.
 
+use std::time::Duration;
+
 use crate::store::group_documents::{GroupHead, PendingWrite};
 
 use super::{GroupService, WriteError};
@@ -33,5 +35,62 @@ impl GroupService {
             .clear_pending(id, &pending.token, committed)
             .await?;
         Ok(())
+    }
+}
+
+/// Most Groups one sweep looks at.
+const SWEEP_BATCH: i64 = 100;
+
+impl GroupService {
+    /// Finishes writes left pending on any Group (by a writer that stopped, or
+    /// whose events could not be published while ClickHouse was away), so
+    /// reads become whole again without waiting for the next write. Groups
+    /// busy with a live writer are skipped: that writer recovers them.
+    pub async fn recover_stalled_writes(&self) -> Result<usize, WriteError> {
+        let mut recovered = 0;
+        for id in self
+            .documents
+            .groups_with_pending_writes(SWEEP_BATCH)
+            .await?
+        {
+            let token = uuid::Uuid::new_v4().to_string();
+            if !self
+                .documents
+                .acquire_lease(&id, &token, self.settings.lease_ttl)
+                .await?
+            {
+                if let Some(holder) = self.documents.expired_lease_holder(&id).await? {
+                    self.documents.break_expired_lease(&id, &holder).await?;
+                }
+                continue;
+            }
+            let result = self.recover_under_lease(&id).await;
+            self.documents.release_lease(&id, &token).await?;
+            result?;
+            recovered += 1;
+        }
+        Ok(recovered)
+    }
+
+    async fn recover_under_lease(&self, id: &str) -> Result<(), WriteError> {
+        let state = self.documents.member_state(id).await?;
+        let (Some(pending), Some(head)) = (state.pending, self.documents.head(id).await?) else {
+            return Ok(());
+        };
+        self.recover_pending(id, &head, &pending).await
+    }
+
+    /// Runs [`Self::recover_stalled_writes`] every `interval`, forever.
+    pub async fn sweep_stalled_writes(self, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            match self.recover_stalled_writes().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(groups = n, "finished member writes left pending"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "pending-write sweep skipped: a store is unavailable")
+                }
+            }
+        }
     }
 }

@@ -182,20 +182,11 @@ pub(crate) async fn write_members(
     let service = service.clone();
     let want_counts = prefer == Prefer::Representation;
     let result = proxy
-        .store_runtime
-        .spawn(async move { service.apply_member_patch(request, want_counts).await })
+        .on_stores(async move { service.apply_member_patch(request, want_counts).await })
         .await;
     let result = match result {
         Ok(result) => result,
-        Err(join_error) => {
-            tracing::error!(%join_error, "member patch task failed");
-            let outcome = Outcome::error(
-                500,
-                IssueType::Exception,
-                "the member write failed unexpectedly",
-            );
-            return answer(session, ctx, &outcome).await.map(Some);
-        }
+        Err(outcome) => return answer(session, ctx, &outcome).await.map(Some),
     };
     match result {
         Ok(MemberPatchResult {

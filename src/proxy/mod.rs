@@ -25,6 +25,7 @@ use pingora::{Error, Result};
 use thiserror::Error as ThisError;
 
 use crate::config::{Config, ConfigError, UpstreamTarget};
+use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::{GroupService, StoreRuntime};
 use forwarding::{rewrite_upstream_request, ClientFacts, X_REQUEST_ID};
 use intercept::Next;
@@ -89,6 +90,10 @@ impl FhirGroupProxy {
             store_runtime.handle().spawn(async move {
                 crate::store::events::apply_schema_until_done(&settings).await
             });
+            let sweeper = service.clone();
+            store_runtime
+                .handle()
+                .spawn(sweeper.sweep_stalled_writes(std::time::Duration::from_secs(2)));
             Some(service)
         } else {
             None
@@ -102,6 +107,38 @@ impl FhirGroupProxy {
             store_runtime: store_runtime.handle(),
             _store_runtime_owner: store_runtime,
         })
+    }
+
+    /// Runs store work on the store runtime, bounded by
+    /// `members.store_timeout_ms`. The work is not cancelled on timeout: a
+    /// write that reached its commit point completes, and a retry with the same
+    /// `X-Request-Id` learns its outcome.
+    pub(crate) async fn on_stores<T, F>(&self, future: F) -> std::result::Result<T, Outcome>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        let limit = std::time::Duration::from_millis(self.config.members.store_timeout_ms);
+        match tokio::time::timeout(limit, self.store_runtime.spawn(future)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(join_error)) => {
+                tracing::error!(%join_error, "store task failed");
+                Err(Outcome::error(
+                    500,
+                    IssueType::Exception,
+                    "the member store task failed unexpectedly; read the Group to see its state",
+                ))
+            }
+            Err(_) => Err(Outcome::error(
+                504,
+                IssueType::Timeout,
+                format!(
+                    "the member stores did not answer within {} ms; a write may still complete: \
+                     retry it with the same X-Request-Id to learn its outcome",
+                    limit.as_millis()
+                ),
+            )),
+        }
     }
 
     /// DELETE of a Group: the legacy server deletes it; a migrated Group's
@@ -122,39 +159,30 @@ impl FhirGroupProxy {
             async move { client.send_buffered(&request, bytes::Bytes::new()).await };
         let (id, request_id) = (group_id.to_string(), ctx.request_id.clone());
         let result = self
-            .store_runtime
-            .spawn(async move {
+            .on_stores(async move {
                 service
                     .delete_migrated(&id, &request_id, delete_upstream)
                     .await
             })
             .await;
-        match result {
-            Ok(Ok(None)) => Ok(false),
+        // Once started, the delete may have reached the upstream: it is never
+        // forwarded a second time, whatever happened.
+        let outcome = match result {
+            Ok(Ok(None)) => return Ok(false),
             Ok(Ok(Some(reply))) => {
                 ctx.intercepted = true;
                 intercept::relay(session, ctx, reply).await?;
-                Ok(true)
+                return Ok(true);
             }
             Ok(Err(error)) => {
-                ctx.intercepted = true;
                 tracing::warn!(group = group_id, %error, "Group delete failed");
-                respond::send_outcome(session, &error.to_outcome(), &ctx.request_id).await?;
-                Ok(true)
+                error.to_outcome()
             }
-            Err(join_error) => {
-                // The delete may have reached the upstream: never send it twice.
-                tracing::error!(%join_error, "Group delete task failed");
-                ctx.intercepted = true;
-                let outcome = crate::fhir::outcome::Outcome::error(
-                    500,
-                    crate::fhir::outcome::IssueType::Exception,
-                    "the Group delete failed unexpectedly; read the Group to see its state",
-                );
-                respond::send_outcome(session, &outcome, &ctx.request_id).await?;
-                Ok(true)
-            }
-        }
+            Err(outcome) => outcome,
+        };
+        ctx.intercepted = true;
+        respond::send_outcome(session, &outcome, &ctx.request_id).await?;
+        Ok(true)
     }
 
     /// Carries out what an inspected request needs next; `true` when answered.
@@ -211,13 +239,7 @@ impl FhirGroupProxy {
                 Box::pin(async move {
                     request
                         .insert_header(http::header::IF_MATCH, format!("W/\"{version}\""))
-                        .map_err(|e| {
-                            crate::fhir::outcome::Outcome::error(
-                                500,
-                                crate::fhir::outcome::IssueType::Exception,
-                                e.to_string(),
-                            )
-                        })?;
+                        .map_err(|e| Outcome::error(500, IssueType::Exception, e.to_string()))?;
                     client.send_buffered(&request, body).await
                 })
             }),

@@ -51,8 +51,7 @@ async fn fetch_migrated_group(
     };
     let id = group_id.to_string();
     let lookup = proxy
-        .store_runtime
-        .spawn(async move { service.roster_for_read(&id).await })
+        .on_stores(async move { service.roster_for_read(&id).await })
         .await;
     let roster = match lookup {
         Ok(Ok(Some(roster))) => roster,
@@ -67,9 +66,9 @@ async fn fetch_migrated_group(
             send_outcome(session, &outcome, &ctx.request_id).await?;
             return Ok(Err(true));
         }
-        Err(join_error) => {
-            tracing::error!(%join_error, "Group read task failed");
-            return Ok(Err(false));
+        Err(outcome) => {
+            send_outcome(session, &outcome, &ctx.request_id).await?;
+            return Ok(Err(true));
         }
     };
     ctx.intercepted = true;
@@ -283,8 +282,7 @@ pub async fn members_page(
         page.count + 1,
     );
     let rows = proxy
-        .store_runtime
-        .spawn(async move {
+        .on_stores(async move {
             service
                 .events
                 .roster_page(&key, &cursor, since, limit)
@@ -302,13 +300,7 @@ pub async fn members_page(
             send_outcome(session, &outcome, &ctx.request_id).await?;
             return Ok(true);
         }
-        Err(join_error) => {
-            tracing::error!(%join_error, "members page task failed");
-            let outcome = Outcome::error(
-                500,
-                IssueType::Exception,
-                "the members page failed unexpectedly",
-            );
+        Err(outcome) => {
             send_outcome(session, &outcome, &ctx.request_id).await?;
             return Ok(true);
         }

@@ -15,7 +15,6 @@ use pingora::Result;
 
 use crate::config::PutWithoutMember;
 use crate::fhir::group_resource::{parse_group_body, GroupBody};
-use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::patch::{MemberEdit, UpstreamReply};
 use crate::group::{RosterHome, WriteError};
 use crate::proxy::intercept::{answer, forward, read_intercepted_body, relay, with_members, Next};
@@ -33,13 +32,12 @@ pub async fn group_update(
     };
     let id = group_id.to_string();
     let home = proxy
-        .store_runtime
-        .spawn(async move { service.roster_home(&id).await })
+        .on_stores(async move { service.roster_home(&id).await })
         .await;
     let home = match home {
         Ok(Ok(home)) => home,
         Ok(Err(error)) => return answer(session, ctx, &error.to_outcome()).await,
-        Err(join_error) => return answer(session, ctx, &task_failed(&join_error)).await,
+        Err(outcome) => return answer(session, ctx, &outcome).await,
     };
     let settings = &proxy.config.members;
     let proxy_may_own = home == RosterHome::Events || settings.create_in_clickhouse;
@@ -161,8 +159,7 @@ async fn create(
     };
     let (known_id, request_id) = (known_id.map(str::to_string), ctx.request_id.clone());
     let result = proxy
-        .store_runtime
-        .spawn(async move {
+        .on_stores(async move {
             service
                 .create_with_members(
                     known_id.as_deref(),
@@ -193,7 +190,7 @@ async fn create(
             }
             answer(session, ctx, &error.to_outcome()).await
         }
-        Err(join_error) => answer(session, ctx, &task_failed(&join_error)).await,
+        Err(outcome) => answer(session, ctx, &outcome).await,
     }
 }
 
@@ -228,13 +225,4 @@ fn instance_uri(request: &RequestHeader, id: &str) -> Option<http::Uri> {
     let path = request.uri.path();
     path.strip_suffix('/')
         .and_then(|type_path| format!("{type_path}/{id}").parse().ok())
-}
-
-fn task_failed(join_error: &tokio::task::JoinError) -> Outcome {
-    tracing::error!(%join_error, "Group write task failed");
-    Outcome::error(
-        500,
-        IssueType::Exception,
-        "the Group write failed unexpectedly; read the Group to see its state",
-    )
 }

@@ -34,8 +34,7 @@ pub async fn group_member_search(
         return Ok(false);
     };
     let found = proxy
-        .store_runtime
-        .spawn(async move { service.migrated_groups_with(&terms).await })
+        .on_stores(async move { service.migrated_groups_with(&terms).await })
         .await;
     let migrated = match found {
         Ok(Ok(groups)) if groups.is_empty() => return Ok(false),
@@ -53,9 +52,10 @@ pub async fn group_member_search(
             send_outcome(session, &outcome, &ctx.request_id).await?;
             return Ok(true);
         }
-        Err(join_error) => {
-            tracing::error!(%join_error, "member search task failed");
-            return Ok(false);
+        Err(outcome) => {
+            ctx.intercepted = true;
+            send_outcome(session, &outcome, &ctx.request_id).await?;
+            return Ok(true);
         }
     };
     ctx.intercepted = true;

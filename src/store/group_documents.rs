@@ -110,6 +110,27 @@ impl GroupDocuments {
             .unwrap_or(0))
     }
 
+    /// Ids of Groups with a write left `pending` (its writer stopped or could
+    /// not publish), at most `limit`.
+    pub async fn groups_with_pending_writes(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<String>, DocumentStoreError> {
+        let mut cursor = self
+            .states
+            .find(doc! { "pending": { "$exists": true } })
+            .projection(doc! { "_id": 1 })
+            .limit(limit)
+            .await?;
+        let mut ids = Vec::new();
+        while cursor.advance().await? {
+            if let Ok(id) = cursor.deserialize_current()?.get_str("_id") {
+                ids.push(id.to_string());
+            }
+        }
+        Ok(ids)
+    }
+
     /// Whether the Group document still holds members inline (not migrated).
     pub async fn has_inline_members(&self, id: &str) -> Result<bool, DocumentStoreError> {
         let count = self
@@ -267,13 +288,22 @@ impl GroupDocuments {
         token: &str,
         committed: bool,
     ) -> Result<(), DocumentStoreError> {
-        let mut update = doc! { "$unset": { "pending": "" } };
         if committed {
-            update.insert("$set", doc! { "storage": STORAGE_CLICKHOUSE });
+            self.states
+                .update_one(
+                    doc! { "_id": id },
+                    doc! { "$set": { "storage": STORAGE_CLICKHOUSE } },
+                )
+                .upsert(true)
+                .await?;
         }
+        // Only our own pending record: one left by a stopped writer must stay
+        // for recovery even when this write fails.
         self.states
-            .update_one(doc! { "_id": id }, update)
-            .upsert(committed)
+            .update_one(
+                doc! { "_id": id, "pending.token": token },
+                doc! { "$unset": { "pending": "" } },
+            )
             .await?;
         self.release_lease(id, token).await
     }

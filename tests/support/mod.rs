@@ -231,25 +231,41 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Reply {
+    try_send(client, method, url, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// [`send`] for tests that expect transport failures: they come back as `Err`.
+pub async fn try_send(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Reply, String> {
     let mut builder = hyper::Request::builder().method(method).uri(url);
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
     let request = builder.body(Full::new(body.into())).expect("valid request");
-    let response = client.request(request).await.expect("response");
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("no response: {e}"))?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let body = response
         .into_body()
         .collect()
         .await
-        .expect("whole body")
+        .map_err(|e| format!("body cut off: {e}"))?
         .to_bytes();
-    Reply {
+    Ok(Reply {
         status,
         headers,
         body,
-    }
+    })
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
