@@ -41,6 +41,66 @@ pub struct Config {
     pub clickhouse: ClickHouseSettings,
     pub mongo: MongoSettings,
     pub members: MemberSettings,
+    pub auth: AuthSettings,
+}
+
+/// Who may use what the proxy answers itself (member writes and reads): the
+/// legacy server's access control is bypassed there, so one of these guards it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// "upstream": ask the legacy server with the client's own credentials
+    /// (`upstream_probe`) and act only on a 2xx; "jwt": validate bearer tokens
+    /// locally and require SMART scopes; "none": no checks (loud warning).
+    pub mode: AuthMode,
+    /// The probe of "upstream" mode: method and path, `{base}` and `{id}` filled in.
+    pub upstream_probe: String,
+    pub jwt: JwtSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Upstream,
+    Jwt,
+    None,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Upstream,
+            upstream_probe: "GET {base}/Group/{id}".into(),
+            jwt: JwtSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtSettings {
+    /// A JWK Set file ...
+    pub jwks_file: String,
+    /// ... or URL (http://; fetched at start and again for unknown key ids).
+    pub jwks_url: String,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Accepted `aud` values (one must match).
+    pub audience: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway_seconds: u64,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        Self {
+            jwks_file: String::new(),
+            jwks_url: String::new(),
+            issuer: String::new(),
+            audience: Vec::new(),
+            leeway_seconds: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -113,6 +173,8 @@ pub struct FhirSettings {
     /// Most members inlined in a Group read; larger Groups are returned with
     /// `quantity` and a link to their `$members` paging operation instead.
     pub max_inline_members: usize,
+    /// Deepest nesting of arrays/objects in a body the proxy reads (400 above).
+    pub max_json_depth: usize,
 }
 
 impl Default for FhirSettings {
@@ -122,6 +184,7 @@ impl Default for FhirSettings {
             max_intercepted_body_bytes: 16 * 1024 * 1024,
             max_patch_operations: 10_000,
             max_inline_members: 10_000,
+            max_json_depth: 64,
         }
     }
 }
@@ -283,6 +346,9 @@ pub struct Overrides {
     /// Most JSON Patch operations in one member PATCH [fhir.max_patch_operations]
     #[arg(long, env = "FGP_FHIR_MAX_PATCH_OPERATIONS", global = true)]
     pub fhir_max_patch_operations: Option<usize>,
+    /// Deepest JSON nesting in a body the proxy reads [fhir.max_json_depth]
+    #[arg(long, env = "FGP_FHIR_MAX_JSON_DEPTH", global = true)]
+    pub fhir_max_json_depth: Option<usize>,
     /// Most members inlined in a Group read [fhir.max_inline_members]
     #[arg(long, env = "FGP_FHIR_MAX_INLINE_MEMBERS", global = true)]
     pub fhir_max_inline_members: Option<usize>,
@@ -342,6 +408,32 @@ pub struct Overrides {
     /// Longest wait for the member stores per request in ms [members.store_timeout_ms]
     #[arg(long, env = "FGP_MEMBERS_STORE_TIMEOUT_MS", global = true)]
     pub members_store_timeout_ms: Option<u64>,
+    /// Authorization of what the proxy answers itself: upstream, jwt or none [auth.mode]
+    #[arg(long, env = "FGP_AUTH_MODE", global = true)]
+    pub auth_mode: Option<AuthMode>,
+    /// Upstream-mode probe, e.g. "GET {base}/Group/{id}" [auth.upstream_probe]
+    #[arg(long, env = "FGP_AUTH_UPSTREAM_PROBE", global = true)]
+    pub auth_upstream_probe: Option<String>,
+    /// JWK Set file for jwt mode [auth.jwt.jwks_file]
+    #[arg(long, env = "FGP_AUTH_JWT_JWKS_FILE", global = true)]
+    pub auth_jwt_jwks_file: Option<String>,
+    /// JWK Set URL (http) for jwt mode [auth.jwt.jwks_url]
+    #[arg(long, env = "FGP_AUTH_JWT_JWKS_URL", global = true)]
+    pub auth_jwt_jwks_url: Option<String>,
+    /// Required token issuer [auth.jwt.issuer]
+    #[arg(long, env = "FGP_AUTH_JWT_ISSUER", global = true)]
+    pub auth_jwt_issuer: Option<String>,
+    /// Accepted token audiences, comma-separated [auth.jwt.audience]
+    #[arg(
+        long,
+        env = "FGP_AUTH_JWT_AUDIENCE",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub auth_jwt_audience: Option<Vec<String>>,
+    /// Clock skew allowed on exp/nbf in seconds [auth.jwt.leeway_seconds]
+    #[arg(long, env = "FGP_AUTH_JWT_LEEWAY_SECONDS", global = true)]
+    pub auth_jwt_leeway_seconds: Option<u64>,
     /// Store runtime worker threads [members.store_threads]
     #[arg(long, env = "FGP_MEMBERS_STORE_THREADS", global = true)]
     pub members_store_threads: Option<usize>,
@@ -413,6 +505,7 @@ impl Config {
             &o.upstream_forwarded_headers,
         );
         set(&mut self.fhir.base_paths, &o.fhir_base_paths);
+        set(&mut self.fhir.max_json_depth, &o.fhir_max_json_depth);
         set(
             &mut self.fhir.max_intercepted_body_bytes,
             &o.fhir_max_intercepted_body_bytes,
@@ -447,6 +540,14 @@ impl Config {
         set(&mut m.write_wait_ms, &o.members_write_wait_ms);
         set(&mut m.store_timeout_ms, &o.members_store_timeout_ms);
         set(&mut m.store_threads, &o.members_store_threads);
+        let a = &mut self.auth;
+        set(&mut a.mode, &o.auth_mode);
+        set(&mut a.upstream_probe, &o.auth_upstream_probe);
+        set(&mut a.jwt.jwks_file, &o.auth_jwt_jwks_file);
+        set(&mut a.jwt.jwks_url, &o.auth_jwt_jwks_url);
+        set(&mut a.jwt.issuer, &o.auth_jwt_issuer);
+        set(&mut a.jwt.audience, &o.auth_jwt_audience);
+        set(&mut a.jwt.leeway_seconds, &o.auth_jwt_leeway_seconds);
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -499,6 +600,7 @@ impl Config {
                 "use letters, digits and '_' only (it is spliced into DDL)",
             ));
         }
+        self.validate_auth()?;
         if !self.mongo.uri.starts_with("mongodb://")
             && !self.mongo.uri.starts_with("mongodb+srv://")
         {
@@ -516,6 +618,58 @@ impl Config {
     }
 
     /// The effective configuration as TOML with secrets masked, for `config show`.
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let auth = &self.auth;
+        if auth.mode == AuthMode::Upstream {
+            let probe = &auth.upstream_probe;
+            let shape_ok = probe.split_once(' ').is_some_and(|(method, path)| {
+                http::Method::from_bytes(method.as_bytes()).is_ok()
+                    && (path.starts_with('/') || path.starts_with("{base}"))
+                    && path.contains("{id}")
+            });
+            if !shape_ok {
+                return Err(invalid(
+                    "auth.upstream_probe",
+                    probe,
+                    "expected \"METHOD /path\" naming {id}, e.g. \"GET {base}/Group/{id}\"",
+                ));
+            }
+        }
+        if auth.mode != AuthMode::Jwt {
+            return Ok(());
+        }
+        let jwt = &auth.jwt;
+        if jwt.jwks_file.is_empty() == jwt.jwks_url.is_empty() {
+            return Err(invalid(
+                "auth.jwt.jwks_file",
+                &jwt.jwks_file,
+                "jwt mode needs exactly one of auth.jwt.jwks_file and auth.jwt.jwks_url",
+            ));
+        }
+        if !jwt.jwks_url.is_empty() && !jwt.jwks_url.starts_with("http://") {
+            return Err(invalid(
+                "auth.jwt.jwks_url",
+                &jwt.jwks_url,
+                "only http:// is fetched (no TLS in this build): use a file refreshed by a job, or a local sidecar",
+            ));
+        }
+        if jwt.issuer.is_empty() {
+            return Err(invalid(
+                "auth.jwt.issuer",
+                "",
+                "jwt mode needs the issuer to trust",
+            ));
+        }
+        if jwt.audience.is_empty() {
+            return Err(invalid(
+                "auth.jwt.audience",
+                "[]",
+                "jwt mode needs at least one audience",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         if !shown.clickhouse.password.is_empty() {

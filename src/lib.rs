@@ -6,6 +6,7 @@
 //! - [`store`]: ClickHouse (member events) and MongoDB (Group metadata).
 //! - [`config`]: settings from file, environment and flags.
 
+pub mod auth;
 pub mod config;
 pub mod fhir;
 pub mod group;

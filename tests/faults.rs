@@ -185,6 +185,7 @@ async fn killed_stores_lose_no_acknowledged_write_and_show_no_unacknowledged_one
             mongo_uri: mongo_uri.clone(),
             database: database.clone(),
             base_path: "/4_0_0".into(),
+            access: Default::default(),
         })
         .await
         .expect("stand-in starts");

@@ -5,6 +5,7 @@ pub mod atr;
 pub mod group_read;
 pub mod group_resource;
 pub mod group_search;
+pub mod json_limits;
 pub mod member_patch;
 pub mod outcome;
 pub mod reference;

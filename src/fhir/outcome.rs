@@ -19,6 +19,8 @@ pub enum IssueType {
     Transient,
     Exception,
     Informational,
+    Login,
+    Forbidden,
 }
 
 impl IssueType {
@@ -38,6 +40,8 @@ impl IssueType {
             IssueType::Transient => "transient",
             IssueType::Exception => "exception",
             IssueType::Informational => "informational",
+            IssueType::Login => "login",
+            IssueType::Forbidden => "forbidden",
         }
     }
 }

@@ -65,6 +65,34 @@ pub fn rewrite_upstream_request(
     Ok(())
 }
 
+/// The client's request head (credentials and all) turned into a body-less
+/// `method path` request of the proxy's own: body framing and preconditions
+/// of the original do not apply to it.
+pub fn derived_request(
+    original: &RequestHeader,
+    method: http::Method,
+    path: &str,
+) -> Result<RequestHeader> {
+    let mut request = original.clone();
+    request.set_method(method);
+    let uri = path.parse::<http::Uri>().map_err(|e| {
+        pingora::Error::because(pingora::ErrorType::InternalError, "derived request path", e)
+    })?;
+    request.set_uri(uri);
+    for name in [
+        http::header::CONTENT_TYPE,
+        http::header::CONTENT_LENGTH,
+        http::header::TRANSFER_ENCODING,
+        http::header::EXPECT,
+        http::header::IF_MATCH,
+        http::header::IF_NONE_MATCH,
+    ] {
+        request.remove_header(&name);
+    }
+    request.remove_header("if-none-exist");
+    Ok(request)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ use crate::group::patch::{
 use crate::group::WriteError;
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::respond::send_outcome;
+use crate::proxy::route::JSON_PATCH;
 use crate::proxy::{FhirGroupProxy, RequestContext};
 use crate::store::group_documents::to_fhir_json;
 
@@ -103,6 +104,41 @@ pub async fn group_patch(
     Ok(next)
 }
 
+/// A PATCH in a format the proxy does not read (XML Patch, FHIRPath Patch):
+/// fine for the legacy server while it holds the roster; refused with 415 once
+/// the roster lives in the member store, which only JSON Patch reaches.
+pub async fn other_patch_format(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    group_id: &str,
+) -> Result<bool> {
+    let Some(service) = proxy.group_service.clone() else {
+        return Ok(false);
+    };
+    let id = group_id.to_string();
+    let outcome = match proxy
+        .on_stores(async move { service.roster_home(&id).await })
+        .await
+    {
+        Ok(Ok(crate::group::RosterHome::Events)) => Outcome::error(
+            415,
+            IssueType::NotSupported,
+            format!(
+                "Group/{group_id} keeps its members in the member store, which only JSON Patch \
+                 ({JSON_PATCH}) reaches; send the patch as JSON Patch"
+            ),
+        ),
+        Ok(Ok(_)) => return Ok(false),
+        Ok(Err(error)) => error.to_outcome(),
+        Err(outcome) => outcome,
+    };
+    ctx.intercepted = true;
+    let accept = [("accept-patch", JSON_PATCH.to_string())];
+    crate::proxy::respond::send_outcome_with(session, &outcome, &ctx.request_id, &accept).await?;
+    Ok(true)
+}
+
 /// Da Vinci ATR `$member-add` / `$member-remove` on a Group: the same write
 /// path as a member PATCH. Groups not migrated go to the legacy server.
 pub async fn atr_operation(
@@ -146,6 +182,9 @@ pub(crate) async fn write_members(
     let Some(service) = proxy.group_service.as_ref() else {
         return Ok(None);
     };
+    if upstream_part.is_none() && !may_write(proxy, session, ctx, base, group_id).await? {
+        return Ok(Some(Next::Answered));
+    }
     let headers = &session.req_header().headers;
     let if_match = match headers
         .get(http::header::IF_MATCH)
@@ -216,6 +255,41 @@ pub(crate) async fn write_members(
     }
 }
 
+/// For a write the legacy server never sees, under `auth.mode = "upstream"`:
+/// Groups still inline go to the legacy server anyway (no probe needed);
+/// otherwise the legacy server is asked first. `false`: answered here.
+async fn may_write(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+) -> Result<bool> {
+    let (crate::auth::Authorizer::Upstream { .. }, Some(service)) =
+        (&*proxy.authorizer, proxy.group_service.clone())
+    else {
+        return Ok(true);
+    };
+    let id = group_id.to_string();
+    match proxy
+        .on_stores(async move { service.roster_home(&id).await })
+        .await
+    {
+        Ok(Ok(crate::group::RosterHome::Inline)) => Ok(true),
+        Ok(Ok(_)) => {
+            crate::proxy::authorize::probe_upstream(proxy, session, ctx, base, group_id).await
+        }
+        Ok(Err(error)) => {
+            answer(session, ctx, &error.to_outcome()).await?;
+            Ok(false)
+        }
+        Err(outcome) => {
+            answer(session, ctx, &outcome).await?;
+            Ok(false)
+        }
+    }
+}
+
 /// The legacy server's reply to a write it stored without `member`, with the
 /// client's roster put back when the reply is the Group.
 pub(crate) fn with_members(mut reply: UpstreamReply, members: &serde_json::Value) -> UpstreamReply {
@@ -265,7 +339,16 @@ pub(crate) async fn read_intercepted_body(
         return Ok(Err(Next::Forward));
     }
     session.enable_retry_buffering();
+    let max_depth = proxy.config.fhir.max_json_depth;
     match read_body(session, proxy.config.fhir.max_intercepted_body_bytes).await? {
+        Ok(body) if crate::fhir::json_limits::nests_deeper_than(&body, max_depth) => {
+            let outcome = Outcome::error(
+                400,
+                IssueType::TooCostly,
+                format!("the request body nests JSON deeper than {max_depth} levels"),
+            );
+            Ok(Err(answer(session, ctx, &outcome).await?))
+        }
         Ok(body) => Ok(Ok(body)),
         Err(outcome) => Ok(Err(answer(session, ctx, &outcome).await?)),
     }
@@ -288,7 +371,7 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Result<Bytes, 
             return Ok(Err(Outcome::error(
                 413,
                 IssueType::TooLong,
-                format!("the request body exceeds the limit of {limit} bytes for Group PATCH"),
+                format!("the request body exceeds the limit of {limit} bytes (fhir.max_intercepted_body_bytes)"),
             )));
         }
         body.extend_from_slice(&chunk);

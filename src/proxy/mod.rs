@@ -2,6 +2,7 @@
 //! request, forward what is not ours byte for byte, and turn failures into
 //! FHIR OperationOutcomes.
 
+pub mod authorize;
 pub mod failure;
 pub mod forwarding;
 pub mod intercept;
@@ -41,6 +42,8 @@ pub enum ProxyError {
     Runtime(#[from] std::io::Error),
     #[error("cannot connect the member stores: {0}")]
     Stores(#[from] crate::group::WriteError),
+    #[error("cannot set up authorization: {0}")]
+    Auth(#[from] crate::auth::jwt::JwksError),
 }
 
 /// Per-request state shared by the phases.
@@ -62,6 +65,7 @@ pub struct FhirGroupProxy {
     /// `None` when member handling is disabled: everything is forwarded.
     pub(crate) group_service: Option<GroupService>,
     pub(crate) store_runtime: tokio::runtime::Handle,
+    pub(crate) authorizer: Arc<crate::auth::Authorizer>,
     /// Owns the runtime behind `store_runtime`.
     _store_runtime_owner: Arc<StoreRuntime>,
 }
@@ -98,7 +102,10 @@ impl FhirGroupProxy {
         } else {
             None
         };
+        let authorizer =
+            Arc::new(store_runtime.block_on(crate::auth::Authorizer::from_settings(&config.auth))?);
         Ok(Self {
+            authorizer,
             upstream_client: upstream_client::UpstreamClient::new(&config.upstream, upstream_addr),
             config,
             target,
@@ -317,7 +324,11 @@ impl ProxyHttp for FhirGroupProxy {
             session.write_continue_response().await?;
             ctx.continue_sent = true;
         }
-        match route::route(session.req_header(), &self.config.fhir.base_paths) {
+        let route = route::route(session.req_header(), &self.config.fhir.base_paths);
+        if authorize::check_token(self, session, ctx, &route).await? {
+            return Ok(true);
+        }
+        match route {
             Route::Passthrough => Ok(false),
             Route::GroupRead { base, group_id } => {
                 read::group_read(self, session, ctx, &base, &group_id).await
@@ -352,6 +363,9 @@ impl ProxyHttp for FhirGroupProxy {
                 group_id,
                 version,
             } => read::group_version_read(self, session, ctx, &base, &group_id, version).await,
+            Route::GroupPatchOtherFormat { group_id } => {
+                intercept::other_patch_format(self, session, ctx, &group_id).await
+            }
             Route::GroupPatch { base, group_id } => {
                 let next = intercept::group_patch(self, session, ctx, &base, &group_id).await?;
                 self.finish_intercept(session, ctx, next).await

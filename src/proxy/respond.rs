@@ -16,11 +16,24 @@ pub async fn send_outcome(
     outcome: &Outcome,
     request_id: &str,
 ) -> Result<()> {
+    send_outcome_with(session, outcome, request_id, &[]).await
+}
+
+/// [`send_outcome`] with extra headers (`WWW-Authenticate`, `Accept-Patch`).
+pub async fn send_outcome_with(
+    session: &mut Session,
+    outcome: &Outcome,
+    request_id: &str,
+    extra_headers: &[(&'static str, String)],
+) -> Result<()> {
     let body = Bytes::from(outcome.to_bytes());
     let mut header = ResponseHeader::build(outcome.status, Some(4))?;
     header.insert_header("content-type", FHIR_JSON)?;
     header.insert_header("content-length", body.len().to_string())?;
     header.insert_header("cache-control", "no-store")?;
+    for (name, value) in extra_headers {
+        header.insert_header(*name, value.clone())?;
+    }
     if !request_id.is_empty() {
         header.insert_header(X_REQUEST_ID, request_id.to_string())?;
     }

@@ -17,6 +17,7 @@ use crate::config::PutWithoutMember;
 use crate::fhir::group_resource::{parse_group_body, GroupBody};
 use crate::group::patch::{MemberEdit, UpstreamReply};
 use crate::group::{RosterHome, WriteError};
+use crate::proxy::forwarding::derived_request;
 use crate::proxy::intercept::{answer, forward, read_intercepted_body, relay, with_members, Next};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
@@ -197,27 +198,12 @@ async fn create(
 /// A DELETE with the client's headers (credentials) for undoing a create.
 /// For a POST the instance path is only known later (`{path}/{id}`).
 fn delete_request(original: &RequestHeader, id_pending: bool, path: &str) -> Result<RequestHeader> {
-    let mut request = original.clone();
-    request.set_method(http::Method::DELETE);
-    let uri = if id_pending {
+    let path = if id_pending {
         format!("{path}/")
     } else {
         path.to_string()
     };
-    request.set_uri(uri.parse().map_err(|e| {
-        pingora::Error::because(pingora::ErrorType::InternalError, "delete uri", e)
-    })?);
-    request.remove_header("if-none-exist");
-    for name in [
-        http::header::CONTENT_TYPE,
-        http::header::CONTENT_LENGTH,
-        http::header::TRANSFER_ENCODING,
-        http::header::EXPECT,
-        http::header::IF_MATCH,
-    ] {
-        request.remove_header(&name);
-    }
-    Ok(request)
+    derived_request(original, http::Method::DELETE, &path)
 }
 
 /// `{type path}/` (a POST's DELETE template) completed with the new id.

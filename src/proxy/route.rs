@@ -12,6 +12,9 @@ pub enum Route {
     /// A JSON Patch of a Group: the proxy reads the body to see whether its
     /// ops target `/member`.
     GroupPatch { base: String, group_id: String },
+    /// `PATCH {base}/Group/{id}` in another patch format (XML Patch, FHIRPath
+    /// Patch): the proxy cannot see which elements it touches.
+    GroupPatchOtherFormat { group_id: String },
     /// A read of a Group: members come from ClickHouse once it was migrated.
     GroupRead { base: String, group_id: String },
     /// `GET {base}/Group/{id}/$members`: one page of a migrated Group's members.
@@ -106,11 +109,11 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
     if request.method != http::Method::PATCH {
         return Route::Passthrough;
     }
-    if media_type(request).is_none_or(|media| !media.eq_ignore_ascii_case(JSON_PATCH)) {
-        return Route::Passthrough;
-    }
+    let is_json_patch =
+        media_type(request).is_some_and(|media| media.eq_ignore_ascii_case(JSON_PATCH));
     match group_id(request.uri.path(), base_paths) {
-        Some((base, group_id)) => Route::GroupPatch { base, group_id },
+        Some((base, group_id)) if is_json_patch => Route::GroupPatch { base, group_id },
+        Some((_, group_id)) => Route::GroupPatchOtherFormat { group_id },
         None => Route::Passthrough,
     }
 }
@@ -277,6 +280,23 @@ mod tests {
     }
 
     #[test]
+    fn other_patch_formats_of_groups_are_looked_at() {
+        for ct in [
+            Some("application/fhir+json"),
+            Some("application/xml-patch+xml"),
+            None,
+        ] {
+            assert_eq!(
+                route(&request("PATCH", "/4_0_0/Group/g", ct), &bases()),
+                Route::GroupPatchOtherFormat {
+                    group_id: "g".into()
+                },
+                "{ct:?}"
+            );
+        }
+    }
+
+    #[test]
     fn everything_else_passes_through() {
         for (method, path, ct) in [
             (
@@ -284,9 +304,6 @@ mod tests {
                 "/4_0_0/Group/g",
                 Some("application/json-patch+json"),
             ),
-            ("PATCH", "/4_0_0/Group/g", Some("application/fhir+json")),
-            ("PATCH", "/4_0_0/Group/g", Some("application/xml-patch+xml")),
-            ("PATCH", "/4_0_0/Group/g", None),
             (
                 "PATCH",
                 "/4_0_0/Patient/g",

@@ -45,11 +45,17 @@ pub struct Standin {
 
 impl Standin {
     pub async fn start() -> Standin {
+        Self::start_with_access(standin_legacy_fhir::AccessTokens::default()).await
+    }
+
+    /// A stand-in that enforces its own access control with these tokens.
+    pub async fn start_with_access(access: standin_legacy_fhir::AccessTokens) -> Standin {
         let database = unique_name("standin");
         let config = StandinConfig {
             mongo_uri: mongo_uri(),
             database: database.clone(),
             base_path: "/4_0_0".into(),
+            access,
         };
         let (addr, task) = spawn_on_free_port(config).await.expect(
             "stand-in legacy FHIR server starts (is FerretDB running? see scripts/test.sh)",
@@ -82,7 +88,18 @@ pub async fn start_with_member_stores(
     ProxyProcess,
     fhir_group_proxy::config::ClickHouseSettings,
 ) {
-    let standin = Standin::start().await;
+    start_with_member_stores_behind(Standin::start().await, extra).await
+}
+
+/// [`start_with_member_stores`] in front of a given stand-in.
+pub async fn start_with_member_stores_behind(
+    standin: Standin,
+    extra: &[(&str, &str)],
+) -> (
+    Standin,
+    ProxyProcess,
+    fhir_group_proxy::config::ClickHouseSettings,
+) {
     let clickhouse = fhir_group_proxy::config::ClickHouseSettings {
         url: clickhouse_url(),
         database: unique_name("fgp_test"),

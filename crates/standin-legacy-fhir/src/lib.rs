@@ -45,6 +45,33 @@ pub struct StandinConfig {
     pub database: String,
     /// FHIR base path, e.g. `/4_0_0`.
     pub base_path: String,
+    /// Bearer tokens the stand-in accepts; empty: no access control.
+    pub access: AccessTokens,
+}
+
+/// The stand-in's own access control, so tests can check that the proxy
+/// never lets a client do what the legacy server would refuse it.
+#[derive(Debug, Clone, Default)]
+pub struct AccessTokens {
+    /// `(token, may_write)`: read-only tokens may only GET.
+    pub tokens: Vec<(String, bool)>,
+}
+
+impl AccessTokens {
+    /// `None` when allowed; otherwise the refusal's status and reason.
+    pub fn refusal(&self, authorization: Option<&str>, writes: bool) -> Option<(u16, String)> {
+        if self.tokens.is_empty() {
+            return None;
+        }
+        let token = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match token.and_then(|t| self.tokens.iter().find(|(known, _)| known == t)) {
+            None => Some((401, "the stand-in requires a known bearer token".into())),
+            Some((_, false)) if writes => Some((403, "this token may only read".into())),
+            Some(_) => None,
+        }
+    }
 }
 
 impl StandinConfig {
@@ -54,6 +81,7 @@ impl StandinConfig {
             mongo_uri: mongo_uri.into(),
             database: database.into(),
             base_path: DEFAULT_BASE_PATH.to_string(),
+            access: AccessTokens::default(),
         }
     }
 }
@@ -70,6 +98,7 @@ struct Shared {
     storage: Storage,
     /// Normalised: starts with `/` unless empty, no trailing `/`.
     base_path: String,
+    access: AccessTokens,
 }
 
 /// The stand-in server; cheap to clone.
@@ -100,6 +129,7 @@ impl StandinServer {
             shared: Arc::new(Shared {
                 storage,
                 base_path: normalise_base_path(&config.base_path),
+                access: config.access.clone(),
             }),
         })
     }
@@ -155,7 +185,23 @@ impl StandinServer {
             let base = self.shared.base_path.as_str();
             match path.strip_prefix(base) {
                 Some(rest) if rest.starts_with('/') => {
-                    routes::handle(&self.shared.storage, base, request, rest).await
+                    let authorization = request
+                        .headers()
+                        .get(hyper::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok());
+                    let writes = request.method() != hyper::Method::GET;
+                    match self.shared.access.refusal(authorization, writes) {
+                        Some((status, why)) => outcome(
+                            StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED),
+                            if status == 401 {
+                                IssueCode::Login
+                            } else {
+                                IssueCode::Forbidden
+                            },
+                            why,
+                        ),
+                        None => routes::handle(&self.shared.storage, base, request, rest).await,
+                    }
                 }
                 _ => outcome(
                     StatusCode::NOT_FOUND,

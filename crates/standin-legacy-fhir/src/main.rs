@@ -42,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         mongo_uri: args.mongo_uri,
         database: args.database.clone(),
         base_path: args.base_path.clone(),
+        access: Default::default(),
     })
     .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;

@@ -15,6 +15,8 @@ pub enum IssueCode {
     Processing,
     NotSupported,
     Exception,
+    Login,
+    Forbidden,
 }
 
 impl IssueCode {
@@ -26,6 +28,8 @@ impl IssueCode {
             IssueCode::Processing => "processing",
             IssueCode::NotSupported => "not-supported",
             IssueCode::Exception => "exception",
+            IssueCode::Login => "login",
+            IssueCode::Forbidden => "forbidden",
         }
     }
 }

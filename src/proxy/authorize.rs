@@ -1,0 +1,146 @@
+//! The authorization step of requests the proxy may answer itself (see
+//! [`crate::auth`]): local JWT checks at routing time, or the upstream probe
+//! right before a member write that the legacy server would never see.
+
+use pingora::proxy::Session;
+use pingora::Result;
+
+use crate::auth::{probe_path, Action, AuthError, Authorizer};
+use crate::fhir::outcome::{IssueType, Outcome};
+use crate::proxy::forwarding::derived_request;
+use crate::proxy::respond::send_outcome_with;
+use crate::proxy::route::Route;
+use crate::proxy::{intercept, FhirGroupProxy, RequestContext};
+
+/// What a routed request does to the Group, for the scope check.
+pub fn action_of(route: &Route) -> Option<Action> {
+    Some(match route {
+        Route::Passthrough => return None,
+        Route::GroupPatch { .. }
+        | Route::GroupPatchOtherFormat { .. }
+        | Route::GroupAtrOperation { .. }
+        | Route::GroupUpdate { .. } => Action::Update,
+        Route::GroupCreate { .. } => Action::Create,
+        Route::GroupDelete { .. } => Action::Delete,
+        Route::GroupRead { .. } | Route::GroupMembers { .. } | Route::GroupVersionRead { .. } => {
+            Action::Read
+        }
+        Route::GroupSearchByMember { .. } => Action::Search,
+    })
+}
+
+/// JWT mode: checks the token for every request on a route the proxy may
+/// answer itself, whether or not its Group is migrated (the answer must not
+/// depend on, or reveal, where a roster lives). `true` when refused (answered).
+pub async fn check_token(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    route: &Route,
+) -> Result<bool> {
+    let (Authorizer::Jwt(verifier), Some(action)) = (&*proxy.authorizer, action_of(route)) else {
+        return Ok(false);
+    };
+    if proxy.group_service.is_none() {
+        return Ok(false);
+    }
+    let authorization = session
+        .req_header()
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match verifier
+        .authorize(authorization.as_deref(), "Group", action)
+        .await
+    {
+        Ok(subject) => {
+            tracing::debug!(request_id = %ctx.request_id, subject = %subject.subject, ?action, "token accepted");
+            Ok(false)
+        }
+        Err(refusal) => {
+            tracing::info!(request_id = %ctx.request_id, %refusal, "request refused");
+            refuse(session, ctx, &refusal).await?;
+            Ok(true)
+        }
+    }
+}
+
+async fn refuse(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    refusal: &AuthError,
+) -> Result<()> {
+    ctx.intercepted = true;
+    let challenge = [("www-authenticate", refusal.challenge())];
+    send_outcome_with(session, &refusal.outcome(), &ctx.request_id, &challenge).await
+}
+
+/// Upstream mode: asks the legacy server, with the client's own credentials,
+/// whether this client may touch Group `id` before the proxy writes members
+/// the legacy server never sees. `Ok(true)`: go ahead; `Ok(false)`: answered
+/// (the legacy server's 401/403/404 passed back unchanged, or an error).
+pub async fn probe_upstream(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+) -> Result<bool> {
+    let Authorizer::Upstream {
+        probe_method,
+        probe_path: template,
+    } = &*proxy.authorizer
+    else {
+        return Ok(true);
+    };
+    let path = probe_path(template, base, group_id);
+    let mut probe = derived_request(session.req_header(), probe_method.clone(), &path)?;
+    // A write probe is an empty JSON Patch conditional on a version that
+    // never exists: a server checking access first answers 401/403 to a
+    // client that may not write, 412 to one that may, and changes nothing.
+    let writes = !matches!(*probe_method, http::Method::GET | http::Method::HEAD);
+    let body = if writes {
+        probe.insert_header(http::header::CONTENT_TYPE, "application/json-patch+json")?;
+        probe.insert_header(http::header::IF_MATCH, "W/\"0\"")?;
+        bytes::Bytes::from_static(b"[]")
+    } else {
+        bytes::Bytes::new()
+    };
+    proxy.rewrite_for_upstream(session, &mut probe, ctx)?;
+    let reply = match proxy.upstream_client.send_buffered(&probe, body).await {
+        Ok(reply) => reply,
+        Err(outcome) => {
+            let outcome = Outcome::error(
+                outcome.status,
+                IssueType::Transient,
+                format!(
+                    "access to Group/{group_id} cannot be confirmed with the legacy server: {}",
+                    outcome.first_diagnostics()
+                ),
+            );
+            intercept::answer(session, ctx, &outcome).await?;
+            return Ok(false);
+        }
+    };
+    match reply.status {
+        200..=299 => Ok(true),
+        412 if writes => Ok(true),
+        401 | 403 | 404 | 410 => {
+            ctx.intercepted = true;
+            intercept::relay(session, ctx, reply).await?;
+            Ok(false)
+        }
+        status => {
+            let outcome = Outcome::error(
+                502,
+                IssueType::Transient,
+                format!(
+                    "access to Group/{group_id} cannot be confirmed: the legacy server answered the access probe with {status}"
+                ),
+            );
+            intercept::answer(session, ctx, &outcome).await?;
+            Ok(false)
+        }
+    }
+}
