@@ -675,6 +675,22 @@ mod tests {
         let mut config = Config::default();
         config.fhir.base_paths = vec!["4_0_0/".into()];
         assert!(config.validate().is_err());
+
+        let mut config = Config::default();
+        config.server.admin_listen = "localhost".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server.admin_listen"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_admin_listen_disables_the_admin_listener() {
+        let mut config = Config::default();
+        config.apply(&Overrides {
+            admin_listen: Some(String::new()),
+            ..Overrides::default()
+        });
+        config.validate().expect("empty admin_listen is valid");
+        assert!(config.server.admin_listen.is_empty());
     }
 
     #[test]
