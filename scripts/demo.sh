@@ -7,6 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PROXY_PORT="${FGP_DEMO_PROXY_PORT:-8080}"
 STANDIN_PORT="${FGP_DEMO_STANDIN_PORT:-18080}"
+ADMIN_PORT="${FGP_DEMO_ADMIN_PORT:-9090}"
 
 ensure_all_installed
 start_services_for_this_script
@@ -33,6 +34,7 @@ cat >&2 <<MSG
   fhir-group-proxy demo stack
   ---------------------------
   proxy (use this)           http://127.0.0.1:$PROXY_PORT/4_0_0
+  admin (metrics, health)    http://127.0.0.1:$ADMIN_PORT/metrics  /healthz  /readyz
   stand-in legacy server     http://127.0.0.1:$STANDIN_PORT/4_0_0   (log: $RUN_DIR/standin/log)
   ClickHouse                 $FGP_TEST_CLICKHOUSE_URL
   FerretDB (MongoDB wire)    $FGP_TEST_MONGO_URI  database fhir_demo
@@ -45,7 +47,7 @@ cat >&2 <<MSG
 
 MSG
 
-FGP_LISTEN="127.0.0.1:$PROXY_PORT" \
+FGP_LISTEN="127.0.0.1:$PROXY_PORT" FGP_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT" \
 FGP_UPSTREAM_URL="http://127.0.0.1:$STANDIN_PORT" \
 FGP_CLICKHOUSE_URL="$FGP_TEST_CLICKHOUSE_URL" FGP_CLICKHOUSE_DATABASE=fhir_demo \
 FGP_MONGO_URI="$FGP_TEST_MONGO_URI" FGP_MONGO_DATABASE=fhir_demo \

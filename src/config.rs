@@ -108,11 +108,16 @@ impl Default for JwtSettings {
 pub struct ServerSettings {
     /// Address the proxy listens on.
     pub listen: String,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`);
+    /// empty disables it.
+    pub admin_listen: String,
     /// Worker threads; 0 means one per CPU core.
     pub threads: usize,
-    /// After SIGTERM/SIGINT, seconds to keep accepting while load balancers notice.
+    /// After SIGTERM, seconds to keep accepting (with `/readyz` answering 503)
+    /// while load balancers notice.
     pub grace_period_seconds: u64,
-    /// Then at most this many seconds for in-flight requests to finish.
+    /// Then at most this many seconds for in-flight requests and the member
+    /// writes they started to finish.
     pub graceful_shutdown_timeout_seconds: u64,
 }
 
@@ -120,6 +125,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
             threads: 0,
             grace_period_seconds: 1,
             graceful_shutdown_timeout_seconds: 10,
@@ -302,13 +308,16 @@ pub struct Overrides {
     /// Address to listen on [server.listen]
     #[arg(long, env = "FGP_LISTEN", global = true)]
     pub listen: Option<String>,
+    /// Admin listener address for /metrics, /healthz, /readyz; empty disables [server.admin_listen]
+    #[arg(long, env = "FGP_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<String>,
     /// Worker threads, 0 = one per core [server.threads]
     #[arg(long, env = "FGP_THREADS", global = true)]
     pub threads: Option<usize>,
-    /// Seconds to keep accepting after SIGTERM [server.grace_period_seconds]
+    /// Seconds to keep accepting after SIGTERM, /readyz answering 503 [server.grace_period_seconds]
     #[arg(long, env = "FGP_GRACE_PERIOD_SECONDS", global = true)]
     pub grace_period_seconds: Option<u64>,
-    /// Seconds in-flight requests get to finish on shutdown [server.graceful_shutdown_timeout_seconds]
+    /// Seconds in-flight requests and writes get to finish on shutdown [server.graceful_shutdown_timeout_seconds]
     #[arg(long, env = "FGP_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", global = true)]
     pub graceful_shutdown_timeout_seconds: Option<u64>,
     /// Base URL of the legacy FHIR server [upstream.url]
@@ -473,6 +482,7 @@ impl Config {
             }
         }
         set(&mut self.server.listen, &o.listen);
+        set(&mut self.server.admin_listen, &o.admin_listen);
         set(&mut self.server.threads, &o.threads);
         set(
             &mut self.server.grace_period_seconds,
@@ -555,6 +565,12 @@ impl Config {
             .listen
             .parse::<SocketAddr>()
             .map_err(|e| invalid("server.listen", &self.server.listen, e))?;
+        if !self.server.admin_listen.is_empty() {
+            self.server
+                .admin_listen
+                .parse::<SocketAddr>()
+                .map_err(|e| invalid("server.admin_listen", &self.server.admin_listen, e))?;
+        }
         UpstreamTarget::parse(&self.upstream.url)?;
         for base in &self.fhir.base_paths {
             if !base.starts_with('/') || (base.len() > 1 && base.ends_with('/')) {
@@ -821,6 +837,22 @@ mod tests {
         let mut config = Config::default();
         config.fhir.base_paths = vec!["4_0_0/".into()];
         assert!(config.validate().is_err());
+
+        let mut config = Config::default();
+        config.server.admin_listen = "localhost".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server.admin_listen"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_admin_listen_disables_the_admin_listener() {
+        let mut config = Config::default();
+        config.apply(&Overrides {
+            admin_listen: Some(String::new()),
+            ..Overrides::default()
+        });
+        config.validate().expect("empty admin_listen is valid");
+        assert!(config.server.admin_listen.is_empty());
     }
 
     #[test]

@@ -5,10 +5,12 @@
 //! - [`fhir`]: pure FHIR and JSON Patch logic, no I/O.
 //! - [`store`]: ClickHouse (member events) and MongoDB (Group metadata).
 //! - [`config`]: settings from file, environment and flags.
+//! - [`operations`]: metrics, health, readiness and graceful shutdown.
 
 pub mod auth;
 pub mod config;
 pub mod fhir;
 pub mod group;
+pub mod operations;
 pub mod proxy;
 pub mod store;

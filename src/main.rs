@@ -25,8 +25,13 @@ struct Cli {
     #[arg(long, env = "FGP_LOG", default_value = "info", global = true)]
     log: String,
 
-    /// Log as JSON lines instead of human-readable text
-    #[arg(long, env = "FGP_LOG_JSON", global = true)]
+    /// Log as JSON lines instead of human-readable text (FGP_LOG_JSON: 1/true/yes/on or 0/false/no/off)
+    #[arg(
+        long,
+        env = "FGP_LOG_JSON",
+        global = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     log_json: bool,
 
     #[command(flatten)]
@@ -75,12 +80,27 @@ fn main() -> anyhow::Result<()> {
         Command::Serve => {
             tracing::info!(
                 listen = %config.server.listen,
+                admin_listen = %config.server.admin_listen,
                 upstream = %config.upstream.url,
                 "fhir-group-proxy starting"
             );
             let server =
                 fhir_group_proxy::proxy::build_server(config).context("cannot start the proxy")?;
-            server.run_forever()
+            let summary = server.run().context("the proxy stopped abnormally")?;
+            if summary.unfinished_requests + summary.unfinished_store_tasks > 0 {
+                tracing::warn!(
+                    unfinished_requests = summary.unfinished_requests,
+                    unfinished_store_tasks = summary.unfinished_store_tasks,
+                    drain_ms = summary.drain_time.as_millis() as u64,
+                    "fhir-group-proxy stopped before all work was done"
+                );
+            } else {
+                tracing::info!(
+                    drain_ms = summary.drain_time.as_millis() as u64,
+                    "fhir-group-proxy stopped; in-flight requests and member writes finished"
+                );
+            }
+            Ok(())
         }
     }
 }

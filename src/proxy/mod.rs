@@ -15,6 +15,7 @@ pub mod upstream_client;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::http::ResponseHeader;
@@ -24,10 +25,16 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::{Error, Result};
 use thiserror::Error as ThisError;
+use tracing::Instrument;
 
 use crate::config::{Config, ConfigError, UpstreamTarget};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::{GroupService, StoreRuntime};
+use crate::operations::metrics::{metrics, Disposition, UpstreamClientKind};
+use crate::operations::shutdown::{
+    InFlightGuard, Lifecycle, ShutdownSettings, ShutdownSummary, StoreTasks,
+};
+use crate::operations::{admin, readiness, trace_context};
 use forwarding::{rewrite_upstream_request, ClientFacts, X_REQUEST_ID};
 use intercept::Next;
 use route::Route;
@@ -44,10 +51,14 @@ pub enum ProxyError {
     Stores(#[from] crate::group::WriteError),
     #[error("cannot set up authorization: {0}")]
     Auth(#[from] crate::auth::jwt::JwksError),
+    #[error("cannot open the admin listener on {addr} (server.admin_listen): {source}")]
+    AdminListen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// Per-request state shared by the phases.
-#[derive(Default)]
 pub struct RequestContext {
     /// `X-Request-Id` from the client, or one generated here; sent upstream and back.
     pub request_id: String,
@@ -55,6 +66,15 @@ pub struct RequestContext {
     pub continue_sent: bool,
     /// The proxy answered this request itself.
     pub intercepted: bool,
+    /// [`Route::name`] of the request, for metrics and the access log.
+    pub route: &'static str,
+    /// Trace id of a valid W3C `traceparent` (forwarded unchanged).
+    pub trace_id: Option<String>,
+    pub started: Instant,
+    /// Carries the request id (and trace id) into every log line of the request.
+    pub span: tracing::Span,
+    /// Shutdown waits for this request while it lives.
+    _in_flight: InFlightGuard,
 }
 
 pub struct FhirGroupProxy {
@@ -64,14 +84,16 @@ pub struct FhirGroupProxy {
     pub(crate) upstream_client: upstream_client::UpstreamClient,
     /// `None` when member handling is disabled: everything is forwarded.
     pub(crate) group_service: Option<GroupService>,
-    pub(crate) store_runtime: tokio::runtime::Handle,
+    /// Request work on the store runtime, tracked for graceful shutdown.
+    pub(crate) store_runtime: StoreTasks,
+    lifecycle: Arc<Lifecycle>,
     pub(crate) authorizer: Arc<crate::auth::Authorizer>,
     /// Owns the runtime behind `store_runtime`.
-    _store_runtime_owner: Arc<StoreRuntime>,
+    store_runtime_owner: Arc<StoreRuntime>,
 }
 
 impl FhirGroupProxy {
-    pub fn new(config: Arc<Config>) -> Result<Self, ProxyError> {
+    pub fn new(config: Arc<Config>, lifecycle: Arc<Lifecycle>) -> Result<Self, ProxyError> {
         let target = config.upstream_target()?;
         // Resolved once at start: a lookup per request would block a worker thread.
         let upstream_addr = (target.host.as_str(), target.port)
@@ -111,8 +133,9 @@ impl FhirGroupProxy {
             target,
             upstream_addr,
             group_service,
-            store_runtime: store_runtime.handle(),
-            _store_runtime_owner: store_runtime,
+            store_runtime: StoreTasks::new(store_runtime.handle()),
+            lifecycle,
+            store_runtime_owner: store_runtime,
         })
     }
 
@@ -145,6 +168,82 @@ impl FhirGroupProxy {
                     limit.as_millis()
                 ),
             )),
+        }
+    }
+
+    /// Starts the admin listener (metrics, health, readiness) on the store runtime.
+    fn start_admin_listener(&self, addr: &str) -> Result<(), ProxyError> {
+        let listen_error = |source| ProxyError::AdminListen {
+            addr: addr.to_string(),
+            source,
+        };
+        let listener = admin::bind(addr).map_err(listen_error)?;
+        let state = Arc::new(admin::AdminState {
+            readiness: readiness::Readiness::new(
+                self.upstream_addr,
+                self.group_service.clone(),
+                self.lifecycle.clone(),
+            ),
+            lifecycle: self.lifecycle.clone(),
+        });
+        admin::spawn(listener, state, &self.store_runtime_owner.handle()).map_err(listen_error)
+    }
+
+    /// The work of `request_filter`, inside the request's span.
+    async fn route_request(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<bool> {
+        // Like nginx, answer `Expect: 100-continue` here and forward without
+        // it: pingora would otherwise wait for a body the client holds back.
+        if pingora::protocols::http::v1::common::is_expect_continue_req(session.req_header()) {
+            session.write_continue_response().await?;
+            ctx.continue_sent = true;
+        }
+        let route = route::route(session.req_header(), &self.config.fhir.base_paths);
+        ctx.route = route.name();
+        if authorize::check_token(self, session, ctx, &route).await? {
+            return Ok(true);
+        }
+        match route {
+            Route::Passthrough => Ok(false),
+            Route::GroupRead { base, group_id } => {
+                read::group_read(self, session, ctx, &base, &group_id).await
+            }
+            Route::GroupAtrOperation {
+                base,
+                group_id,
+                operation,
+            } => {
+                let next =
+                    intercept::atr_operation(self, session, ctx, &base, &group_id, operation)
+                        .await?;
+                self.finish_intercept(session, ctx, next).await
+            }
+            Route::GroupUpdate { base, group_id } => {
+                let next = roster_write::group_update(self, session, ctx, &base, &group_id).await?;
+                self.finish_intercept(session, ctx, next).await
+            }
+            Route::GroupCreate { .. } => {
+                let next = roster_write::group_create(self, session, ctx).await?;
+                self.finish_intercept(session, ctx, next).await
+            }
+            Route::GroupDelete { group_id, .. } => self.delete_group(session, ctx, &group_id).await,
+            Route::GroupSearchByMember { base } => {
+                search::group_member_search(self, session, ctx, &base).await
+            }
+            Route::GroupMembers { base, group_id } => {
+                read::members_page(self, session, ctx, &base, &group_id).await
+            }
+            Route::GroupVersionRead {
+                base,
+                group_id,
+                version,
+            } => read::group_version_read(self, session, ctx, &base, &group_id, version).await,
+            Route::GroupPatchOtherFormat { group_id } => {
+                intercept::other_patch_format(self, session, ctx, &group_id).await
+            }
+            Route::GroupPatch { base, group_id } => {
+                let next = intercept::group_patch(self, session, ctx, &base, &group_id).await?;
+                self.finish_intercept(session, ctx, next).await
+            }
         }
     }
 
@@ -302,75 +401,42 @@ impl ProxyHttp for FhirGroupProxy {
     type CTX = RequestContext;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestContext::default()
+        RequestContext {
+            request_id: String::new(),
+            continue_sent: false,
+            intercepted: false,
+            route: Route::Passthrough.name(),
+            trace_id: None,
+            started: Instant::now(),
+            span: tracing::Span::none(),
+            _in_flight: self.lifecycle.track_request(),
+        }
     }
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
-        ctx.request_id = session
-            .req_header()
-            .headers
+        let headers = &session.req_header().headers;
+        ctx.request_id = headers
             .get(X_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 200)
             .map(str::to_string)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        ctx.trace_id = headers
+            .get(trace_context::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_context::trace_id)
+            .map(str::to_string);
+        ctx.span = tracing::info_span!(
+            "request",
+            request_id = %ctx.request_id,
+            trace_id = ctx.trace_id.as_deref(),
+        );
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        // Like nginx, answer `Expect: 100-continue` here and forward without
-        // it: pingora would otherwise wait for a body the client holds back.
-        if pingora::protocols::http::v1::common::is_expect_continue_req(session.req_header()) {
-            session.write_continue_response().await?;
-            ctx.continue_sent = true;
-        }
-        let route = route::route(session.req_header(), &self.config.fhir.base_paths);
-        if authorize::check_token(self, session, ctx, &route).await? {
-            return Ok(true);
-        }
-        match route {
-            Route::Passthrough => Ok(false),
-            Route::GroupRead { base, group_id } => {
-                read::group_read(self, session, ctx, &base, &group_id).await
-            }
-            Route::GroupAtrOperation {
-                base,
-                group_id,
-                operation,
-            } => {
-                let next =
-                    intercept::atr_operation(self, session, ctx, &base, &group_id, operation)
-                        .await?;
-                self.finish_intercept(session, ctx, next).await
-            }
-            Route::GroupUpdate { base, group_id } => {
-                let next = roster_write::group_update(self, session, ctx, &base, &group_id).await?;
-                self.finish_intercept(session, ctx, next).await
-            }
-            Route::GroupCreate { .. } => {
-                let next = roster_write::group_create(self, session, ctx).await?;
-                self.finish_intercept(session, ctx, next).await
-            }
-            Route::GroupDelete { group_id, .. } => self.delete_group(session, ctx, &group_id).await,
-            Route::GroupSearchByMember { base } => {
-                search::group_member_search(self, session, ctx, &base).await
-            }
-            Route::GroupMembers { base, group_id } => {
-                read::members_page(self, session, ctx, &base, &group_id).await
-            }
-            Route::GroupVersionRead {
-                base,
-                group_id,
-                version,
-            } => read::group_version_read(self, session, ctx, &base, &group_id, version).await,
-            Route::GroupPatchOtherFormat { group_id } => {
-                intercept::other_patch_format(self, session, ctx, &group_id).await
-            }
-            Route::GroupPatch { base, group_id } => {
-                let next = intercept::group_patch(self, session, ctx, &base, &group_id).await?;
-                self.finish_intercept(session, ctx, next).await
-            }
-        }
+        let span = ctx.span.clone();
+        self.route_request(session, ctx).instrument(span).await
     }
 
     async fn upstream_peer(
@@ -408,7 +474,11 @@ impl ProxyHttp for FhirGroupProxy {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let Some(outcome) = failure::outcome_for_proxy_error(e) else {
+        let outcome = failure::outcome_for_proxy_error(e);
+        if let (pingora::ErrorSource::Upstream, Some(outcome)) = (e.esource(), &outcome) {
+            metrics().upstream_error(outcome.status, UpstreamClientKind::Pingora);
+        }
+        let Some(outcome) = outcome else {
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,
@@ -423,50 +493,112 @@ impl ProxyHttp for FhirGroupProxy {
         }
     }
 
+    /// The access log line and the request metrics.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session
             .response_written()
             .map_or(0, |resp| resp.status.as_u16());
         let request = session.req_header();
+        let elapsed = ctx.started.elapsed();
+        let disposition = if ctx.intercepted {
+            Disposition::Intercepted
+        } else {
+            Disposition::Forwarded
+        };
+        metrics().request_done(ctx.route, &request.method, status, disposition, elapsed);
+        let duration_ms = elapsed.as_micros() as f64 / 1_000.0;
         match e {
             Some(error) => tracing::warn!(
                 request_id = %ctx.request_id,
+                trace_id = ctx.trace_id.as_deref(),
                 method = %request.method,
                 path = %request.uri.path(),
                 status,
+                duration_ms,
+                route = ctx.route,
+                intercepted = ctx.intercepted,
                 error = %error,
                 "request failed"
             ),
-            None => tracing::debug!(
+            None => tracing::info!(
                 request_id = %ctx.request_id,
+                trace_id = ctx.trace_id.as_deref(),
                 method = %request.method,
                 path = %request.uri.path(),
                 status,
+                duration_ms,
+                route = ctx.route,
+                intercepted = ctx.intercepted,
                 "request done"
             ),
         }
     }
 }
 
-/// Builds the pingora server with the proxy service listening on `server.listen`.
-pub fn build_server(config: Config) -> Result<Server, ProxyError> {
+/// The pingora server with the proxy service, the admin listener, and what
+/// graceful shutdown needs to drain.
+pub struct ProxyServer {
+    server: Server,
+    lifecycle: Arc<Lifecycle>,
+    store_tasks: StoreTasks,
+    shutdown: ShutdownSettings,
+    /// Keeps the store runtime alive until `run` returns: the last owner
+    /// must not be pingora's service, dropped inside its own runtime.
+    _store_runtime: Arc<StoreRuntime>,
+}
+
+impl ProxyServer {
+    /// Serves until SIGTERM/SIGINT, then drains (see [`crate::operations::shutdown`]).
+    pub fn run(self) -> std::io::Result<ShutdownSummary> {
+        crate::operations::shutdown::run_until_drained(
+            self.server,
+            self.lifecycle,
+            &self.store_tasks,
+            self.shutdown,
+        )
+    }
+}
+
+/// Builds the pingora server with the proxy service listening on
+/// `server.listen`, and starts the admin listener on `server.admin_listen`.
+pub fn build_server(config: Config) -> Result<ProxyServer, ProxyError> {
     let threads = match config.server.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    let shutdown = ShutdownSettings {
+        grace_period: Duration::from_secs(config.server.grace_period_seconds),
+        drain_timeout: Duration::from_secs(config.server.graceful_shutdown_timeout_seconds),
+    };
     let server_conf = ServerConf {
         threads,
-        grace_period_seconds: Some(config.server.grace_period_seconds),
-        graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout_seconds),
+        // pingora keeps its runtimes (and so the requests on them) alive this
+        // long after it stops accepting; the drain in `run` ends the process
+        // as soon as nothing is left, at the latest after the same time.
+        grace_period_seconds: Some(config.server.graceful_shutdown_timeout_seconds),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(Opt::default(), server_conf);
     server.bootstrap();
 
     let listen = config.server.listen.clone();
-    let proxy = FhirGroupProxy::new(Arc::new(config))?;
+    let admin_listen = config.server.admin_listen.clone();
+    let lifecycle = Lifecycle::new();
+    let proxy = FhirGroupProxy::new(Arc::new(config), lifecycle.clone())?;
+    if !admin_listen.is_empty() {
+        proxy.start_admin_listener(&admin_listen)?;
+    }
+    let store_tasks = proxy.store_runtime.clone();
+    let store_runtime = proxy.store_runtime_owner.clone();
     let mut service = http_proxy_service(&server.configuration, proxy);
     service.add_tcp(&listen);
     server.add_service(service);
-    Ok(server)
+    Ok(ProxyServer {
+        server,
+        lifecycle,
+        store_tasks,
+        shutdown,
+        _store_runtime: store_runtime,
+    })
 }

@@ -43,6 +43,25 @@ pub enum Route {
     },
 }
 
+impl Route {
+    /// A fixed name for metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Passthrough => "passthrough",
+            Route::GroupPatch { .. } => "group_patch",
+            Route::GroupPatchOtherFormat { .. } => "group_patch_other_format",
+            Route::GroupRead { .. } => "group_read",
+            Route::GroupMembers { .. } => "group_members",
+            Route::GroupAtrOperation { .. } => "group_atr_operation",
+            Route::GroupUpdate { .. } => "group_update",
+            Route::GroupCreate { .. } => "group_create",
+            Route::GroupDelete { .. } => "group_delete",
+            Route::GroupSearchByMember { .. } => "group_search_by_member",
+            Route::GroupVersionRead { .. } => "group_version_read",
+        }
+    }
+}
+
 pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
     if request.method == http::Method::GET {
         let path = request.uri.path();

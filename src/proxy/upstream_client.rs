@@ -15,6 +15,7 @@ use pingora::proxy::Session;
 use crate::config::UpstreamSettings;
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::patch::UpstreamReply;
+use crate::operations::metrics::{metrics, UpstreamClientKind};
 
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -51,7 +52,7 @@ impl UpstreamClient {
         let body = tokio::time::timeout(self.read_timeout, response.into_body().collect())
             .await
             .map_err(|_| upstream_timeout())?
-            .map_err(|e| internal(format!("upstream body failed: {e}")))?
+            .map_err(|e| upstream_broken(format!("upstream body failed: {e}")))?
             .to_bytes();
         Ok(UpstreamReply {
             status,
@@ -93,13 +94,7 @@ impl UpstreamClient {
         tokio::time::timeout(self.read_timeout, self.client.request(outgoing))
             .await
             .map_err(|_| upstream_timeout())?
-            .map_err(|e| {
-                Outcome::error(
-                    502,
-                    IssueType::Transient,
-                    format!("the upstream FHIR server is unreachable: {e}"),
-                )
-            })
+            .map_err(|e| upstream_broken(format!("the upstream FHIR server is unreachable: {e}")))
     }
 
     /// Sends `request` (already rewritten for the upstream) with `body`, and
@@ -130,7 +125,7 @@ impl UpstreamClient {
                 .map_err(|_| upstream_timeout())?;
             match frame {
                 None => break,
-                Some(Err(e)) => return Err(internal(format!("upstream body failed: {e}"))),
+                Some(Err(e)) => return Err(upstream_broken(format!("upstream body failed: {e}"))),
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         session
@@ -149,7 +144,9 @@ impl UpstreamClient {
     }
 }
 
+/// 504, counted as an upstream error.
 fn upstream_timeout() -> Outcome {
+    metrics().upstream_error(504, UpstreamClientKind::Direct);
     Outcome::error(
         504,
         IssueType::Timeout,
@@ -157,6 +154,14 @@ fn upstream_timeout() -> Outcome {
     )
 }
 
+/// 502 for an upstream that is unreachable or broke off, counted as an upstream error.
+fn upstream_broken(message: String) -> Outcome {
+    metrics().upstream_error(502, UpstreamClientKind::Direct);
+    Outcome::error(502, IssueType::Transient, message)
+}
+
+/// 502 for a failure on the client side of a relayed answer (not counted
+/// as an upstream error).
 fn internal(message: String) -> Outcome {
     Outcome::error(502, IssueType::Transient, message)
 }

@@ -93,7 +93,7 @@ impl EventStore {
         let client = crate::store::clickhouse::connect(settings);
 
         let staging_client = client.clone();
-        let staging = GroupCommit::spawn(batch, move |rows: Vec<MemberEventRow>| {
+        let staging = GroupCommit::spawn("staging", batch, move |rows: Vec<MemberEventRow>| {
             let client = staging_client.clone();
             async move {
                 insert_rows(&client, EVENTS_STAGED, rows)
@@ -103,7 +103,7 @@ impl EventStore {
         });
 
         let publishing_client = client.clone();
-        let publishing = GroupCommit::spawn(batch, move |tokens: Vec<String>| {
+        let publishing = GroupCommit::spawn("publishing", batch, move |tokens: Vec<String>| {
             let client = publishing_client.clone();
             async move {
                 publish_tokens(&client, tokens)

@@ -45,14 +45,15 @@ impl<T> Clone for GroupCommit<T> {
 
 impl<T: Send + 'static> GroupCommit<T> {
     /// Starts the writer task on the current tokio runtime. `flush` writes one
-    /// batch; its error text reaches every writer of that batch.
-    pub fn spawn<F, Fut>(settings: BatchSettings, flush: F) -> Self
+    /// batch; its error text reaches every writer of that batch. `writer`
+    /// names it in metrics and logs.
+    pub fn spawn<F, Fut>(writer: &'static str, settings: BatchSettings, flush: F) -> Self
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
         let (jobs, receiver) = mpsc::channel(4096);
-        tokio::spawn(run(settings, receiver, flush));
+        tokio::spawn(run(writer, settings, receiver, flush));
         Self { jobs }
     }
 
@@ -70,8 +71,12 @@ impl<T: Send + 'static> GroupCommit<T> {
     }
 }
 
-async fn run<T, F, Fut>(settings: BatchSettings, mut receiver: mpsc::Receiver<Job<T>>, flush: F)
-where
+async fn run<T, F, Fut>(
+    writer: &'static str,
+    settings: BatchSettings,
+    mut receiver: mpsc::Receiver<Job<T>>,
+    flush: F,
+) where
     F: Fn(Vec<T>) -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
@@ -91,10 +96,19 @@ where
         let batch_rows = rows.len();
         let started = std::time::Instant::now();
         let result = flush(rows).await.map_err(|e| BatchError::Flush(e.into()));
+        let elapsed = started.elapsed();
+        crate::operations::metrics::metrics().batch_flushed(
+            writer,
+            batch_rows,
+            waiters.len(),
+            elapsed,
+            result.is_ok(),
+        );
         tracing::debug!(
+            writer,
             rows = batch_rows,
             writers = waiters.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_ms = elapsed.as_millis() as u64,
             ok = result.is_ok(),
             "group commit flush"
         );
@@ -114,6 +128,7 @@ mod tests {
         let batches: Arc<Mutex<Vec<usize>>> = Arc::default();
         let seen = batches.clone();
         let commit = GroupCommit::spawn(
+            "test",
             BatchSettings {
                 max_rows: 1_000,
                 max_delay: Duration::from_millis(20),
@@ -143,6 +158,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_flush_fails_every_writer_in_it() {
         let commit = GroupCommit::spawn(
+            "test",
             BatchSettings {
                 max_rows: 10,
                 max_delay: Duration::from_millis(5),

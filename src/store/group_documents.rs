@@ -64,6 +64,7 @@ pub struct MemberState {
 
 #[derive(Clone)]
 pub struct GroupDocuments {
+    database: mongodb::Database,
     groups: Collection<Document>,
     history: Collection<Document>,
     states: Collection<Document>,
@@ -73,11 +74,17 @@ pub struct GroupDocuments {
 impl GroupDocuments {
     pub fn new(database: &mongodb::Database) -> Self {
         Self {
+            database: database.clone(),
             groups: database.collection(GROUP_COLLECTION),
             history: database.collection(GROUP_HISTORY_COLLECTION),
             states: database.collection(MEMBER_STATE_COLLECTION),
             locks: database.collection(MEMBER_LOCK_COLLECTION),
         }
+    }
+
+    /// Whether MongoDB answers (for readiness probes).
+    pub async fn ping(&self) -> Result<(), DocumentStoreError> {
+        Ok(crate::store::mongo::ping(&self.database).await?)
     }
 
     /// The head of Group `id`, without its member array.

@@ -3,6 +3,8 @@
 //! multi-document transactions.
 
 use mongodb::bson::doc;
+use mongodb::event::command::CommandEvent;
+use mongodb::event::EventHandler;
 use mongodb::options::ClientOptions;
 
 use crate::config::MongoSettings;
@@ -20,10 +22,26 @@ pub async fn connect(settings: &MongoSettings) -> Result<mongodb::Database, mong
     if options.connect_timeout.is_none() {
         options.connect_timeout = Some(std::time::Duration::from_secs(2));
     }
+    options.command_event_handler = Some(EventHandler::callback(record_command));
     let client = mongodb::Client::with_options(options)?;
     Ok(client.database(&settings.database))
 }
 
 pub async fn ping(database: &mongodb::Database) -> Result<(), mongodb::error::Error> {
     database.run_command(doc! { "ping": 1 }).await.map(|_| ())
+}
+
+/// The one place every MongoDB command of the proxy passes: its latency goes
+/// to the metrics, by command name and outcome.
+fn record_command(event: CommandEvent) {
+    let metrics = crate::operations::metrics::metrics();
+    match event {
+        CommandEvent::Succeeded(done) => {
+            metrics.mongo_command(&done.command_name, done.duration, true)
+        }
+        CommandEvent::Failed(failed) => {
+            metrics.mongo_command(&failed.command_name, failed.duration, false)
+        }
+        _ => {}
+    }
 }

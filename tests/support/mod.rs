@@ -123,18 +123,40 @@ pub async fn start_with_member_stores_behind(
 /// The proxy binary running as a child process; killed on drop.
 pub struct ProxyProcess {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`), unless disabled
+    /// with `FGP_ADMIN_LISTEN=""`.
+    pub admin_addr: Option<SocketAddr>,
     child: Child,
 }
 
 impl ProxyProcess {
     /// Starts the proxy in front of `upstream_url`, with extra `FGP_*` settings.
     pub fn start(upstream_url: &str, settings: &[(&str, &str)]) -> ProxyProcess {
+        Self::start_with_stderr(upstream_url, settings, Stdio::inherit())
+    }
+
+    /// Like [`ProxyProcess::start`], with the proxy's log (stderr) going to `stderr`.
+    pub fn start_with_stderr(
+        upstream_url: &str,
+        settings: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> ProxyProcess {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let admin_listen = settings
+            .iter()
+            .rev()
+            .find(|(key, _)| *key == "FGP_ADMIN_LISTEN")
+            .map_or_else(
+                || format!("127.0.0.1:{}", free_port()),
+                |(_, v)| v.to_string(),
+            );
+        let admin_addr = admin_listen.parse().ok();
         let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-group-proxy"));
         command
             .arg("serve")
             .env("FGP_LISTEN", addr.to_string())
+            .env("FGP_ADMIN_LISTEN", &admin_listen)
             .env("FGP_UPSTREAM_URL", upstream_url)
             .env("FGP_THREADS", "2")
             .env("FGP_GRACE_PERIOD_SECONDS", "0")
@@ -150,7 +172,8 @@ impl ProxyProcess {
             .env("FGP_MONGO_URI", mongo_uri())
             .env("FGP_MONGO_DATABASE", unique_name("fgp_proxy"))
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            .stderr(stderr);
         for (key, value) in settings {
             command.env(key, value);
         }
@@ -166,11 +189,21 @@ impl ProxyProcess {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        ProxyProcess { addr, child }
+        ProxyProcess {
+            addr,
+            admin_addr,
+            child,
+        }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `http://` + the admin listener's address.
+    pub fn admin_url(&self) -> String {
+        let addr = self.admin_addr.expect("the admin listener is enabled");
+        format!("http://{addr}")
     }
 
     /// Peak resident memory of the proxy process so far, in KiB (Linux).
@@ -187,9 +220,30 @@ impl ProxyProcess {
 
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.send_sigterm();
         self.child.wait().expect("the proxy exits")
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn send_sigterm(&self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -TERM {pid} failed");
+    }
+
+    /// The exit status once the process has exited, `None` if it still runs
+    /// after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("process status") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
