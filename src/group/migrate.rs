@@ -38,7 +38,7 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use mongodb::bson::{Bson, Document, RawDocumentBuf};
+use mongodb::bson::{Bson, Document, RawArrayBuf, RawDocumentBuf};
 
 use crate::fhir::group_read::member_json;
 use crate::fhir::group_resource::{roster_diff, RosterEntry};
@@ -444,31 +444,31 @@ impl GroupService {
             Ok(found) => found,
             Err(outcome) => return Ok(outcome),
         };
-        // Room for the array: the rest of the document, its key and framing.
+        // Room for the array: the rest of the document, the array's key and type.
         let room = MAX_DOCUMENT_BYTES
             .saturating_sub(stored.size_without_members()?)
-            .saturating_sub(16);
+            .saturating_sub("member".len() + 2);
         drop(stored);
 
         let mut roster = self.events.roster(&head.group_key, None)?;
-        let mut members = Vec::new();
+        let mut members = RawArrayBuf::new();
         let mut checksum = RosterChecksum::default();
-        let mut array_bytes = 5;
         while let Some(member) = roster.next().await.map_err(EventStoreError::from)? {
             let attributes = member.attributes();
-            let element = member_document(&member_json(&member.entity_reference, &attributes))?;
-            array_bytes += encoded_element_size(members.len(), &element)?;
-            if array_bytes > room {
+            members.push(member_document(&member_json(
+                &member.entity_reference,
+                &attributes,
+            ))?);
+            if members.as_bytes().len() > room {
                 return Ok(GroupOutcome::Failed(format!(
                     "the roster has more than {} members, which do not fit in one MongoDB \
                      document (16 MiB); it stays in ClickHouse",
-                    members.len()
+                    checksum.members()
                 )));
             }
             checksum.add(&member.entity_reference, &attributes);
-            members.push(Bson::Document(element));
         }
-        let count = members.len() as u64;
+        let count = checksum.members();
         if !self
             .documents
             .restore_inline_members(id, &version_id, members)
@@ -562,18 +562,13 @@ fn inject_row_fault(fault: Option<MigrationFault>, rows: &mut Vec<MemberEventRow
     }
 }
 
-fn member_document(member: &serde_json::Value) -> Result<Document, WriteError> {
+fn member_document(member: &serde_json::Value) -> Result<RawDocumentBuf, WriteError> {
     let serde_json::Value::Object(object) = member else {
         return Err(internal("a member is not a JSON object"));
     };
-    Document::try_from(object.clone()).map_err(|e| internal(&format!("member as BSON: {e}")))
-}
-
-/// Bytes `element` adds to a BSON array at `index` (type byte, key, value).
-fn encoded_element_size(index: usize, element: &Document) -> Result<usize, WriteError> {
-    let raw = RawDocumentBuf::from_document(element)
-        .map_err(|e| internal(&format!("member as BSON: {e}")))?;
-    Ok(1 + index.to_string().len() + 1 + raw.as_bytes().len())
+    let as_bson = |e: &dyn std::fmt::Display| internal(&format!("member as BSON: {e}"));
+    let document = Document::try_from(object.clone()).map_err(|e| as_bson(&e))?;
+    RawDocumentBuf::from_document(&document).map_err(|e| as_bson(&e))
 }
 
 fn internal(what: &str) -> WriteError {
@@ -668,23 +663,5 @@ mod tests {
         assert_eq!(rows[0].entity_reference, "Patient/b");
         inject_row_fault(None, &mut rows);
         assert_eq!(rows.len(), 1);
-    }
-
-    #[test]
-    fn element_sizes_match_bson_encoding() {
-        let element = member_document(&member_json(
-            "Patient/1",
-            &crate::fhir::member_patch::MemberAttributes::default(),
-        ))
-        .unwrap();
-        let mut array = mongodb::bson::doc! {};
-        array.insert("0", element.clone());
-        array.insert("10", element.clone());
-        let whole = RawDocumentBuf::from_document(&array).unwrap();
-        assert_eq!(
-            5 + encoded_element_size(0, &element).unwrap()
-                + encoded_element_size(10, &element).unwrap(),
-            whole.as_bytes().len()
-        );
     }
 }

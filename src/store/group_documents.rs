@@ -14,7 +14,7 @@
 //!   may not be published yet (see `group::recovery`).
 
 use mongodb::bson::raw::ValueAccessErrorKind;
-use mongodb::bson::{doc, Bson, DateTime, Document, RawArray, RawDocumentBuf};
+use mongodb::bson::{doc, Bson, DateTime, Document, RawArray, RawArrayBuf, RawDocumentBuf};
 use mongodb::options::ReturnDocument;
 use mongodb::Collection;
 
@@ -33,6 +33,8 @@ pub enum DocumentStoreError {
     Ambiguous { id: String },
     #[error("Group/{id} in MongoDB is malformed: {what}")]
     Malformed { id: String, what: String },
+    #[error("MongoDB refused to update Group/{id}: {what}")]
+    Refused { id: String, what: String },
 }
 
 /// What a member write needs to know of a Group document.
@@ -65,6 +67,7 @@ pub struct MemberState {
 
 #[derive(Clone)]
 pub struct GroupDocuments {
+    database: mongodb::Database,
     groups: Collection<Document>,
     history: Collection<Document>,
     states: Collection<Document>,
@@ -74,6 +77,7 @@ pub struct GroupDocuments {
 impl GroupDocuments {
     pub fn new(database: &mongodb::Database) -> Self {
         Self {
+            database: database.clone(),
             groups: database.collection(GROUP_COLLECTION),
             history: database.collection(GROUP_HISTORY_COLLECTION),
             states: database.collection(MEMBER_STATE_COLLECTION),
@@ -518,22 +522,53 @@ impl GroupDocuments {
         Ok(result.matched_count > 0)
     }
 
-    /// Writes `members` back as the inline `member` array, unless the
-    /// document moved past `version_id` meanwhile. True when written.
+    /// Writes `members` back as the inline `member` array (none: no array),
+    /// unless the document moved past `version_id` meanwhile. True when
+    /// written. The array goes out as raw BSON, built once: a roster near the
+    /// 16 MiB limit is never held as a tree of documents.
     pub async fn restore_inline_members(
         &self,
         id: &str,
         version_id: &Bson,
-        members: Vec<Bson>,
+        members: RawArrayBuf,
     ) -> Result<bool, DocumentStoreError> {
-        let result = self
-            .groups
-            .update_one(
-                doc! { "id": id, "meta.versionId": version_id.clone() },
-                doc! { "$set": { "member": members }, "$unset": { "_memberStorage": "" } },
-            )
-            .await?;
-        Ok(result.matched_count > 0)
+        let refused = |what: String| DocumentStoreError::Refused {
+            id: id.to_string(),
+            what,
+        };
+        let mut unset = RawDocumentBuf::new();
+        unset.append("_memberStorage", "");
+        let mut update = RawDocumentBuf::new();
+        if members.is_empty() {
+            unset.append("member", "");
+        } else {
+            let mut set = RawDocumentBuf::new();
+            set.append("member", members);
+            update.append("$set", set);
+        }
+        update.append("$unset", unset);
+        let mut statement = RawDocumentBuf::new();
+        statement.append(
+            "q",
+            RawDocumentBuf::from_document(&doc! { "id": id, "meta.versionId": version_id.clone() })
+                .map_err(|e| refused(e.to_string()))?,
+        );
+        statement.append("u", update);
+        let mut updates = RawArrayBuf::new();
+        updates.push(statement);
+        let mut command = RawDocumentBuf::new();
+        command.append("update", GROUP_COLLECTION);
+        command.append("updates", updates);
+        let reply = self.database.run_raw_command(command).await?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            return Err(refused(format!("{errors:?}")));
+        }
+        let matched = match reply.get("n") {
+            Some(Bson::Int32(n)) => i64::from(*n),
+            Some(Bson::Int64(n)) => *n,
+            _ => return Err(refused(format!("unexpected reply {reply}"))),
+        };
+        Ok(matched > 0)
     }
 
     /// Extends our lock on Group `id` (long migrations); false when it is no
