@@ -51,6 +51,33 @@ enum Command {
     CheckStores,
     /// Create the ClickHouse database, tables and views (idempotent; also done at start)
     SchemaApply,
+    /// Move the inline members of existing Groups into ClickHouse (or back, with --reverse)
+    ///
+    /// Per Group, under its write lock: stage and publish its members as events,
+    /// verify them (count and checksum read back from ClickHouse), then mark it
+    /// migrated and remove its inline `member` array. Resumable and idempotent:
+    /// run it again after an interruption or a failure.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// Only the Groups with these ids (repeat the flag or separate with commas)
+    #[arg(long = "id", value_name = "ID", value_delimiter = ',')]
+    ids: Vec<String>,
+    /// Only the Groups matching this MongoDB filter, as JSON, e.g. '{"type":"person"}'
+    #[arg(long, value_name = "JSON")]
+    query: Option<String>,
+    /// Write the rosters back into the Group documents and mark the Groups not migrated
+    #[arg(long)]
+    reverse: bool,
+    /// Members per ClickHouse insert
+    #[arg(long, default_value_t = fhir_group_proxy::group::migrate::DEFAULT_CHUNK_SIZE as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    chunk_size: u32,
+    /// FOR TESTS ONLY: injects a fault (see src/group/migrate.rs)
+    #[arg(long, env = "FGP_MIGRATE_FAULT", hide = true)]
+    fault: Option<fhir_group_proxy::group::migrate::MigrationFault>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Migrate(args) => migrate(&config, args),
         Command::Serve => {
             tracing::info!(
                 listen = %config.server.listen,
@@ -122,6 +150,104 @@ fn check_stores(config: &Config) -> anyhow::Result<()> {
         println!("MongoDB database {}: ok", config.mongo.database);
         Ok(())
     })
+}
+
+fn migrate(config: &Config, args: MigrateArgs) -> anyhow::Result<()> {
+    use fhir_group_proxy::fhir::migration::{GroupOutcome, MigrationSummary};
+    use fhir_group_proxy::group::migrate::MigrateOptions;
+
+    let filter = migration_filter(&args)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start a tokio runtime")?;
+    runtime.block_on(async {
+        fhir_group_proxy::store::events::apply_schema(&config.clickhouse)
+            .await
+            .context("cannot apply the ClickHouse schema")?;
+        let service = fhir_group_proxy::group::GroupService::connect(config)
+            .await
+            .context("cannot connect the member stores")?;
+        let ids = service
+            .documents
+            .group_ids(filter)
+            .await
+            .context("cannot list the Groups in MongoDB")?;
+        let options = MigrateOptions {
+            chunk_size: args.chunk_size as usize,
+            fault: args.fault,
+        };
+        let started = std::time::Instant::now();
+        let mut summary = MigrationSummary::default();
+        for missing in args.ids.iter().filter(|id| ids.binary_search(id).is_err()) {
+            summary.record(missing, &GroupOutcome::Failed("no Group has this id".into()));
+        }
+        let bar = progress_bar(ids.len() as u64);
+        let mut members = 0u64;
+        for id in &ids {
+            bar.set_message(format!("{members} members moved; Group/{id}"));
+            let mut on_members = |moved: u64| {
+                members += moved;
+                bar.set_message(format!("{members} members moved; Group/{id}"));
+            };
+            let outcome = if args.reverse {
+                service.reverse_group(id, &mut on_members).await
+            } else {
+                service.migrate_group(id, &options, &mut on_members).await
+            };
+            match &outcome {
+                GroupOutcome::Failed(why) => tracing::warn!(group = %id, reason = %why, "Group left as it was"),
+                GroupOutcome::Skipped(why) => tracing::debug!(group = %id, reason = %why, "Group skipped"),
+                GroupOutcome::Moved { members } => tracing::debug!(group = %id, members, "Group moved"),
+            }
+            summary.record(id, &outcome);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let moved_word = if args.reverse { "reversed" } else { "migrated" };
+        print!("{}", summary.render(moved_word, started.elapsed()));
+        if !summary.succeeded() {
+            anyhow::bail!(
+                "{} Group(s) were left as they were; fix what the summary names and run migrate again",
+                summary.failures.len()
+            );
+        }
+        Ok(())
+    })
+}
+
+/// The MongoDB filter selecting the Groups to migrate.
+fn migration_filter(args: &MigrateArgs) -> anyhow::Result<mongodb::bson::Document> {
+    use mongodb::bson::{doc, Document};
+    let query = match &args.query {
+        None => None,
+        Some(text) => {
+            let value: serde_json::Value =
+                serde_json::from_str(text).context("--query is not valid JSON")?;
+            let serde_json::Value::Object(object) = value else {
+                anyhow::bail!("--query must be a JSON object (a MongoDB filter), got {text}");
+            };
+            Some(Document::try_from(object).context("--query is not a valid MongoDB filter")?)
+        }
+    };
+    let ids = (!args.ids.is_empty()).then(|| doc! { "id": { "$in": &args.ids } });
+    Ok(match (query, ids) {
+        (Some(query), Some(ids)) => doc! { "$and": [query, ids] },
+        (Some(only), None) | (None, Some(only)) => only,
+        (None, None) => doc! {},
+    })
+}
+
+/// Groups done out of all, on stderr; hidden when stderr is not a terminal.
+fn progress_bar(groups: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(groups);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "[{elapsed_precise}] {bar:30} {pos}/{len} Groups, {msg} (eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    bar
 }
 
 fn init_logging(filter: &str, json: bool) -> anyhow::Result<()> {

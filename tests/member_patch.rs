@@ -95,12 +95,7 @@ impl Stack {
     }
 
     async fn group_document(&self, id: &str) -> Document {
-        self.mongo
-            .collection::<Document>("Group_4_0_0")
-            .find_one(doc! {"id": id})
-            .await
-            .unwrap()
-            .expect("group document")
+        group_document(&self.mongo, id).await
     }
 
     async fn group_key(&self, id: &str) -> String {
@@ -132,12 +127,7 @@ impl Stack {
     }
 
     async fn event_count(&self, id: &str) -> u64 {
-        self.clickhouse
-            .query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_key = ?")
-            .bind(self.group_key(id).await)
-            .fetch_one::<u64>()
-            .await
-            .unwrap()
+        published_event_count(&self.clickhouse, &self.group_key(id).await).await
     }
 }
 

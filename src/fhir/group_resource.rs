@@ -116,7 +116,7 @@ fn parse_roster(members: &Value) -> Result<Vec<RosterEntry>, Outcome> {
 
 /// A member error found by the patch parser speaks of "operation 0"; in a
 /// resource body it is about `Group.member[index]`.
-fn at_member(mut outcome: Outcome, index: usize) -> Outcome {
+pub(crate) fn at_member(mut outcome: Outcome, index: usize) -> Outcome {
     let location = format!("Group.member[{index}]");
     for issue in &mut outcome.issues {
         let why = issue

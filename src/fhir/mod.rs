@@ -7,6 +7,7 @@ pub mod group_resource;
 pub mod group_search;
 pub mod json_limits;
 pub mod member_patch;
+pub mod migration;
 pub mod outcome;
 pub mod reference;
 

@@ -7,7 +7,7 @@ use std::future::Future;
 
 use crate::fhir::outcome::Outcome;
 use crate::group::patch::UpstreamReply;
-use crate::store::events::{event_sequence, EventType, MemberEventRow};
+use crate::store::events::{event_sequence, EventType, MemberEventRow, RosterRow};
 
 use super::{GroupService, WriteError};
 
@@ -58,7 +58,17 @@ impl GroupService {
         };
         // The legacy server records the delete as the next version.
         let version = head.version + 1;
-        let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        let removals = Removals {
+            group_key: &head.group_key,
+            group_id: id,
+            version,
+            // One event per member at this version: a shared op index
+            // keeps `sequence` in range for any roster size.
+            op_index: 0,
+            token,
+            request_id,
+            event_time_ms: chrono::Utc::now().timestamp_millis().max(0) as u64,
+        };
         let mut roster = self.events.roster(&head.group_key, None)?;
         let mut rows = Vec::with_capacity(TOMBSTONE_CHUNK);
         let mut tombstones = 0;
@@ -67,31 +77,7 @@ impl GroupService {
             .await
             .map_err(crate::store::events::EventStoreError::from)?
         {
-            rows.push(MemberEventRow {
-                group_key: head.group_key.clone(),
-                group_id: id.to_string(),
-                group_version: version,
-                token: token.to_string(),
-                request_id: request_id.to_string(),
-                // One event per member at this version: a shared op index
-                // keeps `sequence` in range for any roster size.
-                op_index: 0,
-                sequence: event_sequence(version, 0),
-                entity_type: member
-                    .entity_reference
-                    .split('/')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-                entity_reference: member.entity_reference,
-                event_type: EventType::Removed,
-                period_start: String::new(),
-                period_end: String::new(),
-                inactive: 0,
-                member_delta: -1,
-                active_delta: if member.inactive == 1 { 0 } else { -1 },
-                event_time_ms: now_ms,
-            });
+            rows.push(removals.row(member));
             if rows.len() == TOMBSTONE_CHUNK {
                 tombstones += rows.len();
                 self.events.stage(std::mem::take(&mut rows)).await?;
@@ -103,5 +89,45 @@ impl GroupService {
         self.documents.forget(id).await?;
         tracing::info!(group = id, tombstones, "deleted Group's roster tombstoned");
         Ok(reply)
+    }
+}
+
+/// `removed` events for current members, all at one position of a version.
+pub(super) struct Removals<'a> {
+    pub group_key: &'a str,
+    pub group_id: &'a str,
+    pub version: u64,
+    pub op_index: usize,
+    pub token: &'a str,
+    pub request_id: &'a str,
+    pub event_time_ms: u64,
+}
+
+impl Removals<'_> {
+    /// The event removing `member` (present, as the roster lists it).
+    pub fn row(&self, member: RosterRow) -> MemberEventRow {
+        MemberEventRow {
+            group_key: self.group_key.to_string(),
+            group_id: self.group_id.to_string(),
+            group_version: self.version,
+            token: self.token.to_string(),
+            request_id: self.request_id.to_string(),
+            op_index: self.op_index as u32,
+            sequence: event_sequence(self.version, self.op_index),
+            entity_type: member
+                .entity_reference
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            entity_reference: member.entity_reference,
+            event_type: EventType::Removed,
+            period_start: String::new(),
+            period_end: String::new(),
+            inactive: 0,
+            member_delta: -1,
+            active_delta: if member.inactive == 1 { 0 } else { -1 },
+            event_time_ms: self.event_time_ms,
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod create;
 pub mod delete;
+pub mod migrate;
 pub mod patch;
 pub mod read;
 pub mod recovery;

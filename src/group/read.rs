@@ -53,6 +53,14 @@ impl GroupService {
                 ),
             )));
         }
+        // Groups not migrated (a reversed or unfinished migration) may keep
+        // events in ClickHouse; their inline members are the truth.
+        let ids: Vec<&str> = groups.iter().map(|g| g.group_id.as_str()).collect();
+        let migrated = self.documents.migrated_among(&ids).await?;
+        let groups: Vec<_> = groups
+            .into_iter()
+            .filter(|g| migrated.contains(&g.group_id))
+            .collect();
         let keys: Vec<&str> = groups.iter().map(|g| g.group_key.as_str()).collect();
         let counts = self.events.counts_of(&keys).await?;
         Ok(groups

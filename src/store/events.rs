@@ -225,6 +225,21 @@ impl EventStore {
             .await?)
     }
 
+    /// The highest `sequence` among the group's published events; `None`
+    /// when it has none.
+    pub async fn last_sequence(&self, group_key: &str) -> Result<Option<u64>, EventStoreError> {
+        let found = self
+            .client
+            .query(&format!(
+                "SELECT count() AS events, max(sequence) AS last_sequence \
+                 FROM {EVENTS} WHERE group_key = ?"
+            ))
+            .bind(group_key)
+            .fetch_one::<SequenceRange>()
+            .await?;
+        Ok((found.events > 0).then_some(found.last_sequence))
+    }
+
     /// Whether the write with `token` has already been published.
     pub async fn is_published(
         &self,
@@ -242,6 +257,12 @@ impl EventStore {
             .await?;
         Ok(found > 0)
     }
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct SequenceRange {
+    events: u64,
+    last_sequence: u64,
 }
 
 /// One current member, as a Group read lists it.

@@ -13,7 +13,8 @@
 //! - `pending`: a write whose Mongo commit may have happened but whose events
 //!   may not be published yet (see `group::recovery`).
 
-use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::bson::raw::ValueAccessErrorKind;
+use mongodb::bson::{doc, Bson, DateTime, Document, RawArray, RawArrayBuf, RawDocumentBuf};
 use mongodb::options::ReturnDocument;
 use mongodb::Collection;
 
@@ -32,6 +33,8 @@ pub enum DocumentStoreError {
     Ambiguous { id: String },
     #[error("Group/{id} in MongoDB is malformed: {what}")]
     Malformed { id: String, what: String },
+    #[error("MongoDB refused to update Group/{id}: {what}")]
+    Refused { id: String, what: String },
 }
 
 /// What a member write needs to know of a Group document.
@@ -407,6 +410,241 @@ impl GroupDocuments {
     }
 }
 
+/// A Group document as stored, unparsed: a migration walks its `member`
+/// array without building a second copy of it (a document is at most 16 MiB).
+pub struct StoredGroup {
+    id: String,
+    raw: RawDocumentBuf,
+}
+
+impl StoredGroup {
+    /// `meta.versionId` exactly as stored, for conditional updates.
+    pub fn version_id(&self) -> Result<Bson, DocumentStoreError> {
+        let meta = self
+            .raw
+            .get_document("meta")
+            .map_err(|e| self.malformed(&format!("meta: {e}")))?;
+        let version_id = meta
+            .get("versionId")
+            .map_err(|e| self.malformed(&format!("meta.versionId: {e}")))?
+            .ok_or_else(|| self.malformed("meta.versionId missing"))?;
+        Bson::try_from(version_id.to_raw_bson())
+            .map_err(|e| self.malformed(&format!("meta.versionId: {e}")))
+    }
+
+    pub fn version(&self) -> Result<u64, DocumentStoreError> {
+        parse_version(&self.id, Some(&self.version_id()?))
+    }
+
+    fn member_array(&self) -> Result<Option<&RawArray>, DocumentStoreError> {
+        match self.raw.get_array("member") {
+            Ok(array) => Ok(Some(array)),
+            Err(e) if matches!(e.kind, ValueAccessErrorKind::NotPresent) => Ok(None),
+            Err(e) => Err(self.malformed(&format!("member is not an array: {e}"))),
+        }
+    }
+
+    /// How many members the document holds inline.
+    pub fn member_count(&self) -> Result<usize, DocumentStoreError> {
+        Ok(self
+            .member_array()?
+            .map_or(0, |array| array.into_iter().count()))
+    }
+
+    /// The inline members as FHIR JSON, in array order, one at a time.
+    pub fn members(
+        &self,
+    ) -> Result<
+        impl Iterator<Item = Result<serde_json::Value, DocumentStoreError>> + '_,
+        DocumentStoreError,
+    > {
+        let array = self.member_array()?;
+        Ok(array.into_iter().flatten().map(move |item| {
+            let item = item.map_err(|e| self.malformed(&format!("member: {e}")))?;
+            let value = Bson::try_from(item.to_raw_bson())
+                .map_err(|e| self.malformed(&format!("member: {e}")))?;
+            Ok(bson_to_json(&value))
+        }))
+    }
+
+    /// Bytes the document takes without its `member` array.
+    pub fn size_without_members(&self) -> Result<usize, DocumentStoreError> {
+        let members = self.member_array()?.map_or(0, |a| a.as_bytes().len());
+        Ok(self.raw.as_bytes().len() - members)
+    }
+
+    fn malformed(&self, what: &str) -> DocumentStoreError {
+        DocumentStoreError::Malformed {
+            id: self.id.clone(),
+            what: what.to_string(),
+        }
+    }
+}
+
+impl GroupDocuments {
+    /// Group `id` as stored, members included (for migrations only).
+    pub async fn stored_group(&self, id: &str) -> Result<Option<StoredGroup>, DocumentStoreError> {
+        let mut cursor = self
+            .groups
+            .clone_with_type::<RawDocumentBuf>()
+            .find(doc! { "id": id })
+            .limit(2)
+            .await?;
+        let mut found = None;
+        while cursor.advance().await? {
+            if found.is_some() {
+                return Err(DocumentStoreError::Ambiguous { id: id.into() });
+            }
+            found = Some(StoredGroup {
+                id: id.to_string(),
+                raw: RawDocumentBuf::from_bytes(cursor.current().as_bytes().to_vec()).map_err(
+                    |e| DocumentStoreError::Malformed {
+                        id: id.to_string(),
+                        what: e.to_string(),
+                    },
+                )?,
+            });
+        }
+        Ok(found)
+    }
+
+    /// The ids of the Groups matching `filter`, sorted.
+    pub async fn group_ids(&self, filter: Document) -> Result<Vec<String>, DocumentStoreError> {
+        let mut cursor = self
+            .groups
+            .find(filter)
+            .projection(doc! { "id": 1 })
+            .await?;
+        let mut ids = Vec::new();
+        while cursor.advance().await? {
+            if let Ok(id) = cursor.current().get_str("id") {
+                ids.push(id.to_string());
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Records where Group `id` keeps its members: in ClickHouse, or inline.
+    pub async fn set_migrated(&self, id: &str, migrated: bool) -> Result<(), DocumentStoreError> {
+        let update = if migrated {
+            doc! { "$set": { "storage": STORAGE_CLICKHOUSE } }
+        } else {
+            doc! { "$unset": { "storage": "" } }
+        };
+        self.states
+            .update_one(doc! { "_id": id }, update)
+            .upsert(migrated)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes the inline `member` array of a migrated Group, unless the
+    /// document moved past `version_id` meanwhile. True when it was removed.
+    pub async fn strip_inline_members(
+        &self,
+        id: &str,
+        version_id: &Bson,
+    ) -> Result<bool, DocumentStoreError> {
+        let result = self
+            .groups
+            .update_one(
+                doc! { "id": id, "meta.versionId": version_id.clone() },
+                doc! { "$unset": { "member": "" }, "$set": { "_memberStorage": STORAGE_CLICKHOUSE } },
+            )
+            .await?;
+        Ok(result.matched_count > 0)
+    }
+
+    /// Writes `members` back as the inline `member` array (none: no array),
+    /// unless the document moved past `version_id` meanwhile. True when
+    /// written. The array goes out as raw BSON, built once: a roster near the
+    /// 16 MiB limit is never held as a tree of documents.
+    pub async fn restore_inline_members(
+        &self,
+        id: &str,
+        version_id: &Bson,
+        members: RawArrayBuf,
+    ) -> Result<bool, DocumentStoreError> {
+        let refused = |what: String| DocumentStoreError::Refused {
+            id: id.to_string(),
+            what,
+        };
+        let mut unset = RawDocumentBuf::new();
+        unset.append("_memberStorage", "");
+        let mut update = RawDocumentBuf::new();
+        if members.is_empty() {
+            unset.append("member", "");
+        } else {
+            let mut set = RawDocumentBuf::new();
+            set.append("member", members);
+            update.append("$set", set);
+        }
+        update.append("$unset", unset);
+        let mut statement = RawDocumentBuf::new();
+        statement.append(
+            "q",
+            RawDocumentBuf::from_document(&doc! { "id": id, "meta.versionId": version_id.clone() })
+                .map_err(|e| refused(e.to_string()))?,
+        );
+        statement.append("u", update);
+        let mut updates = RawArrayBuf::new();
+        updates.push(statement);
+        let mut command = RawDocumentBuf::new();
+        command.append("update", GROUP_COLLECTION);
+        command.append("updates", updates);
+        let reply = self.database.run_raw_command(command).await?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            return Err(refused(format!("{errors:?}")));
+        }
+        let matched = match reply.get("n") {
+            Some(Bson::Int32(n)) => i64::from(*n),
+            Some(Bson::Int64(n)) => *n,
+            _ => return Err(refused(format!("unexpected reply {reply}"))),
+        };
+        Ok(matched > 0)
+    }
+
+    /// Extends our lock on Group `id` (long migrations); false when it is no
+    /// longer ours.
+    pub async fn renew_lease(
+        &self,
+        id: &str,
+        token: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, DocumentStoreError> {
+        let expires =
+            DateTime::from_millis(DateTime::now().timestamp_millis() + ttl.as_millis() as i64);
+        let result = self
+            .locks
+            .update_one(
+                doc! { "_id": id, "token": token },
+                doc! { "$set": { "expiresAt": expires } },
+            )
+            .await?;
+        Ok(result.matched_count > 0)
+    }
+
+    /// Which of `ids` keep their members in ClickHouse.
+    pub async fn migrated_among(
+        &self,
+        ids: &[&str],
+    ) -> Result<std::collections::HashSet<String>, DocumentStoreError> {
+        let mut cursor = self
+            .states
+            .find(doc! { "_id": { "$in": ids }, "storage": STORAGE_CLICKHOUSE })
+            .await?;
+        let mut migrated = std::collections::HashSet::new();
+        while cursor.advance().await? {
+            if let Ok(id) = cursor.current().get_str("_id") {
+                migrated.insert(id.to_string());
+            }
+        }
+        Ok(migrated)
+    }
+}
+
 /// The key of a Group's member events: its `_uuid`, suffixed from the second
 /// generation on (after the Group was deleted and created again).
 pub fn member_key(uuid: &str, generation: i64) -> String {
@@ -431,6 +669,22 @@ fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
     }
 }
 
+fn parse_version(id: &str, version_id: Option<&Bson>) -> Result<u64, DocumentStoreError> {
+    let malformed = |what: &str| DocumentStoreError::Malformed {
+        id: id.to_string(),
+        what: what.to_string(),
+    };
+    match version_id {
+        Some(Bson::String(s)) => s
+            .parse::<u64>()
+            .map_err(|_| malformed("meta.versionId is not a number")),
+        // Tolerated: some writers stored numbers.
+        Some(Bson::Int32(n)) => Ok(*n as u64),
+        Some(Bson::Int64(n)) => Ok(*n as u64),
+        _ => Err(malformed("meta.versionId missing")),
+    }
+}
+
 fn parse_head(id: &str, document: &Document) -> Result<GroupHead, DocumentStoreError> {
     let malformed = |what: &str| DocumentStoreError::Malformed {
         id: id.to_string(),
@@ -439,15 +693,7 @@ fn parse_head(id: &str, document: &Document) -> Result<GroupHead, DocumentStoreE
     let meta = document
         .get_document("meta")
         .map_err(|_| malformed("no meta"))?;
-    let version = match meta.get("versionId") {
-        Some(Bson::String(s)) => s
-            .parse::<u64>()
-            .map_err(|_| malformed("meta.versionId is not a number"))?,
-        // Tolerated: some writers stored numbers.
-        Some(Bson::Int32(n)) => *n as u64,
-        Some(Bson::Int64(n)) => *n as u64,
-        _ => return Err(malformed("meta.versionId missing")),
-    };
+    let version = parse_version(id, meta.get("versionId"))?;
     let group_key = document
         .get_str("_uuid")
         .map(str::to_string)

@@ -100,14 +100,7 @@ pub async fn start_with_member_stores_behind(
     ProxyProcess,
     fhir_group_proxy::config::ClickHouseSettings,
 ) {
-    let clickhouse = fhir_group_proxy::config::ClickHouseSettings {
-        url: clickhouse_url(),
-        database: unique_name("fgp_test"),
-        ..Default::default()
-    };
-    fhir_group_proxy::store::events::apply_schema(&clickhouse)
-        .await
-        .expect("schema applies on the real ClickHouse");
+    let clickhouse = fresh_member_database("fgp_test").await;
     let mongo = mongo_uri();
     let mut settings = vec![
         ("FGP_CLICKHOUSE_URL", clickhouse.url.as_str()),
@@ -118,6 +111,39 @@ pub async fn start_with_member_stores_behind(
     settings.extend_from_slice(extra);
     let proxy = ProxyProcess::start(&standin.url(), &settings);
     (standin, proxy, clickhouse)
+}
+
+/// A ClickHouse database of its own with the member schema applied.
+pub async fn fresh_member_database(prefix: &str) -> fhir_group_proxy::config::ClickHouseSettings {
+    let clickhouse = fhir_group_proxy::config::ClickHouseSettings {
+        url: clickhouse_url(),
+        database: unique_name(prefix),
+        ..Default::default()
+    };
+    fhir_group_proxy::store::events::apply_schema(&clickhouse)
+        .await
+        .expect("schema applies on the real ClickHouse");
+    clickhouse
+}
+
+/// The stored Group document with FHIR id `id`.
+pub async fn group_document(mongo: &mongodb::Database, id: &str) -> mongodb::bson::Document {
+    mongo
+        .collection::<mongodb::bson::Document>("Group_4_0_0")
+        .find_one(mongodb::bson::doc! {"id": id})
+        .await
+        .expect("MongoDB answers")
+        .expect("group document")
+}
+
+/// Published member events of the Group with member key `group_key`.
+pub async fn published_event_count(clickhouse: &clickhouse::Client, group_key: &str) -> u64 {
+    clickhouse
+        .query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_key = ?")
+        .bind(group_key)
+        .fetch_one::<u64>()
+        .await
+        .expect("ClickHouse answers")
 }
 
 /// The proxy binary running as a child process; killed on drop.

@@ -1,0 +1,667 @@
+//! `fhir-group-proxy migrate`: moving the inline `member` array of existing
+//! Groups into ClickHouse member events, and back (`--reverse`).
+//!
+//! Forward, per Group, under its write lock (like any member write):
+//! 1. read the stored document; check every inline member before writing
+//!    anything (a member the proxy cannot store, or one listed twice, fails
+//!    the Group);
+//! 2. stage the roster in chunks, as events of the Group's *current* version
+//!    (no version bump: the roster does not change, so clients' ETags stay
+//!    valid and the legacy history entry of that version already holds the
+//!    same members inline);
+//! 3. publish the staged events;
+//! 4. verify: the roster read back from ClickHouse has the count and checksum
+//!    of the inline array, else the Group is left as it was and reported;
+//! 5. mark the Group migrated (`MemberState.storage`), then remove its inline
+//!    array, on condition that its version did not move meanwhile (else it is
+//!    marked not migrated again and reported).
+//!
+//! Resuming: a Group is marked migrated only at step 5, so a run that stops
+//! earlier leaves it on the legacy path with its inline array. Events are
+//! planned against what ClickHouse already holds for the Group (point lookups
+//! per chunk, plus `removed` events for members ClickHouse holds but the array
+//! does not): a rerun after a publish writes nothing twice, and a rerun after a
+//! failed or outdated attempt writes only the difference. Staged events of a
+//! stopped run are never published (each run stages under its own token).
+//! A Group marked migrated that still holds an inline array (a run stopped
+//! between marking and removing) only gets the array removed.
+//!
+//! Ordering: all events of one run share one `sequence`, placed after every
+//! event the Group already has (op index 0 at its version, or the next one
+//! when events of that version exist), since each member appears once per run.
+//!
+//! Reverse: the roster is streamed from ClickHouse into the document's
+//! `member` array (refused when it would not fit in a 16 MiB document), read
+//! back and verified, then the Group is marked not migrated. Its events stay in
+//! ClickHouse as history; the member search ignores Groups not migrated.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use mongodb::bson::{Bson, Document, RawArrayBuf, RawDocumentBuf};
+
+use crate::fhir::group_read::member_json;
+use crate::fhir::group_resource::{roster_diff, RosterEntry};
+use crate::fhir::member_patch::plan_changes;
+use crate::fhir::migration::{inline_member, GroupOutcome, InlineRoster, RosterChecksum};
+use crate::fhir::reference::{parse_reference, EntityReference};
+use crate::store::events::{event_sequence, EventStoreError, MemberEventRow};
+use crate::store::group_documents::{GroupHead, MemberState, StoredGroup};
+use crate::store::schema::MAX_OPS_PER_VERSION;
+
+use super::delete::Removals;
+use super::patch::event_rows;
+use super::{GroupService, WriteError};
+
+/// Members staged per ClickHouse insert unless told otherwise.
+pub const DEFAULT_CHUNK_SIZE: usize = 10_000;
+
+/// MongoDB's limit on one document.
+const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
+
+/// The `request_id` of migration events (there is no client request).
+const MIGRATION_REQUEST_ID: &str = "fhir-group-proxy-migrate";
+
+/// Exit status of a run stopped by [`MigrationFault::ExitAfter`].
+pub const FAULT_EXIT_CODE: i32 = 70;
+
+/// Points where a migration can be stopped on purpose (tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationStep {
+    /// The first chunk of events is staged.
+    FirstChunk,
+    /// Every event is staged, none published.
+    Staging,
+    /// The events are published, the Group is not marked migrated.
+    Publish,
+    /// The Group is marked migrated, its inline array is still there.
+    Mark,
+}
+
+/// Faults injected by tests through `FGP_MIGRATE_FAULT` (never set it in
+/// production): they exercise interruption and verification failure on the
+/// real code path against the real stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationFault {
+    /// The process exits right after the step, without any cleanup, as if killed.
+    ExitAfter(MigrationStep),
+    /// The first member's event is left out: verification sees one member too few.
+    DropMember,
+    /// The first member is stored with `inactive` flipped: same count, other checksum.
+    AlterMember,
+}
+
+impl FromStr for MigrationFault {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(match text {
+            "exit-after-first-chunk" => Self::ExitAfter(MigrationStep::FirstChunk),
+            "exit-after-staging" => Self::ExitAfter(MigrationStep::Staging),
+            "exit-after-publish" => Self::ExitAfter(MigrationStep::Publish),
+            "exit-after-mark" => Self::ExitAfter(MigrationStep::Mark),
+            "drop-member" => Self::DropMember,
+            "alter-member" => Self::AlterMember,
+            other => {
+                return Err(format!(
+                    "unknown migration fault '{other}' (for tests only: exit-after-first-chunk, \
+                     exit-after-staging, exit-after-publish, exit-after-mark, drop-member, \
+                     alter-member)"
+                ))
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Members per staged insert (and per point lookup of a re-migration).
+    pub chunk_size: usize,
+    pub fault: Option<MigrationFault>,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            fault: None,
+        }
+    }
+}
+
+impl MigrateOptions {
+    fn stop_after(&self, step: MigrationStep) {
+        if self.fault == Some(MigrationFault::ExitAfter(step)) {
+            eprintln!("FGP_MIGRATE_FAULT: stopping after {step:?}, as if killed");
+            std::process::exit(FAULT_EXIT_CODE);
+        }
+    }
+}
+
+/// Where one run writes: a Group's member key at one version and position.
+struct MigrationTarget<'a> {
+    id: &'a str,
+    head: &'a GroupHead,
+    token: &'a str,
+    op_index: usize,
+    /// ClickHouse already holds events of this Group: plan against them.
+    has_events: bool,
+}
+
+impl GroupService {
+    /// Moves Group `id`'s inline members into ClickHouse (see the module
+    /// docs). `progress` is told how many members each step handled.
+    pub async fn migrate_group(
+        &self,
+        id: &str,
+        options: &MigrateOptions,
+        progress: &mut dyn FnMut(u64),
+    ) -> GroupOutcome {
+        let token = uuid::Uuid::new_v4().to_string();
+        if let Err(error) = self.acquire_lease_waiting(id, &token).await {
+            return failed(error);
+        }
+        let result = self
+            .migrate_under_lease(id, &token, options, progress)
+            .await;
+        self.end_migration_lease(id, &token, result).await
+    }
+
+    /// Writes Group `id`'s roster back into its document and marks it not
+    /// migrated.
+    pub async fn reverse_group(&self, id: &str, progress: &mut dyn FnMut(u64)) -> GroupOutcome {
+        let token = uuid::Uuid::new_v4().to_string();
+        if let Err(error) = self.acquire_lease_waiting(id, &token).await {
+            return failed(error);
+        }
+        let result = self.reverse_under_lease(id, progress).await;
+        self.end_migration_lease(id, &token, result).await
+    }
+
+    async fn end_migration_lease(
+        &self,
+        id: &str,
+        token: &str,
+        result: Result<GroupOutcome, WriteError>,
+    ) -> GroupOutcome {
+        if let Err(e) = self.documents.release_lease(id, token).await {
+            tracing::warn!(group = id, error = %e, "could not release the member write lock");
+        }
+        result.unwrap_or_else(failed)
+    }
+
+    /// The Group's head and member state, after finishing a write that a
+    /// stopped writer left pending.
+    async fn settled_state(&self, id: &str) -> Result<(GroupHead, MemberState), WriteError> {
+        let head = self.head_or_404(id).await?;
+        let state = self.documents.member_state(id).await?;
+        let Some(pending) = &state.pending else {
+            return Ok((head, state));
+        };
+        self.recover_pending(id, &head, pending).await?;
+        Ok((
+            self.head_or_404(id).await?,
+            self.documents.member_state(id).await?,
+        ))
+    }
+
+    /// The stored document at the head's version, with its exact `versionId`.
+    async fn stored_at(
+        &self,
+        id: &str,
+        head: &GroupHead,
+    ) -> Result<Result<(StoredGroup, Bson), GroupOutcome>, WriteError> {
+        let Some(stored) = self.documents.stored_group(id).await? else {
+            return Ok(Err(GroupOutcome::Skipped("no longer exists".into())));
+        };
+        if stored.version()? != head.version {
+            return Ok(Err(changed_meanwhile(head.version)));
+        }
+        let version_id = stored.version_id()?;
+        Ok(Ok((stored, version_id)))
+    }
+
+    async fn migrate_under_lease(
+        &self,
+        id: &str,
+        token: &str,
+        options: &MigrateOptions,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<GroupOutcome, WriteError> {
+        let (head, state) = self.settled_state(id).await?;
+        let (stored, version_id) = match self.stored_at(id, &head).await? {
+            Ok(found) => found,
+            Err(outcome) => return Ok(outcome),
+        };
+        let inline_count = stored.member_count()?;
+        if state.in_clickhouse {
+            if inline_count == 0 {
+                return Ok(GroupOutcome::Skipped("already migrated".into()));
+            }
+            // A run stopped between marking and removing the array.
+            return Ok(
+                if self.documents.strip_inline_members(id, &version_id).await? {
+                    progress(inline_count as u64);
+                    GroupOutcome::Moved {
+                        members: inline_count as u64,
+                    }
+                } else {
+                    changed_meanwhile(head.version)
+                },
+            );
+        }
+        if inline_count == 0 {
+            return Ok(GroupOutcome::Skipped(
+                "no inline members (it moves to ClickHouse at its first member write)".into(),
+            ));
+        }
+
+        let inline = match read_inline_roster(&stored)? {
+            Ok(inline) => inline,
+            Err(why) => return Ok(GroupOutcome::Failed(why)),
+        };
+        let last_sequence = self.events.last_sequence(&head.group_key).await?;
+        let op_index = match op_index_after(head.version, last_sequence) {
+            Ok(op_index) => op_index,
+            Err(why) => return Ok(GroupOutcome::Failed(why)),
+        };
+        let target = MigrationTarget {
+            id,
+            head: &head,
+            token,
+            op_index,
+            has_events: last_sequence.is_some(),
+        };
+        self.stage_inline_members(&target, &stored, &inline, options, progress)
+            .await?;
+        options.stop_after(MigrationStep::Staging);
+        self.events.publish(token).await?;
+        options.stop_after(MigrationStep::Publish);
+
+        let stored_roster = self.roster_checksum(&head.group_key).await?;
+        if stored_roster != inline.checksum {
+            return Ok(GroupOutcome::Failed(format!(
+                "verification failed: the inline array has {}, ClickHouse {}; the Group keeps \
+                 its inline members and stays on the legacy path",
+                inline.checksum, stored_roster
+            )));
+        }
+        self.documents.set_migrated(id, true).await?;
+        options.stop_after(MigrationStep::Mark);
+        if !self.documents.strip_inline_members(id, &version_id).await? {
+            self.documents.set_migrated(id, false).await?;
+            return Ok(changed_meanwhile(head.version));
+        }
+        Ok(GroupOutcome::Moved {
+            members: inline.checksum.members(),
+        })
+    }
+
+    /// Stages the inline members in chunks, then (when ClickHouse already
+    /// held members of the Group) the removal of those the array lacks.
+    async fn stage_inline_members(
+        &self,
+        target: &MigrationTarget<'_>,
+        stored: &StoredGroup,
+        inline: &InlineRoster,
+        options: &MigrateOptions,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), WriteError> {
+        let chunk_size = options.chunk_size.max(1);
+        let mut chunk: Vec<RosterEntry> = Vec::with_capacity(chunk_size);
+        let mut first = true;
+        let mut members = stored.members()?.enumerate().peekable();
+        while let Some((index, member)) = members.next() {
+            // Pass 1 already checked every member.
+            let entry = inline_member(&member?, index).map_err(invalid_after_check)?;
+            chunk.push(entry);
+            if chunk.len() == chunk_size || members.peek().is_none() {
+                let mut rows = self.planned_rows(target, &chunk).await?;
+                if first {
+                    inject_row_fault(options.fault, &mut rows);
+                }
+                self.events.stage(rows).await?;
+                progress(chunk.len() as u64);
+                chunk.clear();
+                if first {
+                    options.stop_after(MigrationStep::FirstChunk);
+                    first = false;
+                }
+                self.keep_lease(target).await?;
+            }
+        }
+        if target.has_events {
+            self.stage_removals_of_absent(target, inline, chunk_size)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The events that make ClickHouse hold `chunk` as inline: all of it for
+    /// a Group new to ClickHouse, else only what differs from its current state.
+    async fn planned_rows(
+        &self,
+        target: &MigrationTarget<'_>,
+        chunk: &[RosterEntry],
+    ) -> Result<Vec<MemberEventRow>, WriteError> {
+        let current = if target.has_events {
+            let references: Vec<&EntityReference> = chunk.iter().map(|(r, _)| r).collect();
+            self.events
+                .current_members(&target.head.group_key, &references)
+                .await?
+        } else {
+            HashMap::new()
+        };
+        let planned = plan_changes(
+            &format!("Group/{}", target.id),
+            &roster_diff(&current, chunk),
+            &current,
+        )
+        .map_err(WriteError::Outcome)?;
+        let rows = event_rows(
+            &target.head.group_key,
+            target.id,
+            target.head.version,
+            target.token,
+            MIGRATION_REQUEST_ID,
+            &planned,
+        );
+        Ok(at_one_position(rows, target.head.version, target.op_index))
+    }
+
+    async fn stage_removals_of_absent(
+        &self,
+        target: &MigrationTarget<'_>,
+        inline: &InlineRoster,
+        chunk_size: usize,
+    ) -> Result<(), WriteError> {
+        let removals = Removals {
+            group_key: &target.head.group_key,
+            group_id: target.id,
+            version: target.head.version,
+            op_index: target.op_index,
+            token: target.token,
+            request_id: MIGRATION_REQUEST_ID,
+            event_time_ms: chrono::Utc::now().timestamp_millis().max(0) as u64,
+        };
+        let mut roster = self.events.roster(&target.head.group_key, None)?;
+        let mut rows = Vec::new();
+        while let Some(member) = roster.next().await.map_err(EventStoreError::from)? {
+            let absent = parse_reference(&member.entity_reference)
+                .map(|reference| !inline.contains(&reference))
+                .unwrap_or(true);
+            if absent {
+                rows.push(removals.row(member));
+            }
+            if rows.len() == chunk_size {
+                self.events.stage(std::mem::take(&mut rows)).await?;
+                self.keep_lease(target).await?;
+            }
+        }
+        self.events.stage(rows).await?;
+        Ok(())
+    }
+
+    async fn keep_lease(&self, target: &MigrationTarget<'_>) -> Result<(), WriteError> {
+        if self
+            .documents
+            .renew_lease(target.id, target.token, self.settings.lease_ttl)
+            .await?
+        {
+            return Ok(());
+        }
+        Err(WriteError::Outcome(crate::fhir::outcome::Outcome::error(
+            503,
+            crate::fhir::outcome::IssueType::Transient,
+            format!(
+                "the write lock on Group/{} was taken over during the migration; nothing is \
+                 marked migrated, run migrate again",
+                target.id
+            ),
+        )))
+    }
+
+    /// Count and checksum of the Group's current roster in ClickHouse, streamed.
+    async fn roster_checksum(&self, group_key: &str) -> Result<RosterChecksum, WriteError> {
+        let mut roster = self.events.roster(group_key, None)?;
+        let mut checksum = RosterChecksum::default();
+        while let Some(member) = roster.next().await.map_err(EventStoreError::from)? {
+            checksum.add(&member.entity_reference, &member.attributes());
+        }
+        Ok(checksum)
+    }
+
+    async fn reverse_under_lease(
+        &self,
+        id: &str,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<GroupOutcome, WriteError> {
+        let (head, state) = self.settled_state(id).await?;
+        if !state.in_clickhouse {
+            return Ok(GroupOutcome::Skipped("not migrated".into()));
+        }
+        let (stored, version_id) = match self.stored_at(id, &head).await? {
+            Ok(found) => found,
+            Err(outcome) => return Ok(outcome),
+        };
+        // Room for the array: the rest of the document, the array's key and type.
+        let room = MAX_DOCUMENT_BYTES
+            .saturating_sub(stored.size_without_members()?)
+            .saturating_sub("member".len() + 2);
+        drop(stored);
+
+        let mut roster = self.events.roster(&head.group_key, None)?;
+        let mut members = RawArrayBuf::new();
+        let mut checksum = RosterChecksum::default();
+        while let Some(member) = roster.next().await.map_err(EventStoreError::from)? {
+            let attributes = member.attributes();
+            members.push(member_document(&member_json(
+                &member.entity_reference,
+                &attributes,
+            ))?);
+            if members.as_bytes().len() > room {
+                return Ok(GroupOutcome::Failed(format!(
+                    "the roster has more than {} members, which do not fit in one MongoDB \
+                     document (16 MiB); it stays in ClickHouse",
+                    checksum.members()
+                )));
+            }
+            checksum.add(&member.entity_reference, &attributes);
+        }
+        let count = checksum.members();
+        if !self
+            .documents
+            .restore_inline_members(id, &version_id, members)
+            .await?
+        {
+            return Ok(changed_meanwhile(head.version));
+        }
+
+        let Some(written) = self.documents.stored_group(id).await? else {
+            return Ok(GroupOutcome::Failed(
+                "the Group disappeared while its members were written back".into(),
+            ));
+        };
+        let read_back = match read_inline_roster(&written)? {
+            Ok(inline) => inline.checksum,
+            Err(why) => return Ok(GroupOutcome::Failed(format!("reading back: {why}"))),
+        };
+        if read_back != checksum {
+            return Ok(GroupOutcome::Failed(format!(
+                "verification failed: ClickHouse has {checksum}, the written array {read_back}; \
+                 the Group stays migrated (its inline array is ignored)"
+            )));
+        }
+        self.documents.set_migrated(id, false).await?;
+        progress(count);
+        Ok(GroupOutcome::Moved { members: count })
+    }
+}
+
+/// First pass over a stored member array: every member readable, none twice.
+fn read_inline_roster(stored: &StoredGroup) -> Result<Result<InlineRoster, String>, WriteError> {
+    let mut inline = InlineRoster::default();
+    for (index, member) in stored.members()?.enumerate() {
+        let entry = match inline_member(&member?, index) {
+            Ok(entry) => entry,
+            Err(why) => return Ok(Err(why)),
+        };
+        if let Err(why) = inline.add(index, &entry) {
+            return Ok(Err(why));
+        }
+    }
+    Ok(Ok(inline))
+}
+
+/// The op index of a run's events at `version`: 0, or past the events that
+/// `version` already has. `last_sequence`: the Group's newest event.
+pub fn op_index_after(version: u64, last_sequence: Option<u64>) -> Result<usize, String> {
+    let Some(last) = last_sequence else {
+        return Ok(0);
+    };
+    let (last_version, last_op) = (last >> 20, (last as usize) & (MAX_OPS_PER_VERSION - 1));
+    match last_version.cmp(&version) {
+        std::cmp::Ordering::Less => Ok(0),
+        std::cmp::Ordering::Equal if last_op + 1 < MAX_OPS_PER_VERSION => Ok(last_op + 1),
+        std::cmp::Ordering::Equal => Err(format!(
+            "version {version} has no room for more events in ClickHouse"
+        )),
+        std::cmp::Ordering::Greater => Err(format!(
+            "ClickHouse holds events of version {last_version}, newer than the Group's version \
+             {version}; check the Group before migrating it"
+        )),
+    }
+}
+
+/// Puts every row at one position of `version`: each member appears once in
+/// a run, so they never tie, and the op index stays in range for any roster.
+pub fn at_one_position(
+    mut rows: Vec<MemberEventRow>,
+    version: u64,
+    op_index: usize,
+) -> Vec<MemberEventRow> {
+    for row in &mut rows {
+        row.op_index = op_index as u32;
+        row.sequence = event_sequence(version, op_index);
+    }
+    rows
+}
+
+fn inject_row_fault(fault: Option<MigrationFault>, rows: &mut Vec<MemberEventRow>) {
+    match fault {
+        Some(MigrationFault::DropMember) if !rows.is_empty() => {
+            rows.remove(0);
+        }
+        Some(MigrationFault::AlterMember) => {
+            if let Some(row) = rows.first_mut() {
+                row.inactive ^= 1;
+                row.active_delta += if row.inactive == 1 { -1 } else { 1 };
+            }
+        }
+        _ => {}
+    }
+}
+
+fn member_document(member: &serde_json::Value) -> Result<RawDocumentBuf, WriteError> {
+    let serde_json::Value::Object(object) = member else {
+        return Err(internal("a member is not a JSON object"));
+    };
+    let as_bson = |e: &dyn std::fmt::Display| internal(&format!("member as BSON: {e}"));
+    let document = Document::try_from(object.clone()).map_err(|e| as_bson(&e))?;
+    RawDocumentBuf::from_document(&document).map_err(|e| as_bson(&e))
+}
+
+fn internal(what: &str) -> WriteError {
+    WriteError::Outcome(crate::fhir::outcome::Outcome::error(
+        500,
+        crate::fhir::outcome::IssueType::Exception,
+        what,
+    ))
+}
+
+fn invalid_after_check(why: String) -> WriteError {
+    internal(&format!("a member changed between two reads: {why}"))
+}
+
+fn changed_meanwhile(version: u64) -> GroupOutcome {
+    GroupOutcome::Failed(format!(
+        "the Group changed during the migration (it was at version {version}); it was left \
+         as it was, run migrate again"
+    ))
+}
+
+fn failed(error: WriteError) -> GroupOutcome {
+    GroupOutcome::Failed(match error {
+        WriteError::Outcome(outcome) => outcome.first_diagnostics().to_string(),
+        other => other.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::member_patch::PlannedEvent;
+
+    #[test]
+    fn faults_are_named_for_tests() {
+        assert_eq!(
+            "exit-after-publish".parse::<MigrationFault>(),
+            Ok(MigrationFault::ExitAfter(MigrationStep::Publish))
+        );
+        assert_eq!("alter-member".parse(), Ok(MigrationFault::AlterMember));
+        let error = "explode".parse::<MigrationFault>().unwrap_err();
+        assert!(
+            error.contains("explode") && error.contains("drop-member"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_run_goes_after_every_event_the_group_has() {
+        assert_eq!(op_index_after(3, None), Ok(0));
+        assert_eq!(op_index_after(3, Some(event_sequence(2, 40))), Ok(0));
+        assert_eq!(op_index_after(3, Some(event_sequence(3, 0))), Ok(1));
+        assert_eq!(op_index_after(3, Some(event_sequence(3, 9))), Ok(10));
+        assert!(op_index_after(3, Some(event_sequence(4, 0)))
+            .unwrap_err()
+            .contains("newer"));
+        assert!(op_index_after(3, Some(event_sequence(3, MAX_OPS_PER_VERSION - 1))).is_err());
+    }
+
+    fn rows(references: &[&str]) -> Vec<MemberEventRow> {
+        let planned: Vec<PlannedEvent> = references
+            .iter()
+            .enumerate()
+            .map(|(op_index, reference)| PlannedEvent {
+                op_index,
+                reference: parse_reference(reference).unwrap(),
+                added: true,
+                attributes: Default::default(),
+                member_delta: 1,
+                active_delta: 1,
+            })
+            .collect();
+        event_rows("k", "g", 3, "t", MIGRATION_REQUEST_ID, &planned)
+    }
+
+    #[test]
+    fn every_row_of_a_run_shares_one_position() {
+        let rows = at_one_position(rows(&["Patient/a", "Patient/b", "Patient/c"]), 3, 2);
+        assert_eq!(rows.len(), 3);
+        assert!(rows
+            .iter()
+            .all(|r| r.op_index == 2 && r.sequence == event_sequence(3, 2)));
+    }
+
+    #[test]
+    fn row_faults_drop_or_alter_the_first_member() {
+        let mut rows = rows(&["Patient/a", "Patient/b"]);
+        inject_row_fault(Some(MigrationFault::AlterMember), &mut rows);
+        assert_eq!((rows[0].inactive, rows[0].active_delta), (1, 0));
+        inject_row_fault(Some(MigrationFault::DropMember), &mut rows);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].entity_reference, "Patient/b");
+        inject_row_fault(None, &mut rows);
+        assert_eq!(rows.len(), 1);
+    }
+}
