@@ -5,9 +5,11 @@
 //! - [`fhir`]: pure FHIR and JSON Patch logic, no I/O.
 //! - [`store`]: ClickHouse (member events) and MongoDB (Group metadata).
 //! - [`config`]: settings from file, environment and flags.
+//! - [`loadtest`]: `bench`, legacy server vs proxy under the same workload.
 
 pub mod config;
 pub mod fhir;
 pub mod group;
+pub mod loadtest;
 pub mod proxy;
 pub mod store;

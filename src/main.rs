@@ -46,6 +46,9 @@ enum Command {
     CheckStores,
     /// Create the ClickHouse database, tables and views (idempotent; also done at start)
     SchemaApply,
+    /// Load-test the legacy server directly and through the proxy, side by side,
+    /// and write report.md, report.json and latency.svg
+    Bench(Box<fhir_group_proxy::loadtest::BenchArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +75,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Bench(args) => bench(&args),
         Command::Serve => {
             tracing::info!(
                 listen = %config.server.listen,
@@ -102,6 +106,24 @@ fn check_stores(config: &Config) -> anyhow::Result<()> {
         println!("MongoDB database {}: ok", config.mongo.database);
         Ok(())
     })
+}
+
+fn bench(args: &fhir_group_proxy::loadtest::BenchArgs) -> anyhow::Result<()> {
+    use fhir_group_proxy::loadtest;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start a tokio runtime")?;
+    let report = runtime
+        .block_on(loadtest::run(args))
+        .context("bench failed")?;
+    let outputs = loadtest::write_outputs(&report, &args.out).context("bench failed")?;
+    print!("{}", loadtest::report::markdown(&report));
+    println!(
+        "\nwrote {}, {} and {} in {:.1} s",
+        outputs.markdown.display(),
+        outputs.json.display(),
+        outputs.chart.display(),
+        report.total_s
+    );
+    Ok(())
 }
 
 fn init_logging(filter: &str, json: bool) -> anyhow::Result<()> {
