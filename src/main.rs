@@ -45,7 +45,11 @@ enum Command {
     /// Check that ClickHouse and MongoDB answer with the configured settings
     CheckStores,
     /// Create the ClickHouse database, tables and views (idempotent; also done at start)
-    SchemaApply,
+    SchemaApply {
+        /// Print the DDL for the configured database and topology instead of applying it
+        #[arg(long)]
+        print: bool,
+    },
     /// Load-test the legacy server directly and through the proxy, side by side,
     /// and write report.md, report.json and latency.svg
     Bench(Box<fhir_group_proxy::loadtest::BenchArgs>),
@@ -62,7 +66,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckStores => check_stores(&config),
-        Command::SchemaApply => {
+        Command::SchemaApply { print: true } => {
+            let statements = fhir_group_proxy::store::schema::statements_for(&config.clickhouse);
+            print!("{}", fhir_group_proxy::store::schema::script(&statements));
+            Ok(())
+        }
+        Command::SchemaApply { print: false } => {
             let runtime = tokio::runtime::Runtime::new().context("cannot start a tokio runtime")?;
             runtime
                 .block_on(fhir_group_proxy::store::events::apply_schema(
