@@ -113,16 +113,16 @@ fn lines(report: &Report, x_of: impl Fn(&Cell) -> Option<f64>) -> Vec<Line> {
     lines
 }
 
-/// A log axis range around `values` with some room on both sides; a single
-/// value still gets a range.
-fn log_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+/// A log axis range around `values` with some room below and `headroom`
+/// times the highest value above; a single value still gets a range.
+fn log_range(values: impl Iterator<Item = f64>, headroom: f64) -> std::ops::Range<f64> {
     let (low, high) = values.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
     if !low.is_finite() || high <= 0.0 {
         return 1.0..10.0;
     }
-    low / 1.5..high * 1.5
+    low / 1.5..high * headroom
 }
 
 /// The chart of `report` as an SVG document.
@@ -150,8 +150,9 @@ pub fn render_svg(report: &Report) -> Result<String, ChartError> {
 
 fn draw_panel(area: &DrawingArea<SVGBackend<'_>, Shift>, panel: &Panel) -> Result<(), ChartError> {
     let points = || panel.lines.iter().flat_map(|l| l.points.iter());
-    let x_range = log_range(points().map(|p| p.0));
-    let y_range = log_range(points().map(|p| p.1));
+    let x_range = log_range(points().map(|p| p.0), 1.5);
+    // Room above the highest line for the legend in the upper left corner.
+    let y_range = log_range(points().map(|p| p.1), 6.0);
     let mut chart = ChartBuilder::on(area)
         .caption(&panel.title, (FONT, 17))
         .margin(16)
@@ -251,10 +252,11 @@ mod tests {
 
     #[test]
     fn log_ranges_have_room_and_survive_single_or_no_values() {
-        assert_eq!(log_range([3.0, 30.0].into_iter()), 2.0..45.0);
-        let single = log_range([8.0].into_iter());
+        assert_eq!(log_range([3.0, 30.0].into_iter(), 1.5), 2.0..45.0);
+        assert_eq!(log_range([3.0, 30.0].into_iter(), 6.0), 2.0..180.0);
+        let single = log_range([8.0].into_iter(), 1.5);
         assert!(single.start < 8.0 && single.end > 8.0);
-        assert_eq!(log_range(std::iter::empty()), 1.0..10.0);
+        assert_eq!(log_range(std::iter::empty(), 1.5), 1.0..10.0);
     }
 
     #[test]
