@@ -309,6 +309,20 @@ mod tests {
         );
     }
 
+    #[test]
+    fn documented_cluster_schema_is_what_is_generated() {
+        let settings = ClickHouseSettings {
+            cluster: "fhir_events".into(),
+            ..ClickHouseSettings::default()
+        };
+        assert_eq!(
+            script(&statements_for(&settings)),
+            include_str!("../../docs/schema-cluster.sql"),
+            "regenerate docs/schema-cluster.sql with \
+             FGP_CLICKHOUSE_CLUSTER=fhir_events fhir-group-proxy schema-apply --print"
+        );
+    }
+
     fn cluster() -> Vec<String> {
         statements_in(
             "fhir",
