@@ -203,6 +203,15 @@ pub struct ClickHouseSettings {
     pub database: String,
     pub user: String,
     pub password: String,
+    /// Cluster of the servers' `remote_servers` to create the tables on
+    /// (replicated local tables, distributed tables over them, `ON CLUSTER`);
+    /// empty: one server, plain MergeTree tables.
+    pub cluster: String,
+    /// Cluster mode: replication path prefix of the local tables (the
+    /// database and table names are appended).
+    pub replication_path: String,
+    /// Cluster mode: replica name of the local tables.
+    pub replica_name: String,
 }
 
 impl Default for ClickHouseSettings {
@@ -212,6 +221,9 @@ impl Default for ClickHouseSettings {
             database: "fhir".into(),
             user: "default".into(),
             password: String::new(),
+            cluster: String::new(),
+            replication_path: "/clickhouse/tables/{shard}".into(),
+            replica_name: "{replica}".into(),
         }
     }
 }
@@ -378,6 +390,15 @@ pub struct Overrides {
         global = true
     )]
     pub clickhouse_password: Option<String>,
+    /// ClickHouse cluster for replicated + distributed tables, empty = one server [clickhouse.cluster]
+    #[arg(long, env = "FGP_CLICKHOUSE_CLUSTER", global = true)]
+    pub clickhouse_cluster: Option<String>,
+    /// Replication path prefix of the cluster's local tables [clickhouse.replication_path]
+    #[arg(long, env = "FGP_CLICKHOUSE_REPLICATION_PATH", global = true)]
+    pub clickhouse_replication_path: Option<String>,
+    /// Replica name of the cluster's local tables [clickhouse.replica_name]
+    #[arg(long, env = "FGP_CLICKHOUSE_REPLICA_NAME", global = true)]
+    pub clickhouse_replica_name: Option<String>,
     /// MongoDB connection string [mongo.uri]
     #[arg(long, env = "FGP_MONGO_URI", hide_env_values = true, global = true)]
     pub mongo_uri: Option<String>,
@@ -532,6 +553,15 @@ impl Config {
         set(&mut self.clickhouse.database, &o.clickhouse_database);
         set(&mut self.clickhouse.user, &o.clickhouse_user);
         set(&mut self.clickhouse.password, &o.clickhouse_password);
+        set(&mut self.clickhouse.cluster, &o.clickhouse_cluster);
+        set(
+            &mut self.clickhouse.replication_path,
+            &o.clickhouse_replication_path,
+        );
+        set(
+            &mut self.clickhouse.replica_name,
+            &o.clickhouse_replica_name,
+        );
         set(&mut self.mongo.uri, &o.mongo_uri);
         set(&mut self.mongo.database, &o.mongo_database);
         let m = &mut self.members;
@@ -617,6 +647,7 @@ impl Config {
             ));
         }
         self.validate_auth()?;
+        self.clickhouse.validate_cluster()?;
         if !self.mongo.uri.starts_with("mongodb://")
             && !self.mongo.uri.starts_with("mongodb+srv://")
         {
@@ -693,6 +724,47 @@ impl Config {
         }
         shown.mongo.uri = redact_url_password(&shown.mongo.uri);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+impl ClickHouseSettings {
+    /// Cluster names and replication settings are spliced into DDL string
+    /// literals: only characters that cannot end the literal are accepted.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        if !self
+            .cluster
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                "clickhouse.cluster",
+                &self.cluster,
+                "use letters, digits, '_' and '-' only (it is spliced into DDL)",
+            ));
+        }
+        if self.cluster.is_empty() {
+            return Ok(());
+        }
+        let literal_safe = |value: &str| {
+            value.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | '{' | '}')
+            })
+        };
+        if !self.replication_path.starts_with('/') || !literal_safe(&self.replication_path) {
+            return Err(invalid(
+                "clickhouse.replication_path",
+                &self.replication_path,
+                "a path starting with '/' of letters, digits, '_', '-', '.', '/' and {macros}",
+            ));
+        }
+        if self.replica_name.is_empty() || !literal_safe(&self.replica_name) {
+            return Err(invalid(
+                "clickhouse.replica_name",
+                &self.replica_name,
+                "letters, digits, '_', '-', '.' and {macros}, not empty",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -853,6 +925,30 @@ mod tests {
         });
         config.validate().expect("empty admin_listen is valid");
         assert!(config.server.admin_listen.is_empty());
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_only_in_cluster_mode() {
+        let mut config = Config::default();
+        config.clickhouse.replication_path = "no slash".into();
+        config
+            .validate()
+            .expect("single node ignores replication settings");
+
+        config.clickhouse.cluster = "events-prod".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("clickhouse.replication_path"), "{err}");
+
+        config.clickhouse.replication_path = "/clickhouse/tables/{shard}".into();
+        config.validate().expect("a cluster with the default paths");
+        config.clickhouse.replica_name = "{replica}'".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("clickhouse.replica_name"), "{err}");
+
+        config.clickhouse.replica_name = "{replica}".into();
+        config.clickhouse.cluster = "events' ON".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("clickhouse.cluster"), "{err}");
     }
 
     #[test]

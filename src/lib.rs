@@ -6,11 +6,13 @@
 //! - [`store`]: ClickHouse (member events) and MongoDB (Group metadata).
 //! - [`config`]: settings from file, environment and flags.
 //! - [`operations`]: metrics, health, readiness and graceful shutdown.
+//! - [`loadtest`]: `bench`, legacy server vs proxy under the same workload.
 
 pub mod auth;
 pub mod config;
 pub mod fhir;
 pub mod group;
+pub mod loadtest;
 pub mod operations;
 pub mod proxy;
 pub mod store;

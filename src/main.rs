@@ -50,7 +50,14 @@ enum Command {
     /// Check that ClickHouse and MongoDB answer with the configured settings
     CheckStores,
     /// Create the ClickHouse database, tables and views (idempotent; also done at start)
-    SchemaApply,
+    SchemaApply {
+        /// Print the DDL for the configured database and topology instead of applying it
+        #[arg(long)]
+        print: bool,
+    },
+    /// Load-test the legacy server directly and through the proxy, side by side,
+    /// and write report.md, report.json and latency.svg
+    Bench(Box<fhir_group_proxy::loadtest::BenchArgs>),
     /// Move the inline members of existing Groups into ClickHouse (or back, with --reverse)
     ///
     /// Per Group, under its write lock: stage and publish its members as events,
@@ -91,7 +98,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckStores => check_stores(&config),
-        Command::SchemaApply => {
+        Command::SchemaApply { print: true } => {
+            let statements = fhir_group_proxy::store::schema::statements_for(&config.clickhouse);
+            print!("{}", fhir_group_proxy::store::schema::script(&statements));
+            Ok(())
+        }
+        Command::SchemaApply { print: false } => {
             let runtime = tokio::runtime::Runtime::new().context("cannot start a tokio runtime")?;
             runtime
                 .block_on(fhir_group_proxy::store::events::apply_schema(
@@ -105,6 +117,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate(args) => migrate(&config, args),
+        Command::Bench(args) => bench(&args),
         Command::Serve => {
             tracing::info!(
                 listen = %config.server.listen,
@@ -248,6 +261,24 @@ fn progress_bar(groups: u64) -> indicatif::ProgressBar {
         bar.set_style(style);
     }
     bar
+}
+
+fn bench(args: &fhir_group_proxy::loadtest::BenchArgs) -> anyhow::Result<()> {
+    use fhir_group_proxy::loadtest;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start a tokio runtime")?;
+    let report = runtime
+        .block_on(loadtest::run(args))
+        .context("bench failed")?;
+    let outputs = loadtest::write_outputs(&report, &args.out).context("bench failed")?;
+    print!("{}", loadtest::report::markdown(&report));
+    println!(
+        "\nwrote {}, {} and {} in {:.1} s",
+        outputs.markdown.display(),
+        outputs.json.display(),
+        outputs.chart.display(),
+        report.total_s
+    );
+    Ok(())
 }
 
 fn init_logging(filter: &str, json: bool) -> anyhow::Result<()> {

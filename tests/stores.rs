@@ -82,6 +82,36 @@ async fn clickhouse_create_insert_select_roundtrip() {
         .expect("drop database");
 }
 
+/// No cluster runs here, so cluster-mode DDL cannot be applied; but the real
+/// server parses each statement whole before it looks for the cluster, so a
+/// refusal naming the unknown cluster (and no syntax error) shows that this
+/// ClickHouse release accepts every statement's syntax.
+#[tokio::test]
+async fn cluster_schema_parses_on_the_real_clickhouse() {
+    let settings = ClickHouseSettings {
+        url: support::clickhouse_url(),
+        database: support::unique_name("fgp_cluster"),
+        cluster: "fgp_no_such_cluster".into(),
+        ..ClickHouseSettings::default()
+    };
+    let server = store::clickhouse::connect_server(&settings);
+    let statements = store::schema::statements_for(&settings);
+    assert!(statements.len() > 10);
+    for statement in statements {
+        let refused = server
+            .query(&statement)
+            .execute()
+            .await
+            .expect_err("there is no cluster fgp_no_such_cluster")
+            .to_string();
+        assert!(
+            refused.contains("'fgp_no_such_cluster' not found")
+                && !refused.contains("Syntax error"),
+            "{statement}\n-> {refused}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn mongo_insert_and_find_one_and_update() {
     let settings = MongoSettings {

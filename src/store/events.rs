@@ -415,7 +415,7 @@ async fn publish_tokens(
 /// Runs the schema statements; used by `schema apply` and at proxy start.
 pub async fn apply_schema(settings: &ClickHouseSettings) -> Result<(), EventStoreError> {
     let client = crate::store::clickhouse::connect_server(settings);
-    for statement in schema::statements(&settings.database) {
+    for statement in schema::statements_for(settings) {
         client.query(&statement).execute().await?;
     }
     Ok(())

@@ -16,6 +16,8 @@
 //! group and ops keep their patch order, so ties never occur and never need a
 //! random tie-break.
 
+use crate::config::ClickHouseSettings;
+
 /// Op indexes must fit below this to keep `sequence` ordered.
 pub const MAX_OPS_PER_VERSION: usize = 1 << 20;
 
@@ -45,22 +47,83 @@ const EVENT_COLUMNS: &str = "
     event_time_ms UInt64,
     event_date Date DEFAULT toDate(toDateTime(intDiv(event_time_ms, 1000)))";
 
-/// The statements, in dependency order, for `database`.
-pub fn statements(database: &str) -> Vec<String> {
-    let db = database;
+/// Where the tables live: one server, or a ClickHouse cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology<'a> {
+    /// Plain MergeTree tables on one server.
+    SingleNode,
+    /// Per shard, `Replicated*MergeTree` tables named `{table}_local` (the
+    /// views are on them), and over them `Distributed` tables with the names
+    /// the proxy reads and writes, sharded by `group_key`. Every statement runs
+    /// `ON CLUSTER`.
+    Cluster {
+        /// A cluster of the servers' `remote_servers` configuration.
+        name: &'a str,
+        /// Replication path prefix; `/{database}/{table}_local` is appended.
+        replication_path: &'a str,
+        /// Replica name, usually the `{replica}` macro.
+        replica_name: &'a str,
+    },
+}
+
+impl<'a> Topology<'a> {
+    /// The topology `settings` select (`clickhouse.cluster` empty: one server).
+    pub fn of(settings: &'a ClickHouseSettings) -> Topology<'a> {
+        if settings.cluster.is_empty() {
+            Topology::SingleNode
+        } else {
+            Topology::Cluster {
+                name: &settings.cluster,
+                replication_path: settings.replication_path.trim_end_matches('/'),
+                replica_name: &settings.replica_name,
+            }
+        }
+    }
+}
+
+/// Suffix of the per-shard tables in cluster mode.
+pub const LOCAL_SUFFIX: &str = "_local";
+
+/// Rows of one Group stay on one shard: the `argMax` views and the per-group
+/// reads need all events of a Group in one place.
+const SHARDING_KEY: &str = "cityHash64(group_key)";
+
+/// A table: `CREATE TABLE ... ({columns}) ENGINE = {engine}{layout}`.
+struct Table {
+    name: &'static str,
+    columns: String,
+    /// A MergeTree family engine without parameters, e.g. `SummingMergeTree`.
+    engine: &'static str,
+    /// What follows the engine: ` PARTITION BY ... ORDER BY ...`.
+    layout: &'static str,
+}
+
+/// A materialized view from the events table into `target`.
+struct View {
+    target: &'static str,
+    /// From `AS` up to `FROM`, with the line breaks around it.
+    select: &'static str,
+    group_by: &'static str,
+}
+
+fn tables() -> Vec<Table> {
     vec![
-        format!("CREATE DATABASE IF NOT EXISTS {db}"),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{EVENTS_STAGED} ({EVENT_COLUMNS}) \
-             ENGINE = MergeTree PARTITION BY toYYYYMM(event_date) ORDER BY (token, op_index)"
-        ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{EVENTS} ({EVENT_COLUMNS}) \
-             ENGINE = MergeTree PARTITION BY toYYYYMM(event_date) \
-             ORDER BY (group_key, entity_reference, sequence)"
-        ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{CURRENT} (
+        Table {
+            name: EVENTS_STAGED,
+            columns: EVENT_COLUMNS.to_string(),
+            engine: "MergeTree",
+            layout: " PARTITION BY toYYYYMM(event_date) ORDER BY (token, op_index)",
+        },
+        Table {
+            name: EVENTS,
+            columns: EVENT_COLUMNS.to_string(),
+            engine: "MergeTree",
+            layout: " PARTITION BY toYYYYMM(event_date) \
+                     ORDER BY (group_key, entity_reference, sequence)",
+        },
+        Table {
+            name: CURRENT,
+            columns: "
                 group_key String,
                 entity_reference String,
                 group_id AggregateFunction(argMax, String, UInt64),
@@ -70,10 +133,57 @@ pub fn statements(database: &str) -> Vec<String> {
                 period_end AggregateFunction(argMax, String, UInt64),
                 last_sequence AggregateFunction(max, UInt64),
                 last_event_time_ms AggregateFunction(max, UInt64)
-             ) ENGINE = AggregatingMergeTree ORDER BY (group_key, entity_reference)"
-        ),
-        format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{CURRENT}_MV TO {db}.{CURRENT} AS
+             "
+            .to_string(),
+            engine: "AggregatingMergeTree",
+            layout: " ORDER BY (group_key, entity_reference)",
+        },
+        Table {
+            name: GROUPS,
+            columns: "
+                entity_reference String,
+                group_key String,
+                group_id AggregateFunction(argMax, String, UInt64),
+                present AggregateFunction(argMax, UInt8, UInt64),
+                inactive AggregateFunction(argMax, UInt8, UInt64)
+             "
+            .to_string(),
+            engine: "AggregatingMergeTree",
+            layout: " ORDER BY (entity_reference, group_key)",
+        },
+        Table {
+            name: COUNTS,
+            columns: "
+                group_key String,
+                members Int64,
+                active_members Int64
+             "
+            .to_string(),
+            engine: "SummingMergeTree",
+            layout: " ORDER BY group_key",
+        },
+        Table {
+            name: COMMITS,
+            columns: "
+                group_key String,
+                request_id String,
+                token String,
+                group_version UInt64,
+                events UInt64,
+                committed_at_ms UInt64
+             "
+            .to_string(),
+            engine: "MergeTree",
+            layout: " ORDER BY (group_key, request_id, token)",
+        },
+    ]
+}
+
+fn views() -> [View; 4] {
+    [
+        View {
+            target: CURRENT,
+            select: "
              SELECT group_key, entity_reference,
                     argMaxState(group_id, sequence) AS group_id,
                     argMaxState(toUInt8(event_type = 'added'), sequence) AS present,
@@ -82,55 +192,97 @@ pub fn statements(database: &str) -> Vec<String> {
                     argMaxState(period_end, sequence) AS period_end,
                     maxState(sequence) AS last_sequence,
                     maxState(event_time_ms) AS last_event_time_ms
-             FROM {db}.{EVENTS} GROUP BY group_key, entity_reference"
-        ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{GROUPS} (
-                entity_reference String,
-                group_key String,
-                group_id AggregateFunction(argMax, String, UInt64),
-                present AggregateFunction(argMax, UInt8, UInt64),
-                inactive AggregateFunction(argMax, UInt8, UInt64)
-             ) ENGINE = AggregatingMergeTree ORDER BY (entity_reference, group_key)"
-        ),
-        format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{GROUPS}_MV TO {db}.{GROUPS} AS
+             ",
+            group_by: "group_key, entity_reference",
+        },
+        View {
+            target: GROUPS,
+            select: "
              SELECT entity_reference, group_key,
                     argMaxState(group_id, sequence) AS group_id,
                     argMaxState(toUInt8(event_type = 'added'), sequence) AS present,
                     argMaxState(inactive, sequence) AS inactive
-             FROM {db}.{EVENTS} GROUP BY entity_reference, group_key"
-        ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{COUNTS} (
-                group_key String,
-                members Int64,
-                active_members Int64
-             ) ENGINE = SummingMergeTree ORDER BY group_key"
-        ),
-        format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{COUNTS}_MV TO {db}.{COUNTS} AS
+             ",
+            group_by: "entity_reference, group_key",
+        },
+        View {
+            target: COUNTS,
+            select: "
              SELECT group_key, sum(toInt64(member_delta)) AS members,
                     sum(toInt64(active_delta)) AS active_members
-             FROM {db}.{EVENTS} GROUP BY group_key"
-        ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{COMMITS} (
-                group_key String,
-                request_id String,
-                token String,
-                group_version UInt64,
-                events UInt64,
-                committed_at_ms UInt64
-             ) ENGINE = MergeTree ORDER BY (group_key, request_id, token)"
-        ),
-        format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{COMMITS}_MV TO {db}.{COMMITS} AS
+             ",
+            group_by: "group_key",
+        },
+        View {
+            target: COMMITS,
+            select: "
              SELECT group_key, request_id, token, max(group_version) AS group_version,
                     count() AS events, max(event_time_ms) AS committed_at_ms
-             FROM {db}.{EVENTS} GROUP BY group_key, request_id, token"
-        ),
+             ",
+            group_by: "group_key, request_id, token",
+        },
     ]
+}
+
+/// The statements for `settings` (database and topology).
+pub fn statements_for(settings: &ClickHouseSettings) -> Vec<String> {
+    statements_in(&settings.database, Topology::of(settings))
+}
+
+/// The single-node statements, in dependency order, for `database`.
+pub fn statements(database: &str) -> Vec<String> {
+    statements_in(database, Topology::SingleNode)
+}
+
+/// The statements, in dependency order, for `database` laid out as `topology`.
+pub fn statements_in(database: &str, topology: Topology<'_>) -> Vec<String> {
+    let db = database;
+    let (on_cluster, local) = match topology {
+        Topology::SingleNode => (String::new(), ""),
+        Topology::Cluster { name, .. } => (format!(" ON CLUSTER '{name}'"), LOCAL_SUFFIX),
+    };
+    let mut statements = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on_cluster}")];
+    let tables = tables();
+    let views = views();
+    for table in &tables {
+        let name = table.name;
+        let engine = match topology {
+            Topology::SingleNode => table.engine.to_string(),
+            Topology::Cluster {
+                replication_path,
+                replica_name,
+                ..
+            } => format!(
+                "Replicated{}('{replication_path}/{db}/{name}{local}', '{replica_name}')",
+                table.engine
+            ),
+        };
+        statements.push(format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{name}{local}{on_cluster} ({}) ENGINE = {engine}{}",
+            table.columns, table.layout
+        ));
+        if let Topology::Cluster { name: cluster, .. } = topology {
+            statements.push(format!(
+                "CREATE TABLE IF NOT EXISTS {db}.{name}{on_cluster} AS {db}.{name}{local} \
+                 ENGINE = Distributed('{cluster}', '{db}', '{name}{local}', {SHARDING_KEY})"
+            ));
+        }
+        // Each view right after its target table: the order the single-node
+        // schema has always had.
+        if let Some(view) = views.iter().find(|v| v.target == name) {
+            statements.push(format!(
+                "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{name}_MV{on_cluster} \
+                 TO {db}.{name}{local} AS{}FROM {db}.{EVENTS}{local} GROUP BY {}",
+                view.select, view.group_by
+            ));
+        }
+    }
+    statements
+}
+
+/// `statements` as one SQL script, each statement ended by `;`.
+pub fn script(statements: &[String]) -> String {
+    format!("{};\n", statements.join(";\n\n"))
 }
 
 #[cfg(test)]
@@ -145,5 +297,146 @@ mod tests {
                 assert!(!statement.contains(newer), "{newer} in {statement}");
             }
         }
+    }
+
+    #[test]
+    fn single_node_schema_is_unchanged_byte_for_byte() {
+        let settings = ClickHouseSettings::default();
+        assert_eq!(settings.database, "fhir");
+        assert_eq!(
+            script(&statements_for(&settings)),
+            include_str!("schema_single_node.sql")
+        );
+    }
+
+    #[test]
+    fn documented_cluster_schema_is_what_is_generated() {
+        let settings = ClickHouseSettings {
+            cluster: "fhir_events".into(),
+            ..ClickHouseSettings::default()
+        };
+        assert_eq!(
+            script(&statements_for(&settings)),
+            include_str!("../../docs/schema-cluster.sql"),
+            "regenerate docs/schema-cluster.sql with \
+             FGP_CLICKHOUSE_CLUSTER=fhir_events fhir-group-proxy schema-apply --print"
+        );
+    }
+
+    fn cluster() -> Vec<String> {
+        statements_in(
+            "fhir",
+            Topology::Cluster {
+                name: "events",
+                replication_path: "/clickhouse/tables/{shard}",
+                replica_name: "{replica}",
+            },
+        )
+    }
+
+    #[test]
+    fn cluster_statements_all_run_on_the_cluster() {
+        let statements = cluster();
+        assert_eq!(
+            statements.len(),
+            17,
+            "database, 6 local + 6 distributed tables, 4 views"
+        );
+        assert_eq!(
+            statements[0],
+            "CREATE DATABASE IF NOT EXISTS fhir ON CLUSTER 'events'"
+        );
+        for statement in &statements {
+            assert!(statement.contains("IF NOT EXISTS"), "{statement}");
+            assert!(statement.contains(" ON CLUSTER 'events'"), "{statement}");
+            for newer in ["DateTime64", "LowCardinality", "async_insert"] {
+                assert!(!statement.contains(newer), "{newer} in {statement}");
+            }
+        }
+    }
+
+    #[test]
+    fn cluster_local_tables_are_replicated_with_their_own_paths() {
+        let statements = cluster();
+        let local = |table: &str| {
+            let head =
+                format!("CREATE TABLE IF NOT EXISTS fhir.{table}_local ON CLUSTER 'events' (");
+            statements
+                .iter()
+                .find(|s| s.starts_with(&head))
+                .unwrap_or_else(|| panic!("no local table {table}"))
+        };
+        let engines = [
+            (EVENTS_STAGED, "ReplicatedMergeTree"),
+            (EVENTS, "ReplicatedMergeTree"),
+            (CURRENT, "ReplicatedAggregatingMergeTree"),
+            (GROUPS, "ReplicatedAggregatingMergeTree"),
+            (COUNTS, "ReplicatedSummingMergeTree"),
+            (COMMITS, "ReplicatedMergeTree"),
+        ];
+        for (table, engine) in engines {
+            let expected = format!(
+                "ENGINE = {engine}('/clickhouse/tables/{{shard}}/fhir/{table}_local', '{{replica}}')"
+            );
+            assert!(local(table).contains(&expected), "{}", local(table));
+        }
+        assert!(local(EVENTS).ends_with(
+            "('/clickhouse/tables/{shard}/fhir/Group_4_0_0_MemberEvents_local', '{replica}') \
+             PARTITION BY toYYYYMM(event_date) ORDER BY (group_key, entity_reference, sequence)"
+        ));
+    }
+
+    #[test]
+    fn cluster_distributed_tables_keep_the_names_and_shard_by_group() {
+        let statements = cluster();
+        for table in [EVENTS_STAGED, EVENTS, CURRENT, GROUPS, COUNTS, COMMITS] {
+            let expected = format!(
+                "CREATE TABLE IF NOT EXISTS fhir.{table} ON CLUSTER 'events' AS fhir.{table}_local \
+                 ENGINE = Distributed('events', 'fhir', '{table}_local', cityHash64(group_key))"
+            );
+            let position = statements.iter().position(|s| *s == expected);
+            let local = statements.iter().position(|s| {
+                s.starts_with(&format!("CREATE TABLE IF NOT EXISTS fhir.{table}_local "))
+            });
+            assert!(
+                matches!((local, position), (Some(l), Some(d)) if l < d),
+                "{table}: the distributed table follows its local table"
+            );
+        }
+    }
+
+    #[test]
+    fn cluster_views_read_and_write_the_local_tables() {
+        let statements = cluster();
+        let views: Vec<&String> = statements
+            .iter()
+            .filter(|s| s.starts_with("CREATE MATERIALIZED VIEW"))
+            .collect();
+        assert_eq!(views.len(), 4);
+        for view in views {
+            assert!(view.contains("_MV ON CLUSTER 'events' TO fhir."), "{view}");
+            assert!(view.contains("_local AS\n"), "{view}");
+            assert!(
+                view.contains("FROM fhir.Group_4_0_0_MemberEvents_local GROUP BY"),
+                "{view}"
+            );
+        }
+    }
+
+    #[test]
+    fn topology_follows_the_settings() {
+        let mut settings = ClickHouseSettings::default();
+        assert_eq!(Topology::of(&settings), Topology::SingleNode);
+        settings.cluster = "events".into();
+        settings.replication_path = "/ch/{shard}/".into();
+        assert_eq!(
+            Topology::of(&settings),
+            Topology::Cluster {
+                name: "events",
+                replication_path: "/ch/{shard}",
+                replica_name: "{replica}"
+            }
+        );
+        assert!(statements_for(&settings)[1].contains("'/ch/{shard}/fhir/"));
     }
 }
