@@ -5,6 +5,7 @@ pub mod create;
 pub mod delete;
 pub mod migrate;
 pub mod patch;
+pub mod queue;
 pub mod read;
 pub mod recovery;
 
@@ -75,6 +76,15 @@ impl WriteError {
     }
 }
 
+/// The answer when a Group's write lock stays taken for `write_wait`.
+pub(crate) fn busy(id: &str) -> WriteError {
+    WriteError::Outcome(Outcome::error(
+        503,
+        IssueType::Transient,
+        format!("Group/{id} is busy with other member writes; retry later"),
+    ))
+}
+
 /// Where a Group keeps its members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RosterHome {
@@ -103,6 +113,8 @@ pub struct GroupService {
     pub events: Arc<EventStore>,
     pub documents: GroupDocuments,
     pub settings: WriteSettings,
+    /// This process's writers of one Group wait in line for the lock.
+    pub queues: Arc<queue::GroupQueues>,
 }
 
 impl GroupService {
@@ -125,6 +137,7 @@ impl GroupService {
                 write_wait: Duration::from_millis(config.members.write_wait_ms),
                 version_conflict_status: config.members.version_conflict_status,
             },
+            queues: Arc::default(),
         })
     }
 
@@ -160,11 +173,7 @@ impl GroupService {
                 self.documents.break_expired_lease(id, &holder).await?;
             }
             if std::time::Instant::now() >= deadline {
-                return Err(WriteError::Outcome(Outcome::error(
-                    503,
-                    IssueType::Transient,
-                    format!("Group/{id} is busy with other member writes; retry later"),
-                )));
+                return Err(busy(id));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -86,6 +86,19 @@ impl GroupService {
         want_counts: bool,
     ) -> Result<MemberPatchResult, WriteError> {
         let deadline = Instant::now() + self.settings.write_wait;
+        // A stale If-Match is refused (and a retry answered) before waiting
+        // in line: races of many writers on one version end fast.
+        if let Some(done) = self.settle_without_writing(&request).await? {
+            return Ok(*done);
+        }
+        let Ok(_turn) = tokio::time::timeout(
+            self.settings.write_wait,
+            self.queues.turn(&request.group_id),
+        )
+        .await
+        else {
+            return Err(super::busy(&request.group_id));
+        };
         let mut backoff = Duration::from_millis(2);
         loop {
             match self.try_member_patch(&request).await? {
@@ -106,14 +119,7 @@ impl GroupService {
                 Attempt::Busy => {}
             }
             if Instant::now() >= deadline {
-                return Err(WriteError::Outcome(Outcome::error(
-                    503,
-                    IssueType::Transient,
-                    format!(
-                        "Group/{} is busy with other member writes; retry later",
-                        request.group_id
-                    ),
-                )));
+                return Err(super::busy(&request.group_id));
             }
             tokio::time::sleep(jittered(backoff)).await;
             backoff = (backoff * 2).min(Duration::from_millis(50));
@@ -122,16 +128,10 @@ impl GroupService {
 
     async fn try_member_patch(&self, request: &MemberPatchRequest) -> Result<Attempt, WriteError> {
         let id = request.group_id.as_str();
-        if request.if_match.is_some() {
-            // Refuse a stale If-Match without queueing for the lock (races of
-            // many writers on one version end fast), after answering a retry.
-            let head = self.head_or_404(id).await?;
-            if let Some(replayed) = self.replay(request, &head.group_key).await? {
-                return Ok(Attempt::Done(Box::new(replayed)));
-            }
-            self.check_if_match(id, request.if_match, head.version)?;
+        // Checked again after waiting in line: the version may have moved.
+        if let Some(done) = self.settle_without_writing(request).await? {
+            return Ok(Attempt::Done(done));
         }
-
         let token = uuid::Uuid::new_v4().to_string();
         if !self
             .documents
@@ -157,6 +157,23 @@ impl GroupService {
             tracing::warn!(group = id, error = %e, "could not release the member write lock");
         }
         result
+    }
+
+    /// With If-Match: a retry of a committed request gets its answer, and a
+    /// stale version its refusal, without taking the lock.
+    async fn settle_without_writing(
+        &self,
+        request: &MemberPatchRequest,
+    ) -> Result<Option<Box<MemberPatchResult>>, WriteError> {
+        if request.if_match.is_none() {
+            return Ok(None);
+        }
+        let head = self.head_or_404(&request.group_id).await?;
+        if let Some(replayed) = self.replay(request, &head.group_key).await? {
+            return Ok(Some(Box::new(replayed)));
+        }
+        self.check_if_match(&request.group_id, request.if_match, head.version)?;
+        Ok(None)
     }
 
     /// A retry of a request that already committed gets that commit's answer.
