@@ -8,6 +8,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PROXY_PORT="${FGP_DEMO_PROXY_PORT:-8080}"
 STANDIN_PORT="${FGP_DEMO_STANDIN_PORT:-18080}"
 ADMIN_PORT="${FGP_DEMO_ADMIN_PORT:-9090}"
+# One name for the stand-in's MongoDB database and the proxy's ClickHouse one.
+DEMO_DATABASE="${FGP_DEMO_DATABASE:-fhir_demo}"
 
 ensure_all_installed
 start_services_for_this_script
@@ -24,7 +26,7 @@ trap cleanup EXIT
 
 mkdir -p "$RUN_DIR/standin"
 "$bin/standin-legacy-fhir" --listen "127.0.0.1:$STANDIN_PORT" \
-  --mongo-uri "$FGP_TEST_MONGO_URI" --database fhir_demo \
+  --mongo-uri "$FGP_TEST_MONGO_URI" --database "$DEMO_DATABASE" \
   </dev/null >"$RUN_DIR/standin/log" 2>&1 &
 standin_pid=$!
 wait_until "stand-in legacy FHIR server" 30 port_open "$STANDIN_PORT"
@@ -37,7 +39,7 @@ cat >&2 <<MSG
   admin (metrics, health)    http://127.0.0.1:$ADMIN_PORT/metrics  /healthz  /readyz
   stand-in legacy server     http://127.0.0.1:$STANDIN_PORT/4_0_0   (log: $RUN_DIR/standin/log)
   ClickHouse                 $FGP_TEST_CLICKHOUSE_URL
-  FerretDB (MongoDB wire)    $FGP_TEST_MONGO_URI  database fhir_demo
+  FerretDB (MongoDB wire)    $FGP_TEST_MONGO_URI  database $DEMO_DATABASE
 
   try:
     curl -s -XPOST localhost:$PROXY_PORT/4_0_0/Group -H 'content-type: application/fhir+json' \\
@@ -49,6 +51,6 @@ MSG
 
 FGP_LISTEN="127.0.0.1:$PROXY_PORT" FGP_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT" \
 FGP_UPSTREAM_URL="http://127.0.0.1:$STANDIN_PORT" \
-FGP_CLICKHOUSE_URL="$FGP_TEST_CLICKHOUSE_URL" FGP_CLICKHOUSE_DATABASE=fhir_demo \
-FGP_MONGO_URI="$FGP_TEST_MONGO_URI" FGP_MONGO_DATABASE=fhir_demo \
+FGP_CLICKHOUSE_URL="$FGP_TEST_CLICKHOUSE_URL" FGP_CLICKHOUSE_DATABASE="$DEMO_DATABASE" \
+FGP_MONGO_URI="$FGP_TEST_MONGO_URI" FGP_MONGO_DATABASE="$DEMO_DATABASE" \
   "$bin/fhir-group-proxy" --config "$REPO_ROOT/config/fhir-group-proxy.toml" serve

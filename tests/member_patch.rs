@@ -1752,3 +1752,77 @@ async fn whole_writes_of_inline_groups_stay_with_the_legacy_server() {
     let document = legacy_stack.group_document(&id).await;
     assert_eq!(document.get_array("member").unwrap().len(), 1);
 }
+
+/// Patches queued on one Group are written in batches, each keeping its own
+/// meaning: its own version and history entry, and a patch that does not apply
+/// fails alone.
+#[tokio::test]
+async fn queued_patches_are_batched_but_answered_one_by_one() {
+    let stack = Stack::start(&[("FGP_MEMBERS_WRITE_WAIT_MS", "60000")]).await;
+    let id = stack.create_group(json!([])).await;
+    let replies = futures_util::stream::iter(0..30)
+        .map(|i| {
+            let stack = &stack;
+            let id = id.clone();
+            async move {
+                let ops = if i % 6 == 5 {
+                    json!([remove(&format!("Patient/never-{i}"))])
+                } else {
+                    json!([add(&format!("Patient/q-{i:02}"))])
+                };
+                (
+                    i,
+                    stack.patch(&id, ops, &[("prefer", "return=minimal")]).await,
+                )
+            }
+        })
+        .buffer_unordered(30)
+        .collect::<Vec<_>>()
+        .await;
+    let mut versions = Vec::new();
+    for (i, reply) in &replies {
+        if i % 6 == 5 {
+            assert_outcome(reply, 422, "processing");
+        } else {
+            reply.assert_status(200);
+            versions.push(reply.header("etag").unwrap().to_string());
+        }
+    }
+    versions.sort();
+    versions.dedup();
+    assert_eq!(versions.len(), 25, "one version per applied patch");
+    assert_eq!(stack.members(&id).await.len(), 25);
+    assert_eq!(stack.event_count(&id).await, 25);
+    let document = stack.group_document(&id).await;
+    assert_eq!(
+        document
+            .get_document("meta")
+            .unwrap()
+            .get_str("versionId")
+            .unwrap(),
+        "26"
+    );
+    let history: Vec<String> = stack
+        .mongo
+        .collection::<Document>("Group_4_0_0_History")
+        .find(doc! {"id": &id})
+        .await
+        .unwrap()
+        .filter_map(|entry| async move {
+            let entry = entry.ok()?;
+            let meta = entry
+                .get_document("resource")
+                .ok()?
+                .get_document("meta")
+                .ok()?;
+            Some(meta.get_str("versionId").ok()?.to_string())
+        })
+        .collect()
+        .await;
+    for version in 2..=26 {
+        assert!(
+            history.contains(&version.to_string()),
+            "history has version {version}: {history:?}"
+        );
+    }
+}

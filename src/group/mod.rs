@@ -1,6 +1,7 @@
 //! Use cases that join the two stores: member writes (and their recovery).
 //! Everything here runs on the store runtime (see [`StoreRuntime`]).
 
+pub mod batch;
 pub mod create;
 pub mod delete;
 pub mod migrate;
@@ -114,7 +115,7 @@ pub struct GroupService {
     pub documents: GroupDocuments,
     pub settings: WriteSettings,
     /// This process's writers of one Group wait in line for the lock.
-    pub queues: Arc<queue::GroupQueues>,
+    pub queues: Arc<queue::GroupQueues<batch::BatchJob>>,
 }
 
 impl GroupService {

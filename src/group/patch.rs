@@ -25,6 +25,7 @@ use crate::fhir::member_patch::{plan_changes, MemberChange, PlannedEvent};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::reference::EntityReference;
 use crate::store::events::{event_sequence, EventType, MemberCounts, MemberEventRow};
+use crate::store::group_documents::GroupHead;
 
 use super::{GroupService, WriteError};
 
@@ -66,7 +67,7 @@ pub struct UpstreamReply {
     pub body: Bytes,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct MemberPatchResult {
     pub version: u64,
     /// The Group document after the write (without `member`).
@@ -91,12 +92,11 @@ impl GroupService {
         if let Some(done) = self.settle_without_writing(&request).await? {
             return Ok(*done);
         }
-        let Ok(_turn) = tokio::time::timeout(
-            self.settings.write_wait,
-            self.queues.turn(&request.group_id),
-        )
-        .await
-        else {
+        let line = self.queues.line(&request.group_id);
+        if super::batch::batchable(&request) {
+            return self.apply_in_batch(&line, request, want_counts).await;
+        }
+        let Ok(_turn) = tokio::time::timeout(self.settings.write_wait, line.turn()).await else {
             return Err(super::busy(&request.group_id));
         };
         let mut backoff = Duration::from_millis(2);
@@ -133,35 +133,79 @@ impl GroupService {
             return Ok(Attempt::Done(done));
         }
         let token = uuid::Uuid::new_v4().to_string();
-        if !self
-            .documents
-            .acquire_lease(id, &token, self.settings.lease_ttl)
-            .await?
-        {
-            if let Some(holder) = self.documents.expired_lease_holder(id).await? {
-                tracing::warn!(group = id, %holder, "breaking an expired member write lock");
-                self.documents.break_expired_lease(id, &holder).await?;
-            }
+        if !self.try_lease(id, &token).await? {
             return Ok(Attempt::Busy);
         }
         let result = self.write_under_lease(request, &token).await;
-        let release = match &result {
-            Ok(Attempt::Done(_)) => Ok(()),
-            // The commit may or may not have happened: `pending` stays for
-            // recovery, which reads the truth from the Group document.
-            Err(WriteError::CommitUnknown { .. }) => self.documents.release_lease(id, &token).await,
-            // Not committed: pending (if set) is cleared and the lock released.
-            _ => self.documents.finish(id, &token, false).await,
+        let committed = matches!(result, Ok(Attempt::Done(_)));
+        self.end_lease(id, &token, committed, result.as_ref().err())
+            .await;
+        result
+    }
+
+    /// Takes the Group's lock for one attempt (breaking one whose holder
+    /// died); `false`: another writer has it.
+    pub(super) async fn try_lease(&self, id: &str, token: &str) -> Result<bool, WriteError> {
+        if self
+            .documents
+            .acquire_lease(id, token, self.settings.lease_ttl)
+            .await?
+        {
+            return Ok(true);
+        }
+        if let Some(holder) = self.documents.expired_lease_holder(id).await? {
+            tracing::warn!(group = id, %holder, "breaking an expired member write lock");
+            self.documents.break_expired_lease(id, &holder).await?;
+        }
+        Ok(false)
+    }
+
+    /// Ends an attempt: a done write already released its lock; an unknown
+    /// commit keeps `pending` for recovery (which reads the truth from the
+    /// Group document); anything else clears its pending record.
+    pub(super) async fn end_lease(
+        &self,
+        id: &str,
+        token: &str,
+        done: bool,
+        error: Option<&WriteError>,
+    ) {
+        let release = match (done, error) {
+            (true, _) => Ok(()),
+            (false, Some(WriteError::CommitUnknown { .. })) => {
+                self.documents.release_lease(id, token).await
+            }
+            (false, _) => self.documents.finish(id, token, false).await,
         };
         if let Err(e) = release {
             tracing::warn!(group = id, error = %e, "could not release the member write lock");
         }
-        result
+    }
+
+    /// Under the lock: the Group's head after finishing what a stopped writer
+    /// left pending; `NotMigrated` when its members are still inline.
+    pub(super) async fn head_for_writing(&self, id: &str) -> Result<GroupHead, WriteError> {
+        let state = self.documents.member_state(id).await?;
+        let head = self.head_or_404(id).await?;
+        if !state.in_clickhouse
+            && state.pending.is_none()
+            && self.documents.has_inline_members(id).await?
+        {
+            return Err(WriteError::NotMigrated);
+        }
+        match &state.pending {
+            Some(pending) => {
+                // Finish what a stopped writer left behind, then look again.
+                self.recover_pending(id, &head, pending).await?;
+                self.head_or_404(id).await
+            }
+            None => Ok(head),
+        }
     }
 
     /// With If-Match: a retry of a committed request gets its answer, and a
     /// stale version its refusal, without taking the lock.
-    async fn settle_without_writing(
+    pub(super) async fn settle_without_writing(
         &self,
         request: &MemberPatchRequest,
     ) -> Result<Option<Box<MemberPatchResult>>, WriteError> {
@@ -177,7 +221,7 @@ impl GroupService {
     }
 
     /// A retry of a request that already committed gets that commit's answer.
-    async fn replay(
+    pub(super) async fn replay(
         &self,
         request: &MemberPatchRequest,
         group_key: &str,
@@ -204,19 +248,7 @@ impl GroupService {
         token: &str,
     ) -> Result<Attempt, WriteError> {
         let id = request.group_id.as_str();
-        let state = self.documents.member_state(id).await?;
-        let mut head = self.head_or_404(id).await?;
-        if !state.in_clickhouse
-            && state.pending.is_none()
-            && self.documents.has_inline_members(id).await?
-        {
-            return Err(WriteError::NotMigrated);
-        }
-        if let Some(pending) = &state.pending {
-            // Finish what a stopped writer left behind, then look again.
-            self.recover_pending(id, &head, pending).await?;
-            head = self.head_or_404(id).await?;
-        }
+        let head = self.head_for_writing(id).await?;
         if let Some(replayed) = self.replay(request, &head.group_key).await? {
             self.documents.finish(id, token, false).await?;
             return Ok(Attempt::Done(Box::new(replayed)));
@@ -263,7 +295,7 @@ impl GroupService {
         }
         let committed = self
             .documents
-            .commit_version(id, head.version, token)
+            .commit_version(id, head.version, new_version, token)
             .await
             .map_err(|e| WriteError::CommitUnknown {
                 id: id.to_string(),
@@ -394,14 +426,17 @@ impl GroupService {
         }
     }
 
-    async fn current_counts(&self, id: &str) -> Result<Option<MemberCounts>, WriteError> {
+    pub(super) async fn current_counts(
+        &self,
+        id: &str,
+    ) -> Result<Option<MemberCounts>, WriteError> {
         match self.documents.head(id).await? {
             Some(head) => Ok(Some(self.events.counts(&head.group_key).await?)),
             None => Ok(None),
         }
     }
 
-    fn check_if_match(
+    pub(super) fn check_if_match(
         &self,
         id: &str,
         if_match: Option<u64>,
@@ -431,7 +466,7 @@ enum Attempt {
     Busy,
 }
 
-fn lease_lost(id: &str) -> WriteError {
+pub(super) fn lease_lost(id: &str) -> WriteError {
     WriteError::Outcome(Outcome::error(
         503,
         IssueType::Transient,
@@ -439,7 +474,7 @@ fn lease_lost(id: &str) -> WriteError {
     ))
 }
 
-fn unique_references(changes: &[MemberChange]) -> Vec<&EntityReference> {
+pub(super) fn unique_references(changes: &[MemberChange]) -> Vec<&EntityReference> {
     let mut seen = std::collections::HashSet::new();
     changes
         .iter()
@@ -484,7 +519,7 @@ pub(super) fn event_rows(
         .collect()
 }
 
-fn jittered(base: Duration) -> Duration {
+pub(super) fn jittered(base: Duration) -> Duration {
     let nanos = uuid::Uuid::new_v4().as_u128() as u64 % (base.as_nanos() as u64 + 1);
     base + Duration::from_nanos(nanos)
 }

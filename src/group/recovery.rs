@@ -20,15 +20,22 @@ impl GroupService {
         let committed = pending.upstream_committed
             || (head.version == pending.version
                 && head.commit_token.as_deref() == Some(pending.token.as_str()));
-        if committed
-            && !self
+        if committed {
+            if !self
                 .events
                 .is_published(&head.group_key, &pending.token)
                 .await?
-        {
-            tracing::warn!(group = id, token = %pending.token, "publishing the events of a committed write whose writer stopped");
-            self.events.publish(&pending.token).await?;
-        } else if !committed {
+            {
+                tracing::warn!(group = id, token = %pending.token, "publishing the events of a committed write whose writer stopped");
+                self.events.publish(&pending.token).await?;
+            } else if self
+                .events
+                .repair_commit_records(&head.group_key, &pending.token)
+                .await?
+            {
+                tracing::warn!(group = id, token = %pending.token, "commit records of a published write rewritten (its insert was cut off)");
+            }
+        } else {
             tracing::warn!(group = id, token = %pending.token, "dropping a write that never committed");
         }
         self.documents

@@ -246,7 +246,29 @@ impl EventStore {
         group_key: &str,
         token: &str,
     ) -> Result<bool, EventStoreError> {
+        // The events table is the truth: ClickHouse feeds the views in the
+        // same insert but not atomically with it, so a crash can leave a
+        // published write without its commit record.
         let found = self
+            .client
+            .query(&format!(
+                "SELECT count() FROM {EVENTS} WHERE group_key = ? AND token = ?"
+            ))
+            .bind(group_key)
+            .bind(token)
+            .fetch_one::<u64>()
+            .await?;
+        Ok(found > 0)
+    }
+
+    /// Writes the commit records of a published write again when a crash cut
+    /// its insert off before the commit view (retries are answered from them).
+    pub async fn repair_commit_records(
+        &self,
+        group_key: &str,
+        token: &str,
+    ) -> Result<bool, EventStoreError> {
+        let recorded = self
             .client
             .query(&format!(
                 "SELECT count() FROM {COMMITS} WHERE group_key = ? AND token = ?"
@@ -255,7 +277,20 @@ impl EventStore {
             .bind(token)
             .fetch_one::<u64>()
             .await?;
-        Ok(found > 0)
+        if recorded > 0 {
+            return Ok(false);
+        }
+        self.client
+            .query(&format!(
+                "INSERT INTO {COMMITS} SELECT group_key, request_id, token, max(group_version), \
+                        count(), max(event_time_ms) FROM {EVENTS} \
+                 WHERE group_key = ? AND token = ? GROUP BY group_key, request_id, token"
+            ))
+            .bind(group_key)
+            .bind(token)
+            .execute()
+            .await?;
+        Ok(true)
     }
 }
 

@@ -348,13 +348,15 @@ impl GroupDocuments {
         Ok(())
     }
 
-    /// The commit point: moves `meta.versionId` from `expected` to `expected + 1`
+    /// The commit point: moves `meta.versionId` from `expected` to `new_version`
+    /// (one step per member patch of the write)
     /// only if nobody else did, and tags the version with our token. Returns
     /// the Group document after the update, or `None` when the version moved.
     pub async fn commit_version(
         &self,
         id: &str,
         expected: u64,
+        new_version: u64,
         token: &str,
     ) -> Result<Option<Document>, DocumentStoreError> {
         let updated = self
@@ -362,7 +364,7 @@ impl GroupDocuments {
             .find_one_and_update(
                 doc! { "id": id, "meta.versionId": expected.to_string() },
                 doc! { "$set": {
-                    "meta.versionId": (expected + 1).to_string(),
+                    "meta.versionId": new_version.to_string(),
                     "meta.lastUpdated": DateTime::now(),
                     "_memberCommitToken": token,
                     // For people and tools reading MongoDB directly; the proxy's

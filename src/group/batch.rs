@@ -1,0 +1,356 @@
+//! Member patches of one Group waiting in this process's line are written
+//! together (see [`super::queue`]): one lock, one staging insert, one
+//! compare-and-swap that moves the version by one per patch, one publication.
+//! Each patch keeps its own meaning: it is planned against the state left by
+//! the patches before it, gets its own version, history entry and answer, and
+//! a patch that does not apply (or names a stale If-Match) fails alone.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::fhir::member_patch::{plan_changes, MemberAttributes, PlannedEvent};
+use crate::fhir::outcome::{IssueType, Outcome};
+use crate::fhir::reference::EntityReference;
+
+use super::patch::{
+    event_rows, jittered, lease_lost, unique_references, MemberEdit, MemberPatchRequest,
+    MemberPatchResult,
+};
+use super::queue::Line;
+use super::{busy, GroupService, WriteError};
+
+/// Most member changes written in one batch (one staging insert).
+const BATCH_MAX_CHANGES: usize = 10_000;
+
+type Answer = Result<MemberPatchResult, WriteError>;
+
+pub struct BatchJob {
+    request: MemberPatchRequest,
+    want_counts: bool,
+    queued_at: Instant,
+    reply: oneshot::Sender<Answer>,
+}
+
+impl BatchJob {
+    fn weight(&self) -> usize {
+        match &self.request.edit {
+            MemberEdit::Changes(changes) => changes.len().max(1),
+            MemberEdit::ReplaceRoster(roster) => roster.len().max(1),
+        }
+    }
+}
+
+/// Patches that only touch members; split patches and roster replacements
+/// (which go upstream, or read the whole roster) are written alone.
+pub fn batchable(request: &MemberPatchRequest) -> bool {
+    request.upstream_part.is_none() && matches!(request.edit, MemberEdit::Changes(_))
+}
+
+/// What one patch of a batch comes to before the commit.
+enum Planned {
+    Answered(Box<Answer>),
+    /// Same client request id as an earlier job of the batch: same answer.
+    SameAs(usize),
+    /// Only `test` ops: no new version; the version it saw.
+    Unchanged(u64),
+    Writes {
+        version: u64,
+        events: usize,
+    },
+}
+
+enum BatchAttempt {
+    Done(Vec<Answer>),
+    Busy,
+}
+
+impl GroupService {
+    /// Queues the patch in its Group's line; the first writer in a line
+    /// writes everything queued behind it, batch after batch.
+    pub(super) async fn apply_in_batch(
+        &self,
+        line: &Line<BatchJob>,
+        request: MemberPatchRequest,
+        want_counts: bool,
+    ) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        let job = BatchJob {
+            request,
+            want_counts,
+            queued_at: Instant::now(),
+            reply,
+        };
+        if line.join(job) {
+            while let Some(jobs) = line.next_batch(BATCH_MAX_CHANGES, BatchJob::weight) {
+                let _turn = line.turn().await;
+                self.write_batch(jobs).await;
+            }
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(WriteError::Outcome(Outcome::error(
+                500,
+                IssueType::Exception,
+                "the member write was dropped unexpectedly; read the Group to see its state",
+            )))
+        })
+    }
+
+    async fn write_batch(&self, jobs: Vec<BatchJob>) {
+        let now = Instant::now();
+        // Jobs that waited longer than a write may wait get the busy answer.
+        let (jobs, late): (Vec<_>, Vec<_>) = jobs
+            .into_iter()
+            .partition(|job| now < job.queued_at + self.settings.write_wait);
+        for job in late {
+            let _ = job.reply.send(Err(busy(&job.request.group_id)));
+        }
+        let Some(first) = jobs.first() else { return };
+        let id = first.request.group_id.clone();
+        let deadline = now + self.settings.write_wait;
+        let mut backoff = Duration::from_millis(2);
+        let answers = loop {
+            match self.try_batch(&id, &jobs).await {
+                Ok(BatchAttempt::Done(answers)) => break answers,
+                Ok(BatchAttempt::Busy) if Instant::now() < deadline => {
+                    tokio::time::sleep(jittered(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+                Ok(BatchAttempt::Busy) => break jobs.iter().map(|_| Err(busy(&id))).collect(),
+                Err(error) => {
+                    if !matches!(error, WriteError::Outcome(_) | WriteError::NotMigrated) {
+                        tracing::warn!(group = %id, %error, jobs = jobs.len(), "member write batch failed");
+                    }
+                    break jobs.iter().map(|_| Err(shared(&error))).collect();
+                }
+            }
+        };
+        self.deliver(&id, jobs, answers).await;
+    }
+
+    async fn deliver(&self, id: &str, jobs: Vec<BatchJob>, mut answers: Vec<Answer>) {
+        let wants_counts = jobs
+            .iter()
+            .zip(&answers)
+            .any(|(job, answer)| job.want_counts && answer.is_ok());
+        if wants_counts {
+            // The writes stand whatever happens here: a failed count only
+            // leaves `quantity` out of the answers.
+            match self.current_counts(id).await {
+                Ok(counts) => {
+                    for (job, answer) in jobs.iter().zip(answers.iter_mut()) {
+                        if let (true, Ok(result)) = (job.want_counts, answer) {
+                            result.counts = counts;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(group = id, error = %e, "member counts unavailable for the answers")
+                }
+            }
+        }
+        for (job, answer) in jobs.into_iter().zip(answers) {
+            // A client that gave up no longer listens; its write stands.
+            let _ = job.reply.send(answer);
+        }
+    }
+
+    async fn try_batch(&self, id: &str, jobs: &[BatchJob]) -> Result<BatchAttempt, WriteError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        if !self.try_lease(id, &token).await? {
+            return Ok(BatchAttempt::Busy);
+        }
+        let result = self.write_batch_under_lease(id, jobs, &token).await;
+        let done = matches!(result, Ok(BatchAttempt::Done(_)));
+        self.end_lease(id, &token, done, result.as_ref().err())
+            .await;
+        result
+    }
+
+    async fn write_batch_under_lease(
+        &self,
+        id: &str,
+        jobs: &[BatchJob],
+        token: &str,
+    ) -> Result<BatchAttempt, WriteError> {
+        let head = self.head_for_writing(id).await?;
+
+        let named: Vec<&EntityReference> = jobs
+            .iter()
+            .flat_map(|job| match &job.request.edit {
+                MemberEdit::Changes(changes) => unique_references(changes),
+                MemberEdit::ReplaceRoster(_) => Vec::new(),
+            })
+            .collect();
+        let mut live = self.events.current_members(&head.group_key, &named).await?;
+        let label = format!("Group/{id}");
+        let mut version = head.version;
+        let mut rows = Vec::new();
+        let mut planned_jobs = Vec::with_capacity(jobs.len());
+        let mut first_with_id: HashMap<&str, usize> = HashMap::new();
+        for (index, job) in jobs.iter().enumerate() {
+            let request = &job.request;
+            if let Some(client_id) = request.client_request_id.as_deref() {
+                if let Some(&first) = first_with_id.get(client_id) {
+                    planned_jobs.push(Planned::SameAs(first));
+                    continue;
+                }
+                first_with_id.insert(client_id, index);
+            }
+            if let Some(replayed) = self.replay(request, &head.group_key).await? {
+                planned_jobs.push(Planned::Answered(Box::new(Ok(replayed))));
+                continue;
+            }
+            if let Err(refused) = self.check_if_match(id, request.if_match, version) {
+                planned_jobs.push(Planned::Answered(Box::new(Err(refused))));
+                continue;
+            }
+            let MemberEdit::Changes(changes) = &request.edit else {
+                // Never queued (see `batchable`); refused rather than misread.
+                let refusal = WriteError::Outcome(Outcome::error(
+                    500,
+                    IssueType::Exception,
+                    "internal error: a roster replacement reached a member patch batch",
+                ));
+                planned_jobs.push(Planned::Answered(Box::new(Err(refusal))));
+                continue;
+            };
+            match plan_changes(&label, changes, &live) {
+                Err(outcome) => planned_jobs.push(Planned::Answered(Box::new(Err(
+                    WriteError::Outcome(outcome),
+                )))),
+                Ok(planned) if planned.is_empty() => planned_jobs.push(Planned::Unchanged(version)),
+                Ok(planned) => {
+                    version += 1;
+                    apply(&mut live, &planned);
+                    rows.extend(event_rows(
+                        &head.group_key,
+                        id,
+                        version,
+                        token,
+                        &request.request_id,
+                        &planned,
+                    ));
+                    planned_jobs.push(Planned::Writes {
+                        version,
+                        events: planned.len(),
+                    });
+                }
+            }
+        }
+
+        if version == head.version {
+            // Nothing to write: refusals, tests and retries only.
+            self.documents.finish(id, token, false).await?;
+            let document = self.documents.document(id).await?;
+            return Ok(BatchAttempt::Done(answers(planned_jobs, document.as_ref())));
+        }
+        self.events.stage(rows).await?;
+        let leader = &jobs[0].request.request_id;
+        if !self
+            .documents
+            .mark_pending(id, token, version, leader)
+            .await?
+        {
+            return Err(lease_lost(id));
+        }
+        let committed = self
+            .documents
+            .commit_version(id, head.version, version, token)
+            .await
+            .map_err(|e| WriteError::CommitUnknown {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        let Some(document) = committed else {
+            // The legacy server moved the version: plan again on the new one
+            // (If-Match requests then get their conflict).
+            self.documents.finish(id, token, false).await?;
+            return Ok(BatchAttempt::Busy);
+        };
+        for (job, planned) in jobs.iter().zip(&planned_jobs) {
+            if let Planned::Writes { version, .. } = planned {
+                let request = &job.request;
+                let entry = at_version(&document, *version);
+                if let Err(e) = self
+                    .documents
+                    .insert_history(&entry, &request.request_id, "PATCH", &request.url)
+                    .await
+                {
+                    tracing::error!(group = id, version, error = %e, "history entry not written for a committed member write");
+                }
+            }
+        }
+        self.complete_committed(id, token).await;
+        Ok(BatchAttempt::Done(answers(planned_jobs, Some(&document))))
+    }
+}
+
+/// The state after `planned`, for planning the next patch of the batch.
+fn apply(live: &mut HashMap<EntityReference, MemberAttributes>, planned: &[PlannedEvent]) {
+    for event in planned {
+        if event.added {
+            live.insert(event.reference.clone(), event.attributes.clone());
+        } else {
+            live.remove(&event.reference);
+        }
+    }
+}
+
+/// The committed Group document as of one patch's version.
+fn at_version(document: &mongodb::bson::Document, version: u64) -> mongodb::bson::Document {
+    let mut document = document.clone();
+    if let Ok(meta) = document.get_document_mut("meta") {
+        meta.insert("versionId", version.to_string());
+    }
+    document
+}
+
+fn answers(planned: Vec<Planned>, document: Option<&mongodb::bson::Document>) -> Vec<Answer> {
+    let mut answers: Vec<Answer> = Vec::with_capacity(planned.len());
+    for plan in planned {
+        let answer = match plan {
+            Planned::Answered(answer) => *answer,
+            Planned::SameAs(first) => match &answers[first] {
+                Ok(result) => Ok(MemberPatchResult {
+                    replayed: true,
+                    events_written: 0,
+                    ..result.clone()
+                }),
+                Err(error) => Err(shared(error)),
+            },
+            Planned::Unchanged(version) => Ok(result(version, 0, document)),
+            Planned::Writes { version, events } => Ok(result(version, events, document)),
+        };
+        answers.push(answer);
+    }
+    answers
+}
+
+fn result(
+    version: u64,
+    events_written: usize,
+    document: Option<&mongodb::bson::Document>,
+) -> MemberPatchResult {
+    MemberPatchResult {
+        version,
+        document: document.map(|d| at_version(d, version)),
+        counts: None,
+        replayed: false,
+        events_written,
+        upstream_reply: None,
+    }
+}
+
+/// One failure answered to every patch of a batch.
+fn shared(error: &WriteError) -> WriteError {
+    match error {
+        WriteError::NotMigrated => WriteError::NotMigrated,
+        WriteError::CommitUnknown { id, reason } => WriteError::CommitUnknown {
+            id: id.clone(),
+            reason: reason.clone(),
+        },
+        other => WriteError::Outcome(other.to_outcome()),
+    }
+}
