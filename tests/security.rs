@@ -43,6 +43,24 @@ async fn version_of(client: &HttpClient, standin: &Standin, id: &str, token: &st
         .to_string()
 }
 
+/// An empty Group created on the legacy server with the writer's token.
+async fn create_as_writer(client: &HttpClient, standin: &Standin) -> String {
+    let created = send(
+        client,
+        "POST",
+        &format!("{}/4_0_0/Group", standin.url()),
+        &[
+            ("content-type", "application/fhir+json"),
+            ("authorization", "Bearer writer"),
+        ],
+        serde_json::to_vec(&json!({"resourceType": "Group", "type": "person", "actual": true}))
+            .unwrap(),
+    )
+    .await;
+    created.assert_status(201);
+    created.json()["id"].as_str().unwrap().to_string()
+}
+
 fn tokens() -> AccessTokens {
     AccessTokens {
         tokens: vec![("writer".into(), true), ("reader".into(), false)],
@@ -62,20 +80,7 @@ async fn upstream_mode_lets_the_legacy_server_decide() {
     )
     .await;
     let client = http_client();
-    let created = send(
-        &client,
-        "POST",
-        &format!("{}/4_0_0/Group", standin.url()),
-        &[
-            ("content-type", "application/fhir+json"),
-            ("authorization", "Bearer writer"),
-        ],
-        serde_json::to_vec(&json!({"resourceType": "Group", "type": "person", "actual": true}))
-            .unwrap(),
-    )
-    .await;
-    created.assert_status(201);
-    let id = created.json()["id"].as_str().unwrap().to_string();
+    let id = create_as_writer(&client, &standin).await;
     let url = format!("{}/4_0_0/Group/{id}", proxy.url());
 
     patch(
@@ -410,19 +415,7 @@ async fn none_mode_is_explicit_and_unchecked() {
     let (standin, proxy, _) =
         start_with_member_stores_behind(standin, &[("FGP_AUTH_MODE", "none")]).await;
     let client = http_client();
-    let created = send(
-        &client,
-        "POST",
-        &format!("{}/4_0_0/Group", standin.url()),
-        &[
-            ("content-type", "application/fhir+json"),
-            ("authorization", "Bearer writer"),
-        ],
-        serde_json::to_vec(&json!({"resourceType": "Group", "type": "person", "actual": true}))
-            .unwrap(),
-    )
-    .await;
-    let id = created.json()["id"].as_str().unwrap().to_string();
+    let id = create_as_writer(&client, &standin).await;
     let reply = patch(
         &client,
         &format!("{}/4_0_0/Group/{id}", proxy.url()),

@@ -164,15 +164,7 @@ impl GroupService {
         token: &str,
     ) -> Result<(), WriteError> {
         let deadline = std::time::Instant::now() + self.settings.write_wait;
-        while !self
-            .documents
-            .acquire_lease(id, token, self.settings.lease_ttl)
-            .await?
-        {
-            if let Some(holder) = self.documents.expired_lease_holder(id).await? {
-                tracing::warn!(group = id, %holder, "breaking an expired member write lock");
-                self.documents.break_expired_lease(id, &holder).await?;
-            }
+        while !self.try_lease(id, token).await? {
             if std::time::Instant::now() >= deadline {
                 return Err(busy(id));
             }

@@ -128,10 +128,6 @@ impl GroupService {
 
     async fn try_member_patch(&self, request: &MemberPatchRequest) -> Result<Attempt, WriteError> {
         let id = request.group_id.as_str();
-        // Checked again after waiting in line: the version may have moved.
-        if let Some(done) = self.settle_without_writing(request).await? {
-            return Ok(Attempt::Done(done));
-        }
         let token = uuid::Uuid::new_v4().to_string();
         if !self.try_lease(id, &token).await? {
             return Ok(Attempt::Busy);
@@ -145,7 +141,7 @@ impl GroupService {
 
     /// Takes the Group's lock for one attempt (breaking one whose holder
     /// died); `false`: another writer has it.
-    pub(super) async fn try_lease(&self, id: &str, token: &str) -> Result<bool, WriteError> {
+    pub(crate) async fn try_lease(&self, id: &str, token: &str) -> Result<bool, WriteError> {
         if self
             .documents
             .acquire_lease(id, token, self.settings.lease_ttl)
@@ -205,7 +201,7 @@ impl GroupService {
 
     /// With If-Match: a retry of a committed request gets its answer, and a
     /// stale version its refusal, without taking the lock.
-    pub(super) async fn settle_without_writing(
+    async fn settle_without_writing(
         &self,
         request: &MemberPatchRequest,
     ) -> Result<Option<Box<MemberPatchResult>>, WriteError> {

@@ -61,14 +61,7 @@ impl GroupService {
             .await?
         {
             let token = uuid::Uuid::new_v4().to_string();
-            if !self
-                .documents
-                .acquire_lease(&id, &token, self.settings.lease_ttl)
-                .await?
-            {
-                if let Some(holder) = self.documents.expired_lease_holder(&id).await? {
-                    self.documents.break_expired_lease(&id, &holder).await?;
-                }
+            if !self.try_lease(&id, &token).await? {
                 continue;
             }
             let result = self.recover_under_lease(&id).await;

@@ -113,15 +113,8 @@ pub async fn other_patch_format(
     ctx: &mut RequestContext,
     group_id: &str,
 ) -> Result<bool> {
-    let Some(service) = proxy.group_service.clone() else {
-        return Ok(false);
-    };
-    let id = group_id.to_string();
-    let outcome = match proxy
-        .on_stores(async move { service.roster_home(&id).await })
-        .await
-    {
-        Ok(Ok(crate::group::RosterHome::Events)) => Outcome::error(
+    let outcome = match proxy.roster_home(group_id).await {
+        Ok(Some(crate::group::RosterHome::Events)) => Outcome::error(
             415,
             IssueType::NotSupported,
             format!(
@@ -129,8 +122,7 @@ pub async fn other_patch_format(
                  ({JSON_PATCH}) reaches; send the patch as JSON Patch"
             ),
         ),
-        Ok(Ok(_)) => return Ok(false),
-        Ok(Err(error)) => error.to_outcome(),
+        Ok(_) => return Ok(false),
         Err(outcome) => outcome,
     };
     ctx.intercepted = true;
@@ -265,23 +257,13 @@ async fn may_write(
     base: &str,
     group_id: &str,
 ) -> Result<bool> {
-    let (crate::auth::Authorizer::Upstream { .. }, Some(service)) =
-        (&*proxy.authorizer, proxy.group_service.clone())
-    else {
+    if !matches!(&*proxy.authorizer, crate::auth::Authorizer::Upstream { .. }) {
         return Ok(true);
-    };
-    let id = group_id.to_string();
-    match proxy
-        .on_stores(async move { service.roster_home(&id).await })
-        .await
-    {
-        Ok(Ok(crate::group::RosterHome::Inline)) => Ok(true),
-        Ok(Ok(_)) => {
+    }
+    match proxy.roster_home(group_id).await {
+        Ok(None | Some(crate::group::RosterHome::Inline)) => Ok(true),
+        Ok(Some(_)) => {
             crate::proxy::authorize::probe_upstream(proxy, session, ctx, base, group_id).await
-        }
-        Ok(Err(error)) => {
-            answer(session, ctx, &error.to_outcome()).await?;
-            Ok(false)
         }
         Err(outcome) => {
             answer(session, ctx, &outcome).await?;

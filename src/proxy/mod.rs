@@ -247,6 +247,26 @@ impl FhirGroupProxy {
         }
     }
 
+    /// Where Group `id` keeps its members (`None` with member handling off);
+    /// `Err` is the answer when the stores cannot tell.
+    pub(crate) async fn roster_home(
+        &self,
+        id: &str,
+    ) -> std::result::Result<Option<crate::group::RosterHome>, Outcome> {
+        let Some(service) = self.group_service.clone() else {
+            return Ok(None);
+        };
+        let id = id.to_string();
+        match self
+            .on_stores(async move { service.roster_home(&id).await })
+            .await
+        {
+            Ok(Ok(home)) => Ok(Some(home)),
+            Ok(Err(error)) => Err(error.to_outcome()),
+            Err(outcome) => Err(outcome),
+        }
+    }
+
     /// DELETE of a Group: the legacy server deletes it; a migrated Group's
     /// roster is then tombstoned. `false`: not migrated, forward as usual.
     async fn delete_group(

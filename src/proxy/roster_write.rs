@@ -28,16 +28,9 @@ pub async fn group_update(
     base: &str,
     group_id: &str,
 ) -> Result<Next> {
-    let Some(service) = proxy.group_service.clone() else {
-        return Ok(Next::Forward);
-    };
-    let id = group_id.to_string();
-    let home = proxy
-        .on_stores(async move { service.roster_home(&id).await })
-        .await;
-    let home = match home {
-        Ok(Ok(home)) => home,
-        Ok(Err(error)) => return answer(session, ctx, &error.to_outcome()).await,
+    let home = match proxy.roster_home(group_id).await {
+        Ok(Some(home)) => home,
+        Ok(None) => return Ok(Next::Forward),
         Err(outcome) => return answer(session, ctx, &outcome).await,
     };
     let settings = &proxy.config.members;
