@@ -70,7 +70,7 @@ impl Default for AuthSettings {
     fn default() -> Self {
         Self {
             mode: AuthMode::Upstream,
-            upstream_probe: "GET {base}/Group/{id}".into(),
+            upstream_probe: "PATCH {base}/Group/{id}".into(),
             jwt: JwtSettings::default(),
         }
     }
@@ -441,7 +441,7 @@ pub struct Overrides {
     /// Authorization of what the proxy answers itself: upstream, jwt or none [auth.mode]
     #[arg(long, env = "FGP_AUTH_MODE", global = true)]
     pub auth_mode: Option<AuthMode>,
-    /// Upstream-mode probe, e.g. "GET {base}/Group/{id}" [auth.upstream_probe]
+    /// Upstream-mode probe, e.g. "PATCH {base}/Group/{id}" [auth.upstream_probe]
     #[arg(long, env = "FGP_AUTH_UPSTREAM_PROBE", global = true)]
     pub auth_upstream_probe: Option<String>,
     /// JWK Set file for jwt mode [auth.jwt.jwks_file]

@@ -81,10 +81,19 @@ impl Authorizer {
                 let (method, path) = settings
                     .upstream_probe
                     .split_once(' ')
-                    .unwrap_or(("GET", "{base}/Group/{id}"));
+                    .unwrap_or(("PATCH", "{base}/Group/{id}"));
+                let probe_method =
+                    http::Method::from_bytes(method.as_bytes()).unwrap_or(http::Method::PATCH);
+                if matches!(probe_method, http::Method::GET | http::Method::HEAD) {
+                    tracing::warn!(
+                        probe = %settings.upstream_probe,
+                        "auth.upstream_probe is a read: a client that may read a Group but not \
+                         write it can change its roster through the proxy; use \
+                         \"PATCH {{base}}/Group/{{id}}\" unless reading implies writing here"
+                    );
+                }
                 Authorizer::Upstream {
-                    probe_method: http::Method::from_bytes(method.as_bytes())
-                        .unwrap_or(http::Method::GET),
+                    probe_method,
                     probe_path: path.trim().to_string(),
                 }
             }

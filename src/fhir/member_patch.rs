@@ -68,6 +68,9 @@ pub enum AttributeUpdate {
 pub enum PatchClass {
     /// No op touches `/member`: the upstream handles it as it is.
     NotMembers,
+    /// An op on the root pointer `""` (or `from` it): it replaces or reads the
+    /// whole Group, roster included.
+    WholeDocument { op_index: usize },
     /// Every op targets `/member`.
     Members(Vec<MemberChange>),
     /// Both kinds; `other_ops` keep their order and content.
@@ -143,10 +146,11 @@ pub fn parse_patch(body: &[u8], limits: PatchLimits) -> Result<PatchClass, Outco
     let mut other_ops = Vec::new();
     for (index, op) in ops.into_iter().enumerate() {
         let (name, path) = op_name_and_path(&op, index)?;
-        let from_member = op
-            .get("from")
-            .and_then(Value::as_str)
-            .is_some_and(targets_member);
+        let from = op.get("from").and_then(Value::as_str);
+        if path.is_empty() || from == Some("") {
+            return Ok(PatchClass::WholeDocument { op_index: index });
+        }
+        let from_member = from.is_some_and(targets_member);
         if targets_member(path) || from_member {
             if matches!(name, "move" | "copy") {
                 return Err(not_supported(
@@ -715,6 +719,24 @@ mod tests {
             parse(json!([{"op": "add", "path": "/memberX", "value": 1}])).unwrap(),
             PatchClass::NotMembers
         );
+    }
+
+    #[test]
+    fn ops_on_the_root_pointer_touch_the_whole_group() {
+        let whole = json!({"resourceType": "Group", "member": []});
+        for ops in [
+            json!([{"op": "replace", "path": "", "value": whole}]),
+            json!([add("Patient/1"), {"op": "add", "path": "", "value": whole}]),
+            json!([{"op": "copy", "from": "", "path": "/contained/0"}]),
+        ] {
+            assert!(
+                matches!(
+                    parse(ops.clone()).unwrap(),
+                    PatchClass::WholeDocument { .. }
+                ),
+                "{ops}"
+            );
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod member_patch;
 pub mod migration;
 pub mod outcome;
 pub mod reference;
+pub mod written_groups;
 
 /// Media type of FHIR JSON responses.
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";

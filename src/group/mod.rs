@@ -77,6 +77,32 @@ impl WriteError {
     }
 }
 
+/// A managed Group whose document gained an inline `member` array behind the
+/// proxy's back (a direct writer, an old script): two rosters for one Group.
+/// Nothing is overwritten or merged silently; the operator folds them.
+pub(crate) fn drift(id: &str) -> WriteError {
+    crate::operations::metrics::metrics().drift_detected();
+    tracing::error!(
+        group = id,
+        "a managed Group's document holds inline members written around the proxy"
+    );
+    WriteError::Outcome(drift_outcome(id))
+}
+
+/// The answer for a drifted Group (see [`drift`]).
+pub fn drift_outcome(id: &str) -> Outcome {
+    Outcome::error(
+        409,
+        IssueType::Conflict,
+        format!(
+            "Group/{id} keeps its members in the member store, but its document in MongoDB \
+             also holds an inline member array written around this proxy; nothing was changed. \
+             An operator must reconcile it: `fhir-group-proxy migrate --check --id {id}` lists \
+             it and `--fold` moves the inline members into the member store"
+        ),
+    )
+}
+
 /// The answer when a Group's write lock stays taken for `write_wait`.
 pub(crate) fn busy(id: &str) -> WriteError {
     WriteError::Outcome(Outcome::error(
@@ -154,6 +180,25 @@ impl GroupService {
             return Ok(RosterHome::Inline);
         }
         Ok(RosterHome::Empty)
+    }
+
+    /// Whether any Group keeps its members in ClickHouse: until one does,
+    /// nothing the legacy server does can split a roster.
+    pub async fn manages_any_group(&self) -> Result<bool, WriteError> {
+        Ok(self.documents.any_migrated().await?)
+    }
+
+    /// Which of `ids` keep their members in ClickHouse.
+    pub async fn managed_among(&self, ids: &[String]) -> Result<Vec<String>, WriteError> {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut managed: Vec<String> = self
+            .documents
+            .migrated_among(&ids)
+            .await?
+            .into_iter()
+            .collect();
+        managed.sort();
+        Ok(managed)
     }
 
     /// Takes the Group's write lock for `token`, waiting up to `write_wait`

@@ -179,14 +179,19 @@ impl GroupService {
     }
 
     /// Under the lock: the Group's head after finishing what a stopped writer
-    /// left pending; `NotMigrated` when its members are still inline.
+    /// left pending; `NotMigrated` when its members are still inline or the
+    /// Group is not in this MongoDB at all (the legacy server answers);
+    /// `Drift` when a managed Group's document gained inline members.
     pub(super) async fn head_for_writing(&self, id: &str) -> Result<GroupHead, WriteError> {
         let state = self.documents.member_state(id).await?;
-        let head = self.head_or_404(id).await?;
-        if !state.in_clickhouse
-            && state.pending.is_none()
-            && self.documents.has_inline_members(id).await?
-        {
+        let Some(head) = self.documents.head(id).await? else {
+            return Err(WriteError::NotMigrated);
+        };
+        let inline = self.documents.has_inline_members(id).await?;
+        if inline && state.in_clickhouse {
+            return Err(super::drift(id));
+        }
+        if inline && !state.in_clickhouse && state.pending.is_none() {
             return Err(WriteError::NotMigrated);
         }
         match &state.pending {
@@ -208,7 +213,10 @@ impl GroupService {
         if request.if_match.is_none() {
             return Ok(None);
         }
-        let head = self.head_or_404(&request.group_id).await?;
+        // Unknown here: the legacy server answers (see `head_for_writing`).
+        let Some(head) = self.documents.head(&request.group_id).await? else {
+            return Ok(None);
+        };
         if let Some(replayed) = self.replay(request, &head.group_key).await? {
             return Ok(Some(Box::new(replayed)));
         }

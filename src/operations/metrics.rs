@@ -30,6 +30,7 @@ pub struct Metrics {
     batch_writers: HistogramVec,
     flush_duration: HistogramVec,
     mongo_command_duration: HistogramVec,
+    drift_detected: IntCounterVec,
 }
 
 /// Who answered a request: the proxy itself, or the legacy server.
@@ -118,8 +119,18 @@ impl Metrics {
                 latency(),
                 &["command", "outcome"],
             ),
+            drift_detected: counter(
+                &registry,
+                "fgp_group_drift_detected_total",
+                "Requests refused because a managed Group's document gained an inline member array written around the proxy",
+                &[],
+            ),
             registry,
         }
+    }
+
+    pub fn drift_detected(&self) {
+        self.drift_detected.with_label_values(&[] as &[&str]).inc();
     }
 
     pub fn request_done(

@@ -15,9 +15,15 @@ use crate::proxy::{intercept, FhirGroupProxy, RequestContext};
 /// What a routed request does to the Group, for the scope check.
 pub fn action_of(route: &Route) -> Option<Action> {
     Some(match route {
-        Route::Passthrough => return None,
+        Route::Passthrough
+        | Route::Refused(_)
+        | Route::MultiResourceWrite { .. }
+        | Route::GroupConditionalWrite
+        | Route::MemberJoinSearch { .. } => return None,
+        Route::GroupRosterDependentRead { .. } => Action::Read,
         Route::GroupPatch { .. }
         | Route::GroupPatchOtherFormat { .. }
+        | Route::GroupUpdateOtherFormat { .. }
         | Route::GroupAtrOperation { .. }
         | Route::GroupUpdate { .. } => Action::Update,
         Route::GroupCreate { .. } => Action::Create,

@@ -15,10 +15,9 @@ use crate::fhir::FHIR_JSON;
 use crate::group::patch::{
     MemberEdit, MemberPatchRequest, MemberPatchResult, UpstreamPart, UpstreamReply,
 };
-use crate::group::WriteError;
+use crate::group::{RosterHome, WriteError};
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::respond::send_outcome;
-use crate::proxy::route::JSON_PATCH;
 use crate::proxy::{FhirGroupProxy, RequestContext};
 use crate::store::group_documents::to_fhir_json;
 
@@ -59,8 +58,38 @@ pub async fn group_patch(
     let limits = PatchLimits {
         max_operations: proxy.config.fhir.max_patch_operations,
     };
-    let (changes, other_ops) = match parse_patch(&body, limits) {
+    let parsed = parse_patch(&body, limits);
+    if matches!(parsed, Ok(PatchClass::NotMembers)) {
+        return Ok(forward(body));
+    }
+    // The patch may touch the roster: the proxy answers only for Groups whose
+    // roster it keeps (or may take over: no members yet). The legacy server
+    // answers for every other Group, exactly as it would without the proxy,
+    // including patches the proxy itself could not apply.
+    let managed = match proxy.roster_home(group_id).await {
+        Ok(Some(RosterHome::Events)) => true,
+        Ok(Some(RosterHome::Empty)) => false,
+        Ok(_) => return Ok(forward(body)),
+        Err(outcome) => return answer(session, ctx, &outcome).await,
+    };
+    let (changes, other_ops) = match parsed {
         Ok(PatchClass::NotMembers) => return Ok(forward(body)),
+        Ok(PatchClass::WholeDocument { op_index }) if managed => {
+            let outcome = Outcome::error(
+                422,
+                IssueType::NotSupported,
+                format!(
+                    "operation {op_index} works on the whole Group (path or from \"\"), roster \
+                     included, which this server keeps in its member store; PUT the Group, or \
+                     patch its elements one by one"
+                ),
+            )
+            .at(format!("/{op_index}"));
+            return answer(session, ctx, &outcome).await;
+        }
+        Ok(PatchClass::WholeDocument { .. }) => return Ok(forward(body)),
+        Err(_) if !managed => return Ok(forward(body)),
+        Err(outcome) => return answer(session, ctx, &outcome).await,
         Ok(PatchClass::Members(changes)) => (changes, None),
         Ok(PatchClass::Mixed { .. })
             if proxy.config.members.mixed_patch == MixedPatchPolicy::Reject =>
@@ -77,7 +106,6 @@ pub async fn group_patch(
             member_changes,
             other_ops,
         }) => (member_changes, Some(other_ops)),
-        Err(outcome) => return answer(session, ctx, &outcome).await,
     };
     let upstream_part = match other_ops {
         Some(ops) => {
@@ -102,33 +130,6 @@ pub async fn group_patch(
         return Ok(forward(body));
     };
     Ok(next)
-}
-
-/// A PATCH in a format the proxy does not read (XML Patch, FHIRPath Patch):
-/// fine for the legacy server while it holds the roster; refused with 415 once
-/// the roster lives in the member store, which only JSON Patch reaches.
-pub async fn other_patch_format(
-    proxy: &FhirGroupProxy,
-    session: &mut Session,
-    ctx: &mut RequestContext,
-    group_id: &str,
-) -> Result<bool> {
-    let outcome = match proxy.roster_home(group_id).await {
-        Ok(Some(crate::group::RosterHome::Events)) => Outcome::error(
-            415,
-            IssueType::NotSupported,
-            format!(
-                "Group/{group_id} keeps its members in the member store, which only JSON Patch \
-                 ({JSON_PATCH}) reaches; send the patch as JSON Patch"
-            ),
-        ),
-        Ok(_) => return Ok(false),
-        Err(outcome) => outcome,
-    };
-    ctx.intercepted = true;
-    let accept = [("accept-patch", JSON_PATCH.to_string())];
-    crate::proxy::respond::send_outcome_with(session, &outcome, &ctx.request_id, &accept).await?;
-    Ok(true)
 }
 
 /// Da Vinci ATR `$member-add` / `$member-remove` on a Group: the same write

@@ -3,8 +3,10 @@
 //! FHIR OperationOutcomes.
 
 pub mod authorize;
+pub mod canonical;
 pub mod failure;
 pub mod forwarding;
+pub mod guard;
 pub mod intercept;
 pub mod read;
 pub mod respond;
@@ -204,6 +206,24 @@ impl FhirGroupProxy {
         }
         match route {
             Route::Passthrough => Ok(false),
+            Route::Refused(outcome) => {
+                intercept::answer(session, ctx, &outcome).await?;
+                Ok(true)
+            }
+            Route::GroupUpdateOtherFormat { group_id } => {
+                guard::write_in_other_format(self, session, ctx, &group_id, false).await
+            }
+            Route::MultiResourceWrite { .. } => {
+                let next = guard::multi_resource_write(self, session, ctx).await?;
+                self.finish_intercept(session, ctx, next).await
+            }
+            Route::GroupConditionalWrite => guard::conditional_write(self, session, ctx).await,
+            Route::GroupRosterDependentRead { group_id, what, .. } => {
+                guard::roster_dependent_read(self, session, ctx, group_id.as_deref(), what).await
+            }
+            Route::MemberJoinSearch { parameter } => {
+                guard::member_join_search(self, session, ctx, &parameter).await
+            }
             Route::GroupRead { base, group_id } => {
                 read::group_read(self, session, ctx, &base, &group_id).await
             }
@@ -238,7 +258,7 @@ impl FhirGroupProxy {
                 version,
             } => read::group_version_read(self, session, ctx, &base, &group_id, version).await,
             Route::GroupPatchOtherFormat { group_id } => {
-                intercept::other_patch_format(self, session, ctx, &group_id).await
+                guard::write_in_other_format(self, session, ctx, &group_id, true).await
             }
             Route::GroupPatch { base, group_id } => {
                 let next = intercept::group_patch(self, session, ctx, &base, &group_id).await?;
@@ -263,6 +283,42 @@ impl FhirGroupProxy {
         {
             Ok(Ok(home)) => Ok(Some(home)),
             Ok(Err(error)) => Err(error.to_outcome()),
+            Err(outcome) => Err(outcome),
+        }
+    }
+
+    /// Whether any Group's roster lives in the member store (`false` with
+    /// member handling off).
+    pub(crate) async fn manages_any_group(&self) -> std::result::Result<bool, Outcome> {
+        let Some(service) = self.group_service.clone() else {
+            return Ok(false);
+        };
+        match self
+            .on_stores(async move { service.manages_any_group().await })
+            .await
+        {
+            Ok(result) => result.map_err(|error| error.to_outcome()),
+            Err(outcome) => Err(outcome),
+        }
+    }
+
+    /// Which of the Groups `ids` keep their roster in the member store.
+    pub(crate) async fn managed_among(
+        &self,
+        ids: &[String],
+    ) -> std::result::Result<Vec<String>, Outcome> {
+        let Some(service) = self.group_service.clone() else {
+            return Ok(Vec::new());
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = ids.to_vec();
+        match self
+            .on_stores(async move { service.managed_among(&ids).await })
+            .await
+        {
+            Ok(result) => result.map_err(|error| error.to_outcome()),
             Err(outcome) => Err(outcome),
         }
     }

@@ -2,13 +2,46 @@
 
 use pingora::http::RequestHeader;
 
+use crate::fhir::outcome::{IssueType, Outcome};
+use crate::proxy::canonical::non_canonical_group_path;
+
 pub const JSON_PATCH: &str = "application/json-patch+json";
 
+/// Headers some frameworks read as "use this method instead".
+const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// What the proxy does with a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Route {
     /// Forward unchanged.
     Passthrough,
+    /// Answered with this outcome before anything reaches the legacy server:
+    /// a Group route spelled so that the proxy and the legacy server could
+    /// disagree about what it is.
+    Refused(Outcome),
+    /// `PUT {base}/Group/{id}` in a content type the proxy does not read
+    /// (XML, or none): fine for the legacy server while it holds the roster.
+    GroupUpdateOtherFormat { group_id: String },
+    /// Writes that may touch several resources, Groups among them: `$merge`
+    /// (of one resource, a list or a Bundle) and batch/transaction Bundles.
+    MultiResourceWrite { base: String },
+    /// `PUT|PATCH|DELETE {base}/Group?...`: the Group is found by a search.
+    GroupConditionalWrite,
+    /// Reads the legacy server answers from the inline roster: instance
+    /// `_history`, `$export`, `$everything`. `group_id` is `None` for the
+    /// type-level form (`Group/$export`).
+    GroupRosterDependentRead {
+        base: String,
+        group_id: Option<String>,
+        what: &'static str,
+    },
+    /// Searches that join through `Group.member` (`_has:Group:member`,
+    /// `_revinclude=Group:member`, `_include=Group:member`).
+    MemberJoinSearch { parameter: String },
     /// A JSON Patch of a Group: the proxy reads the body to see whether its
     /// ops target `/member`.
     GroupPatch { base: String, group_id: String },
@@ -48,6 +81,12 @@ impl Route {
     pub fn name(&self) -> &'static str {
         match self {
             Route::Passthrough => "passthrough",
+            Route::Refused(_) => "refused",
+            Route::GroupUpdateOtherFormat { .. } => "group_update_other_format",
+            Route::MultiResourceWrite { .. } => "multi_resource_write",
+            Route::GroupConditionalWrite => "group_conditional_write",
+            Route::GroupRosterDependentRead { .. } => "group_roster_dependent_read",
+            Route::MemberJoinSearch { .. } => "member_join_search",
             Route::GroupPatch { .. } => "group_patch",
             Route::GroupPatchOtherFormat { .. } => "group_patch_other_format",
             Route::GroupRead { .. } => "group_read",
@@ -63,6 +102,29 @@ impl Route {
 }
 
 pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
+    let path = request.uri.path();
+    if let Some(refused) = non_canonical_group_path(&request.method, path, base_paths) {
+        return Route::Refused(Outcome::error(
+            400,
+            IssueType::Invalid,
+            format!(
+                "the path '{path}' names a Group route with {}; send it as '{}'",
+                refused.why, refused.canonical
+            ),
+        ));
+    }
+    let group_path = is_group_path(path, base_paths);
+    if group_path {
+        if let Some(refused) = method_override(request) {
+            return Route::Refused(refused);
+        }
+    }
+    if let Some(parameter) = member_join_parameter(request.uri.query()) {
+        return Route::MemberJoinSearch { parameter };
+    }
+    if let Some(route) = wide_route(request, base_paths) {
+        return route;
+    }
     if request.method == http::Method::GET {
         let path = request.uri.path();
         let searches_members =
@@ -103,7 +165,8 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
             Some((base, group_id)) if has_json_body(request) => {
                 Route::GroupUpdate { base, group_id }
             }
-            _ => Route::Passthrough,
+            Some((_, group_id)) => Route::GroupUpdateOtherFormat { group_id },
+            None => Route::Passthrough,
         };
     }
     if request.method == http::Method::POST {
@@ -135,6 +198,121 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
         Some((_, group_id)) => Route::GroupPatchOtherFormat { group_id },
         None => Route::Passthrough,
     }
+}
+
+/// Routes that are not about one Group instance: conditional writes, writes
+/// of several resources, and roster-dependent reads.
+fn wide_route(request: &RequestHeader, base_paths: &[String]) -> Option<Route> {
+    let path = request.uri.path();
+    let method = &request.method;
+    let conditional = matches!(
+        *method,
+        http::Method::PUT | http::Method::PATCH | http::Method::DELETE
+    ) && group_type_base(path, base_paths).is_some()
+        && request.uri.query().is_some_and(|q| !q.is_empty());
+    if conditional {
+        return Some(Route::GroupConditionalWrite);
+    }
+    if *method == http::Method::POST {
+        let merge_base = path
+            .strip_suffix("/$merge")
+            .and_then(|before| base_of(before, base_paths));
+        let bundle_base = base_paths
+            .iter()
+            .map(|b| b.trim_end_matches('/'))
+            .find(|b| path.trim_end_matches('/') == *b)
+            .map(str::to_string);
+        if let Some(base) = merge_base.or(bundle_base) {
+            return Some(Route::MultiResourceWrite { base });
+        }
+    }
+    if matches!(*method, http::Method::GET | http::Method::POST) {
+        for what in ["$export", "$everything"] {
+            let Some(before) = path.strip_suffix(&format!("/{what}")) else {
+                continue;
+            };
+            if let Some(base) = group_type_base(before, base_paths) {
+                return Some(Route::GroupRosterDependentRead {
+                    base,
+                    group_id: None,
+                    what,
+                });
+            }
+            if let Some((base, group_id)) = group_id(before, base_paths) {
+                return Some(Route::GroupRosterDependentRead {
+                    base,
+                    group_id: Some(group_id),
+                    what,
+                });
+            }
+        }
+    }
+    if *method == http::Method::GET {
+        if let Some(before) = path.strip_suffix("/_history") {
+            if let Some((base, group_id)) = group_id(before, base_paths) {
+                return Some(Route::GroupRosterDependentRead {
+                    base,
+                    group_id: Some(group_id),
+                    what: "_history",
+                });
+            }
+        }
+    }
+    None
+}
+
+/// The base a path lies under: `{base}`, `{base}/{Type}` or
+/// `{base}/{Type}/{id}` (the places `$merge` may be posted to).
+fn base_of(path: &str, base_paths: &[String]) -> Option<String> {
+    base_paths.iter().find_map(|base| {
+        let base = base.trim_end_matches('/');
+        let rest = path.strip_prefix(base)?;
+        let segments = rest.split('/').skip(1).count();
+        (rest.is_empty() || (rest.starts_with('/') && segments <= 2)).then(|| base.to_string())
+    })
+}
+
+/// `{base}/Group` or anything below it.
+fn is_group_path(path: &str, base_paths: &[String]) -> bool {
+    base_paths.iter().any(|base| {
+        let base = base.trim_end_matches('/');
+        path.strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix("/Group"))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
+/// `X-HTTP-Method-Override` and its kin, or `_method=` in the query: some
+/// frameworks would run another method than the one the proxy routed.
+fn method_override(request: &RequestHeader) -> Option<Outcome> {
+    let header = METHOD_OVERRIDE_HEADERS
+        .iter()
+        .find(|name| request.headers.contains_key(**name))
+        .map(|name| format!("the header {name}"));
+    let query = url::form_urlencoded::parse(request.uri.query().unwrap_or_default().as_bytes())
+        .any(|(key, _)| key == "_method")
+        .then(|| "the query parameter _method".to_string());
+    header.or(query).map(|what| {
+        Outcome::error(
+            400,
+            IssueType::NotSupported,
+            format!("method overrides ({what}) are not accepted on Group routes; send the request with its own method"),
+        )
+    })
+}
+
+/// A search parameter that follows `Group.member` from the other side, which
+/// the legacy server can only answer from inline rosters.
+fn member_join_parameter(query: Option<&str>) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes()).find_map(|(key, value)| {
+        let joins = key.starts_with("_has:Group:member:")
+            || (key.starts_with("_revinclude") || key.starts_with("_include"))
+                && value.split(',').any(|v| {
+                    let v = v.trim();
+                    v == "*" || v.starts_with("Group:")
+                });
+        joins.then(|| format!("{key}={value}"))
+    })
 }
 
 /// The request's media type, without parameters.
@@ -245,12 +423,7 @@ mod tests {
                 version: 7
             }
         );
-        for path in [
-            "/4_0_0/Group",
-            "/4_0_0/Group/g/_history",
-            "/4_0_0/Group/g/_history/x",
-            "/4_0_0/Group/g/$everything",
-        ] {
+        for path in ["/4_0_0/Group", "/4_0_0/Group/g/_history/x"] {
             assert_eq!(
                 route(&request("GET", path, None), &bases()),
                 Route::Passthrough,
@@ -279,8 +452,6 @@ mod tests {
             }
         );
         for (method, path, ct) in [
-            ("PUT", "/4_0_0/Group/g", Some("application/fhir+xml")),
-            ("PUT", "/4_0_0/Group/g", None),
             ("PUT", "/4_0_0/Patient/g", json),
             ("POST", "/4_0_0/Group", Some("application/fhir+xml")),
             (
@@ -335,11 +506,6 @@ mod tests {
             ),
             (
                 "PATCH",
-                "/4_0_0/Group/",
-                Some("application/json-patch+json"),
-            ),
-            (
-                "PATCH",
                 "/other/Group/g",
                 Some("application/json-patch+json"),
             ),
@@ -348,6 +514,161 @@ mod tests {
                 route(&request(method, path, ct), &["/4_0_0".to_string()]),
                 Route::Passthrough,
                 "{method} {path} {ct:?}"
+            );
+        }
+    }
+
+    fn refusal(route: Route) -> Option<String> {
+        match route {
+            Route::Refused(outcome) => Some(outcome.first_diagnostics().to_string()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn variant_spellings_of_group_paths_are_refused_for_every_method() {
+        for method in ["GET", "PUT", "PATCH", "DELETE", "POST"] {
+            for path in [
+                "/4_0_0//Group/g",
+                "/4_0_0/Group/g/",
+                "/4_0_0/group/g",
+                "/4_0_0/Group/%67",
+                "/4_0_0/./Group/g",
+            ] {
+                let why = refusal(route(&request(method, path, Some(JSON_PATCH)), &bases()));
+                assert!(
+                    why.as_deref().is_some_and(|w| w.contains("/4_0_0/Group/g")),
+                    "{method} {path}: {why:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn method_overrides_on_group_routes_are_refused() {
+        let mut r = request("POST", "/4_0_0/Group/g", Some("application/json"));
+        r.insert_header("X-HTTP-Method-Override", "PATCH").unwrap();
+        let why = refusal(route(&r, &bases())).unwrap();
+        assert!(why.contains("x-http-method-override"), "{why}");
+        let r = request("POST", "/4_0_0/Group/g?_method=PUT", None);
+        assert!(refusal(route(&r, &bases())).unwrap().contains("_method"));
+        let mut r = request("POST", "/4_0_0/Patient/p", None);
+        r.insert_header("X-HTTP-Method-Override", "PATCH").unwrap();
+        assert_eq!(route(&r, &bases()), Route::Passthrough, "not a Group route");
+    }
+
+    #[test]
+    fn group_puts_in_other_content_types_are_looked_at() {
+        for ct in [Some("application/fhir+xml"), Some("text/plain"), None] {
+            assert_eq!(
+                route(&request("PUT", "/4_0_0/Group/g", ct), &bases()),
+                Route::GroupUpdateOtherFormat {
+                    group_id: "g".into()
+                },
+                "{ct:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn merges_and_bundles_are_writes_of_several_resources() {
+        for path in [
+            "/4_0_0/$merge",
+            "/4_0_0/Group/$merge",
+            "/4_0_0/Patient/$merge",
+            "/4_0_0/Group/g/$merge",
+            "/4_0_0",
+        ] {
+            assert_eq!(
+                route(
+                    &request("POST", path, Some("application/fhir+json")),
+                    &bases()
+                ),
+                Route::MultiResourceWrite {
+                    base: "/4_0_0".into()
+                },
+                "{path}"
+            );
+        }
+        assert_eq!(
+            route(
+                &request("POST", "/", Some("application/fhir+json")),
+                &bases()
+            ),
+            Route::MultiResourceWrite { base: "".into() }
+        );
+    }
+
+    #[test]
+    fn conditional_group_writes_are_recognised() {
+        for method in ["PUT", "PATCH", "DELETE"] {
+            assert_eq!(
+                route(
+                    &request(method, "/4_0_0/Group?identifier=x|1", Some(JSON_PATCH)),
+                    &bases()
+                ),
+                Route::GroupConditionalWrite,
+                "{method}"
+            );
+        }
+        assert!(matches!(
+            route(&request("GET", "/4_0_0/Group?identifier=x", None), &bases()),
+            Route::Passthrough
+        ));
+    }
+
+    #[test]
+    fn reads_answered_from_the_inline_roster_are_recognised() {
+        for (method, path, id, what) in [
+            ("GET", "/4_0_0/Group/g/_history", Some("g"), "_history"),
+            (
+                "GET",
+                "/4_0_0/Group/g/$everything",
+                Some("g"),
+                "$everything",
+            ),
+            ("GET", "/4_0_0/Group/g/$export", Some("g"), "$export"),
+            ("POST", "/4_0_0/Group/g/$export", Some("g"), "$export"),
+            ("GET", "/4_0_0/Group/$export", None, "$export"),
+        ] {
+            assert_eq!(
+                route(&request(method, path, None), &bases()),
+                Route::GroupRosterDependentRead {
+                    base: "/4_0_0".into(),
+                    group_id: id.map(str::to_string),
+                    what
+                },
+                "{method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn searches_that_join_through_group_member_are_recognised() {
+        for query in [
+            "_has:Group:member:_id=g",
+            "_revinclude=Group:member",
+            "_revinclude:iterate=Group:member",
+            "_include=Group:member",
+            "_revinclude=*",
+        ] {
+            let path = format!("/4_0_0/Patient?{query}");
+            assert!(
+                matches!(
+                    route(&request("GET", &path, None), &bases()),
+                    Route::MemberJoinSearch { .. }
+                ),
+                "{query}"
+            );
+        }
+        for query in [
+            "_has:Group:managing-entity:_id=g",
+            "_include=Patient:organization",
+        ] {
+            let path = format!("/4_0_0/Patient?{query}");
+            assert_eq!(
+                route(&request("GET", &path, None), &bases()),
+                Route::Passthrough
             );
         }
     }

@@ -628,6 +628,16 @@ impl GroupDocuments {
         Ok(result.matched_count > 0)
     }
 
+    /// Whether any Group keeps its members in ClickHouse.
+    pub async fn any_migrated(&self) -> Result<bool, DocumentStoreError> {
+        let found = self
+            .states
+            .find_one(doc! { "storage": STORAGE_CLICKHOUSE })
+            .projection(doc! { "_id": 1 })
+            .await?;
+        Ok(found.is_some())
+    }
+
     /// Which of `ids` keep their members in ClickHouse.
     pub async fn migrated_among(
         &self,

@@ -1,0 +1,210 @@
+//! Requests that could reach a managed Group's roster around the member path.
+//!
+//! The legacy server answers them from (or writes them into) the Group
+//! document, which holds no members once the proxy manages the roster: a
+//! `$merge` or Bundle would write members inline beside the events, a
+//! conditional write would hit a Group the proxy never saw, and `$export`,
+//! `$everything`, instance `_history` or a `Group:member` join would answer
+//! from an empty array. Each is forwarded unchanged while no managed Group is
+//! involved, and refused with an OperationOutcome otherwise: never forwarded
+//! raw, never guessed at.
+
+use pingora::proxy::Session;
+use pingora::Result;
+
+use crate::fhir::outcome::{IssueType, Outcome};
+use crate::fhir::written_groups::written_groups;
+use crate::group::RosterHome;
+use crate::proxy::intercept::{answer, forward, read_intercepted_body, Next};
+use crate::proxy::route::JSON_PATCH;
+use crate::proxy::{FhirGroupProxy, RequestContext};
+
+/// `$merge`, batch and transaction Bundles: forwarded unless they write a
+/// managed Group (or address Groups by search while some are managed).
+pub async fn multi_resource_write(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+) -> Result<Next> {
+    match proxy.manages_any_group().await {
+        Ok(false) => return Ok(Next::Forward),
+        Ok(true) => {}
+        Err(outcome) => return answer(session, ctx, &outcome).await,
+    }
+    let body = match read_intercepted_body(proxy, session, ctx).await? {
+        Ok(body) => body,
+        Err(next) => return Ok(next),
+    };
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        let outcome = Outcome::error(
+            415,
+            IssueType::NotSupported,
+            "this server keeps some Group rosters apart from the Group documents, so writes \
+             of several resources must be FHIR JSON (application/fhir+json) for it to see \
+             which Groups they touch",
+        );
+        return answer(session, ctx, &outcome).await;
+    };
+    let groups = written_groups(&json);
+    if let Some(url) = groups.by_search.first() {
+        let outcome = Outcome::error(
+            422,
+            IssueType::NotSupported,
+            format!(
+                "the entry '{url}' addresses Groups by search, which is refused while this \
+                 server keeps Group rosters apart from the Group documents; address the Group \
+                 by id"
+            ),
+        );
+        return answer(session, ctx, &outcome).await;
+    }
+    let managed = match proxy.managed_among(&groups.ids).await {
+        Ok(managed) => managed,
+        Err(outcome) => return answer(session, ctx, &outcome).await,
+    };
+    if let Some(id) = managed.first() {
+        let outcome = Outcome::error(
+            422,
+            IssueType::NotSupported,
+            format!(
+                "Group/{id} keeps its members in the member store, and this request would \
+                 rewrite its whole document; change it with PUT or PATCH of Group/{id} \
+                 (members: JSON Patch on /member) instead (managed Groups in this request: {})",
+                managed.join(", ")
+            ),
+        );
+        return answer(session, ctx, &outcome).await;
+    }
+    Ok(forward(body))
+}
+
+/// `PUT|PATCH|DELETE {base}/Group?...`: the legacy server would pick the
+/// Group itself, so it is refused while any Group is managed.
+pub async fn conditional_write(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+) -> Result<bool> {
+    let outcome = match proxy.manages_any_group().await {
+        Ok(false) => return Ok(false),
+        Ok(true) => Outcome::error(
+            422,
+            IssueType::NotSupported,
+            format!(
+                "conditional {} of Groups (Group?search) is refused while this server keeps \
+                 Group rosters apart from the Group documents; search for the Group, then \
+                 address it by id",
+                session.req_header().method
+            ),
+        ),
+        Err(outcome) => outcome,
+    };
+    answer(session, ctx, &outcome).await?;
+    Ok(true)
+}
+
+/// Instance `_history`, `$export`, `$everything`: the legacy server answers
+/// them from the inline roster, which a managed Group does not have.
+pub async fn roster_dependent_read(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    group_id: Option<&str>,
+    what: &str,
+) -> Result<bool> {
+    let refused = match group_id {
+        Some(id) => proxy
+            .roster_home(id)
+            .await
+            .map(|home| home == Some(RosterHome::Events)),
+        None => proxy.manages_any_group().await,
+    };
+    let outcome = match refused {
+        Ok(false) => return Ok(false),
+        Ok(true) => {
+            let target = group_id.map_or("Group".to_string(), |id| format!("Group/{id}"));
+            let instead = match what {
+                "_history" => "read single versions with _history/{vid}, which carry their roster",
+                _ => "read the roster with $members (paged) and the Group with GET",
+            };
+            Outcome::error(
+                422,
+                IssueType::NotSupported,
+                format!(
+                    "{what} of {target} is not available: the roster of {} lives in the member \
+                     store and the legacy server would answer without it; {instead}",
+                    if group_id.is_some() {
+                        "this Group"
+                    } else {
+                        "some Groups"
+                    }
+                ),
+            )
+        }
+        Err(outcome) => outcome,
+    };
+    answer(session, ctx, &outcome).await?;
+    Ok(true)
+}
+
+/// `_has:Group:member`, `_revinclude=Group:member`, `_include=Group:member`:
+/// the legacy server joins through inline rosters only.
+pub async fn member_join_search(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    parameter: &str,
+) -> Result<bool> {
+    let outcome = match proxy.manages_any_group().await {
+        Ok(false) => return Ok(false),
+        Ok(true) => Outcome::error(
+            422,
+            IssueType::NotSupported,
+            format!(
+                "the search parameter '{parameter}' joins through Group.member, which the legacy \
+                 server can only follow for Groups that hold their members inline; search \
+                 Group?member=... (answered for every Group) instead"
+            ),
+        ),
+        Err(outcome) => outcome,
+    };
+    answer(session, ctx, &outcome).await?;
+    Ok(true)
+}
+
+/// A write of Group `id` in a format the proxy does not read (XML Patch,
+/// FHIRPath Patch, a PUT in XML or with no content type): fine for the legacy
+/// server while it holds the roster; refused with 415 once the roster lives
+/// in the member store.
+pub async fn write_in_other_format(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    group_id: &str,
+    is_patch: bool,
+) -> Result<bool> {
+    let (accepted, accept_header) = if is_patch {
+        (
+            format!("JSON Patch ({JSON_PATCH})"),
+            Some(("accept-patch", JSON_PATCH.to_string())),
+        )
+    } else {
+        ("FHIR JSON (application/fhir+json)".to_string(), None)
+    };
+    let outcome = match proxy.roster_home(group_id).await {
+        Ok(Some(RosterHome::Events)) => Outcome::error(
+            415,
+            IssueType::NotSupported,
+            format!(
+                "Group/{group_id} keeps its members in the member store, which only {accepted} \
+                 reaches; send the request as {accepted}"
+            ),
+        ),
+        Ok(_) => return Ok(false),
+        Err(outcome) => outcome,
+    };
+    ctx.intercepted = true;
+    let extra: Vec<_> = accept_header.into_iter().collect();
+    crate::proxy::respond::send_outcome_with(session, &outcome, &ctx.request_id, &extra).await?;
+    Ok(true)
+}
