@@ -76,8 +76,16 @@ struct MigrateArgs {
     #[arg(long, value_name = "JSON")]
     query: Option<String>,
     /// Write the rosters back into the Group documents and mark the Groups not migrated
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["check", "fold"])]
     reverse: bool,
+    /// Change nothing; list managed Groups whose documents gained inline members
+    /// written around the proxy (drift). Exit status 1 when any is found
+    #[arg(long, conflicts_with = "fold")]
+    check: bool,
+    /// Fold drift in: add the inline members of drifted Groups to the member
+    /// store (their attributes win), then remove the inline arrays
+    #[arg(long)]
+    fold: bool,
     /// Members per ClickHouse insert
     #[arg(long, default_value_t = fhir_group_proxy::group::migrate::DEFAULT_CHUNK_SIZE as u32,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -186,6 +194,7 @@ fn migrate(config: &Config, args: MigrateArgs) -> anyhow::Result<()> {
         let options = MigrateOptions {
             chunk_size: args.chunk_size as usize,
             fault: args.fault,
+            fold: args.fold,
         };
         let started = std::time::Instant::now();
         let mut summary = MigrationSummary::default();
@@ -202,6 +211,8 @@ fn migrate(config: &Config, args: MigrateArgs) -> anyhow::Result<()> {
             };
             let outcome = if args.reverse {
                 service.reverse_group(id, &mut on_members).await
+            } else if args.check {
+                service.check_group(id).await
             } else {
                 service.migrate_group(id, &options, &mut on_members).await
             };
@@ -214,7 +225,11 @@ fn migrate(config: &Config, args: MigrateArgs) -> anyhow::Result<()> {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        let moved_word = if args.reverse { "reversed" } else { "migrated" };
+        let moved_word = match (args.reverse, args.check) {
+            (true, _) => "reversed",
+            (_, true) => "changed",
+            _ => "migrated",
+        };
         print!("{}", summary.render(moved_word, started.elapsed()));
         if !summary.succeeded() {
             anyhow::bail!(

@@ -63,6 +63,14 @@ pub fn parse_reference(text: &str) -> Result<EntityReference, String> {
     Ok(EntityReference(text.to_string()))
 }
 
+/// FHIR `id`: 1-64 of `A-Z a-z 0-9 - .`
+pub fn is_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,164 +1,78 @@
-//! Creating a Group with members (`POST {base}/Group`, or a `PUT` to an id
-//! that does not exist yet): the legacy server stores the Group without its
-//! `member` array, and the roster becomes member events of the version it
-//! created, so the Group never holds its members inline.
+//! A Group created with members (`POST {base}/Group`, or a `PUT` to an id
+//! the legacy server does not have yet) is created by the legacy server from
+//! the client's request, forwarded unchanged: exactly what the legacy server
+//! would do without the proxy, members inline. Then, before the client hears
+//! of the new Group, the proxy adopts it: when the new document is in this
+//! MongoDB, its inline members move to the member store at the version the
+//! legacy server gave it (the migration of one Group, see [`super::migrate`]).
 //!
-//! The id is only known once the legacy server created the Group, so the
-//! order is: create upstream (the commit point of the resource), then stage,
-//! mark pending as committed, and publish the events. When the events cannot
-//! be written, the Group is deleted again upstream and the client gets a 503:
-//! no Group without its roster stays behind.
+//! So nothing is stripped before the proxy knows where the legacy server
+//! stores Groups: an upstream whose Groups are not in this MongoDB keeps its
+//! Groups whole, and a Group the proxy cannot adopt (a member it cannot store,
+//! a store down) simply stays on the legacy path, as if created directly.
 
-use crate::fhir::group_resource::{roster_diff, RosterEntry};
-use crate::fhir::member_patch::plan_changes;
-use crate::fhir::outcome::{IssueType, Outcome};
-use crate::group::patch::{event_rows, UpstreamReply};
-use std::future::Future;
+use crate::fhir::migration::GroupOutcome;
+use crate::group::migrate::MigrateOptions;
+use crate::group::patch::UpstreamReply;
 
-use super::{GroupService, WriteError};
+use super::GroupService;
+
+/// What became of a Group the legacy server created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adoption {
+    /// Its members now live in the member store.
+    Adopted { members: u64 },
+    /// Created without members: it moves at its first member write.
+    NoMembers,
+    /// Not in this MongoDB: the upstream keeps its Groups elsewhere.
+    NotInMongo,
+    /// Left on the legacy path, and why.
+    Left(String),
+}
 
 impl GroupService {
-    /// Creates the Group upstream with `create_upstream`, then stores `roster`
-    /// as its members. `known_id`: the id of a `PUT`; a `POST`'s id is read
-    /// from the legacy server's reply. `delete_upstream` undoes the create when
-    /// the members cannot be stored.
-    pub async fn create_with_members<C, D, F>(
-        &self,
-        known_id: Option<&str>,
-        roster: &[RosterEntry],
-        request_id: &str,
-        create_upstream: C,
-        delete_upstream: D,
-    ) -> Result<UpstreamReply, WriteError>
-    where
-        C: Future<Output = Result<UpstreamReply, Outcome>>,
-        D: FnOnce(String) -> F,
-        F: Future<Output = Result<UpstreamReply, Outcome>>,
-    {
-        let reply = create_upstream.await.map_err(WriteError::Outcome)?;
-        if reply.status != 201 {
-            // Not created: an error, or a conditional create (If-None-Exist)
-            // that found an existing Group, which keeps its own roster.
-            return Ok(reply);
-        }
-        let Some(id) = known_id.map(str::to_string).or_else(|| created_id(&reply)) else {
-            tracing::error!("the legacy server created a Group without naming its id");
-            return Err(WriteError::Outcome(Outcome::error(
-                502,
-                IssueType::Exception,
-                "the legacy server created the Group but its reply names no id (no Location \
-                 header and no id in the body), so its members could not be stored",
-            )));
-        };
-        match self.attach_roster(&id, roster, request_id).await {
-            Ok(()) => Ok(reply),
-            Err(error) => {
-                tracing::warn!(group = %id, %error, "members of a new Group not stored; deleting the Group again");
-                match delete_upstream(id.clone()).await {
-                    Ok(undo) if (200..300).contains(&undo.status) => Err(error),
-                    _ => {
-                        tracing::error!(group = %id, "a new Group was created without its members and could not be deleted");
-                        Err(WriteError::Outcome(Outcome::error(
-                            500,
-                            IssueType::Exception,
-                            format!(
-                                "Group/{id} was created, but its members could not be stored \
-                                 ({}) and the Group could not be deleted again; delete it, then \
-                                 retry",
-                                error.to_outcome().first_diagnostics()
-                            ),
-                        )))
-                    }
-                }
+    /// Adopts Group `id`, just created by the legacy server (see the module doc).
+    pub async fn adopt_created(&self, id: &str) -> Adoption {
+        match self.documents.head(id).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                self.note_upstream_groups_elsewhere(id);
+                return Adoption::NotInMongo;
             }
+            Err(error) => return Adoption::Left(error.to_string()),
         }
-    }
-
-    /// The roster of a Group just created upstream, as events of its version.
-    async fn attach_roster(
-        &self,
-        id: &str,
-        roster: &[RosterEntry],
-        request_id: &str,
-    ) -> Result<(), WriteError> {
-        let token = uuid::Uuid::new_v4().to_string();
-        // Nobody else knows the new id yet, so the lock is normally free; a
-        // client guessing it (PUT-create races) waits like any writer.
-        self.acquire_lease_waiting(id, &token).await?;
-        let result = self
-            .attach_under_lease(id, roster, request_id, &token)
-            .await;
-        if result.is_err() {
-            if let Err(e) = self.documents.finish(id, &token, false).await {
-                tracing::warn!(group = id, error = %e, "could not release the member write lock");
-            }
-        }
-        result
-    }
-
-    async fn attach_under_lease(
-        &self,
-        id: &str,
-        roster: &[RosterEntry],
-        request_id: &str,
-        token: &str,
-    ) -> Result<(), WriteError> {
-        let head = self.head_or_404(id).await?;
-        let nobody = Default::default();
-        let planned = plan_changes(
-            &format!("Group/{id}"),
-            &roster_diff(&nobody, roster),
-            &nobody,
-        )
-        .map_err(WriteError::Outcome)?;
-        let rows = event_rows(
-            &head.group_key,
-            id,
-            head.version,
-            token,
-            request_id,
-            &planned,
-        );
-        self.events.stage(rows).await?;
-        if !self
-            .documents
-            .mark_pending(id, token, head.version, request_id)
-            .await?
+        match self
+            .migrate_group(id, &MigrateOptions::default(), &mut |_| {})
+            .await
         {
-            return Err(WriteError::Outcome(Outcome::error(
-                503,
-                IssueType::Transient,
-                format!("the write lease on Group/{id} expired before its members were stored"),
-            )));
+            GroupOutcome::Moved { members } => Adoption::Adopted { members },
+            GroupOutcome::Skipped(_) => Adoption::NoMembers,
+            GroupOutcome::Failed(why) => Adoption::Left(why),
         }
-        // The legacy server's create is the commit: from here on recovery
-        // publishes these events if we stop.
-        self.documents.mark_upstream_committed(id, token).await?;
-        if let Err(e) = self.documents.tag_version(id, head.version, token).await {
-            tracing::warn!(group = id, error = %e, "could not tag the created version");
-        }
-        self.complete_committed(id, token).await;
-        Ok(())
     }
 }
 
-/// The id of a Group the legacy server created: from `Location`
-/// (`.../Group/{id}/_history/{vid}` or `.../Group/{id}`), else the body's `id`.
+/// The id in a created Group's `Location` (`.../Group/{id}/_history/{vid}`,
+/// `.../Group/{id}`, or the reference server's relative `4_0_0/Group/{id}`).
+pub fn id_in_location(location: &str) -> Option<String> {
+    let path = location.split(['?', '#']).next()?;
+    let after = path.rsplit_once("Group/")?.1;
+    let id = after.split('/').next()?;
+    crate::fhir::reference::is_fhir_id(id).then(|| id.to_string())
+}
+
+/// The id of a Group the legacy server created: from `Location`, else the
+/// body's `id`.
 pub fn created_id(reply: &UpstreamReply) -> Option<String> {
     let from_location = reply
         .headers
         .get(http::header::LOCATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|location| {
-            let path = location.split(['?', '#']).next()?;
-            let after = path.rsplit_once("/Group/")?.1;
-            let id = after.split('/').next()?;
-            crate::proxy::route::is_fhir_id(id).then(|| id.to_string())
-        });
+        .and_then(id_in_location);
     from_location.or_else(|| {
         let body: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
         let id = body.get("id")?.as_str()?;
-        crate::proxy::route::is_fhir_id(id).then(|| id.to_string())
+        crate::fhir::reference::is_fhir_id(id).then(|| id.to_string())
     })
 }
 
@@ -183,6 +97,7 @@ mod tests {
         let cases = [
             (Some("http://h/4_0_0/Group/abc/_history/1"), "", Some("abc")),
             (Some("/4_0_0/Group/abc"), "", Some("abc")),
+            (Some("4_0_0/Group/abc"), "", Some("abc")),
             (None, r#"{"resourceType":"Group","id":"b-2"}"#, Some("b-2")),
             (Some("http://h/elsewhere"), r#"{"id":"c"}"#, Some("c")),
             (None, "", None),

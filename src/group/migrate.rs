@@ -118,6 +118,10 @@ pub struct MigrateOptions {
     /// Members per staged insert (and per point lookup of a re-migration).
     pub chunk_size: usize,
     pub fault: Option<MigrationFault>,
+    /// Drift (a managed Group whose document gained inline members): add
+    /// those members to the member store, then remove the array. Without
+    /// it, a drifted Group is reported and left as it is.
+    pub fold: bool,
 }
 
 impl Default for MigrateOptions {
@@ -125,6 +129,7 @@ impl Default for MigrateOptions {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
             fault: None,
+            fold: false,
         }
     }
 }
@@ -146,6 +151,8 @@ struct MigrationTarget<'a> {
     op_index: usize,
     /// ClickHouse already holds events of this Group: plan against them.
     has_events: bool,
+    /// Folding drift: add what the array has, remove nothing.
+    fold: bool,
 }
 
 impl GroupService {
@@ -155,7 +162,7 @@ impl GroupService {
         &self,
         id: &str,
         options: &MigrateOptions,
-        progress: &mut dyn FnMut(u64),
+        progress: &mut (dyn FnMut(u64) + Send),
     ) -> GroupOutcome {
         let token = uuid::Uuid::new_v4().to_string();
         if let Err(error) = self.acquire_lease_waiting(id, &token).await {
@@ -169,7 +176,11 @@ impl GroupService {
 
     /// Writes Group `id`'s roster back into its document and marks it not
     /// migrated.
-    pub async fn reverse_group(&self, id: &str, progress: &mut dyn FnMut(u64)) -> GroupOutcome {
+    pub async fn reverse_group(
+        &self,
+        id: &str,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> GroupOutcome {
         let token = uuid::Uuid::new_v4().to_string();
         if let Err(error) = self.acquire_lease_waiting(id, &token).await {
             return failed(error);
@@ -226,7 +237,7 @@ impl GroupService {
         id: &str,
         token: &str,
         options: &MigrateOptions,
-        progress: &mut dyn FnMut(u64),
+        progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<GroupOutcome, WriteError> {
         let (head, state) = self.settled_state(id).await?;
         let (stored, version_id) = match self.stored_at(id, &head).await? {
@@ -238,7 +249,36 @@ impl GroupService {
             if inline_count == 0 {
                 return Ok(GroupOutcome::Skipped("already migrated".into()));
             }
-            // A run stopped between marking and removing the array.
+            // Either a run stopped between marking and removing the array
+            // (the array is the roster), or drift: a writer around the proxy
+            // put members inline. Drift is never removed unread.
+            let drifted = match self.inline_drift(&stored, &head).await? {
+                Ok(drifted) => drifted,
+                Err(why) => return Ok(GroupOutcome::Failed(why)),
+            };
+            if let Some((inline, held)) = drifted {
+                if !options.fold {
+                    return Ok(GroupOutcome::Failed(drift_report(&inline, &held)));
+                }
+                let op_index = match op_index_after(
+                    head.version,
+                    self.events.last_sequence(&head.group_key).await?,
+                ) {
+                    Ok(op_index) => op_index,
+                    Err(why) => return Ok(GroupOutcome::Failed(why)),
+                };
+                let target = MigrationTarget {
+                    id,
+                    head: &head,
+                    token,
+                    op_index,
+                    has_events: true,
+                    fold: true,
+                };
+                self.stage_inline_members(&target, &stored, &inline, options, progress)
+                    .await?;
+                self.events.publish(token).await?;
+            }
             return Ok(
                 if self.documents.strip_inline_members(id, &version_id).await? {
                     progress(inline_count as u64);
@@ -271,6 +311,7 @@ impl GroupService {
             token,
             op_index,
             has_events: last_sequence.is_some(),
+            fold: false,
         };
         self.stage_inline_members(&target, &stored, &inline, options, progress)
             .await?;
@@ -305,7 +346,7 @@ impl GroupService {
         stored: &StoredGroup,
         inline: &InlineRoster,
         options: &MigrateOptions,
-        progress: &mut dyn FnMut(u64),
+        progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<(), WriteError> {
         let chunk_size = options.chunk_size.max(1);
         let mut chunk: Vec<RosterEntry> = Vec::with_capacity(chunk_size);
@@ -330,7 +371,7 @@ impl GroupService {
                 self.keep_lease(target).await?;
             }
         }
-        if target.has_events {
+        if target.has_events && !target.fold {
             self.stage_removals_of_absent(target, inline, chunk_size)
                 .await?;
         }
@@ -421,6 +462,54 @@ impl GroupService {
         )))
     }
 
+    /// `migrate --check`: whether a managed Group's document holds inline
+    /// members that differ from its roster (drift), without changing anything.
+    pub async fn check_group(&self, id: &str) -> GroupOutcome {
+        let result = async {
+            let state = self.documents.member_state(id).await?;
+            let Some(head) = self.documents.head(id).await? else {
+                return Ok(GroupOutcome::Skipped("no longer exists".into()));
+            };
+            let Some(stored) = self.documents.stored_group(id).await? else {
+                return Ok(GroupOutcome::Skipped("no longer exists".into()));
+            };
+            if !state.in_clickhouse || stored.member_count()? == 0 {
+                return Ok(GroupOutcome::Skipped("no drift".into()));
+            }
+            Ok(match self.inline_drift(&stored, &head).await? {
+                Ok(Some((inline, held))) => GroupOutcome::Failed(drift_report(&inline, &held)),
+                Ok(None) => GroupOutcome::Skipped(
+                    "a copy of its roster is left inline by an interrupted migration; \
+                     migrate removes it"
+                        .into(),
+                ),
+                Err(why) => GroupOutcome::Failed(why),
+            })
+        }
+        .await;
+        result.unwrap_or_else(failed)
+    }
+
+    /// For a managed Group with an inline array: `None` when the array is
+    /// the roster itself (an interrupted migration), else both checksums.
+    async fn inline_drift(
+        &self,
+        stored: &StoredGroup,
+        head: &GroupHead,
+    ) -> Result<Result<Option<(InlineRoster, RosterChecksum)>, String>, WriteError> {
+        let inline = match read_inline_roster(stored)? {
+            Ok(inline) => inline,
+            Err(why) => {
+                return Ok(Err(format!(
+                    "drift: the Group is managed by the proxy but its document holds inline \
+                     members it cannot read ({why}); fix them by hand"
+                )))
+            }
+        };
+        let held = self.roster_checksum(&head.group_key).await?;
+        Ok(Ok((held != inline.checksum).then_some((inline, held))))
+    }
+
     /// Count and checksum of the Group's current roster in ClickHouse, streamed.
     async fn roster_checksum(&self, group_key: &str) -> Result<RosterChecksum, WriteError> {
         let mut roster = self.events.roster(group_key, None)?;
@@ -434,7 +523,7 @@ impl GroupService {
     async fn reverse_under_lease(
         &self,
         id: &str,
-        progress: &mut dyn FnMut(u64),
+        progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<GroupOutcome, WriteError> {
         let (head, state) = self.settled_state(id).await?;
         if !state.in_clickhouse {
@@ -496,6 +585,15 @@ impl GroupService {
         progress(count);
         Ok(GroupOutcome::Moved { members: count })
     }
+}
+
+fn drift_report(inline: &InlineRoster, held: &RosterChecksum) -> String {
+    format!(
+        "drift: the Group is managed by the proxy (member store: {held}) but its document \
+         also holds an inline array ({}) written around the proxy; nothing was changed: \
+         `migrate --fold` adds the inline members to the member store and removes the array",
+        inline.checksum
+    )
 }
 
 /// First pass over a stored member array: every member readable, none twice.

@@ -79,18 +79,14 @@ impl WriteError {
 
 /// A managed Group whose document gained an inline `member` array behind the
 /// proxy's back (a direct writer, an old script): two rosters for one Group.
-/// Nothing is overwritten or merged silently; the operator folds them.
-pub(crate) fn drift(id: &str) -> WriteError {
+/// Nothing is overwritten or merged silently; the operator folds them. The
+/// answer is counted and logged.
+pub fn drift(id: &str) -> Outcome {
     crate::operations::metrics::metrics().drift_detected();
     tracing::error!(
         group = id,
         "a managed Group's document holds inline members written around the proxy"
     );
-    WriteError::Outcome(drift_outcome(id))
-}
-
-/// The answer for a drifted Group (see [`drift`]).
-pub fn drift_outcome(id: &str) -> Outcome {
     Outcome::error(
         409,
         IssueType::Conflict,
@@ -142,6 +138,9 @@ pub struct GroupService {
     pub settings: WriteSettings,
     /// This process's writers of one Group wait in line for the lock.
     pub queues: Arc<queue::GroupQueues<batch::BatchJob>>,
+    /// A Group the legacy server created that this MongoDB does not hold:
+    /// the upstream keeps its Groups elsewhere (readiness reports it).
+    upstream_elsewhere: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl GroupService {
@@ -165,6 +164,7 @@ impl GroupService {
                 version_conflict_status: config.members.version_conflict_status,
             },
             queues: Arc::default(),
+            upstream_elsewhere: Arc::default(),
         })
     }
 
@@ -180,6 +180,26 @@ impl GroupService {
             return Ok(RosterHome::Inline);
         }
         Ok(RosterHome::Empty)
+    }
+
+    fn note_upstream_groups_elsewhere(&self, id: &str) {
+        tracing::warn!(
+            group = id,
+            "the legacy server created a Group that the configured MongoDB does not hold: its \
+             Groups live elsewhere, so the proxy forwards their requests unchanged"
+        );
+        if let Ok(mut last) = self.upstream_elsewhere.lock() {
+            *last = Some(id.to_string());
+        }
+    }
+
+    /// The last Group the legacy server created that the configured MongoDB
+    /// does not hold, if any.
+    pub fn upstream_groups_elsewhere(&self) -> Option<String> {
+        self.upstream_elsewhere
+            .lock()
+            .ok()
+            .and_then(|last| last.clone())
     }
 
     /// Whether any Group keeps its members in ClickHouse: until one does,

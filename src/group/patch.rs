@@ -189,7 +189,7 @@ impl GroupService {
         };
         let inline = self.documents.has_inline_members(id).await?;
         if inline && state.in_clickhouse {
-            return Err(super::drift(id));
+            return Err(WriteError::Outcome(super::drift(id)));
         }
         if inline && !state.in_clickhouse && state.pending.is_none() {
             return Err(WriteError::NotMigrated);

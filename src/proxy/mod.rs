@@ -72,6 +72,8 @@ pub struct RequestContext {
     pub route: &'static str,
     /// Trace id of a valid W3C `traceparent` (forwarded unchanged).
     pub trace_id: Option<String>,
+    /// A Group create forwarded to the legacy server, adopted on its 201.
+    pub created: Option<roster_write::CreatedGroup>,
     pub started: Instant,
     /// Carries the request id (and trace id) into every log line of the request.
     pub span: tracing::Span,
@@ -242,7 +244,7 @@ impl FhirGroupProxy {
                 self.finish_intercept(session, ctx, next).await
             }
             Route::GroupCreate { .. } => {
-                let next = roster_write::group_create(self, session, ctx).await?;
+                let next = roster_write::group_create(self, ctx);
                 self.finish_intercept(session, ctx, next).await
             }
             Route::GroupDelete { group_id, .. } => self.delete_group(session, ctx, &group_id).await,
@@ -483,6 +485,7 @@ impl ProxyHttp for FhirGroupProxy {
             intercepted: false,
             route: Route::Passthrough.name(),
             trace_id: None,
+            created: None,
             started: Instant::now(),
             span: tracing::Span::none(),
             _in_flight: self.lifecycle.track_request(),
@@ -540,6 +543,16 @@ impl ProxyHttp for FhirGroupProxy {
     ) -> Result<()> {
         if !upstream_response.headers.contains_key(X_REQUEST_ID) {
             upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        }
+        if upstream_response.status == http::StatusCode::CREATED {
+            // Before the client hears of the new Group, so no write of it can
+            // race its adoption.
+            if let Some(id) = ctx.created.take().and_then(|c| c.id(upstream_response)) {
+                let span = ctx.span.clone();
+                roster_write::adopt_created(self, ctx, id)
+                    .instrument(span)
+                    .await;
+            }
         }
         Ok(())
     }

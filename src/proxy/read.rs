@@ -94,7 +94,18 @@ async fn fetch_migrated_group(
             return Ok(Err(true));
         }
     };
+    let current = !upstream_path.contains("/_history/");
     match serde_json::from_slice::<Value>(&reply.body) {
+        Ok(group)
+            if current
+                && reply.status == 200
+                && group["member"].as_array().is_some_and(|m| !m.is_empty()) =>
+        {
+            // Two rosters for one Group: neither is shown as the truth.
+            let outcome = crate::group::drift(group_id);
+            send_outcome(session, &outcome, &ctx.request_id).await?;
+            Ok(Err(true))
+        }
         Ok(group) if reply.status == 200 && group["resourceType"] == "Group" => {
             Ok(Ok(MigratedGroup {
                 roster,

@@ -3,6 +3,7 @@
 use pingora::http::RequestHeader;
 
 use crate::fhir::outcome::{IssueType, Outcome};
+pub use crate::fhir::reference::is_fhir_id;
 use crate::proxy::canonical::non_canonical_group_path;
 
 pub const JSON_PATCH: &str = "application/json-patch+json";
@@ -349,14 +350,6 @@ fn group_id(path: &str, base_paths: &[String]) -> Option<(String, String)> {
         let id = path.strip_prefix(base)?.strip_prefix("/Group/")?;
         is_fhir_id(id).then(|| (base.to_string(), id.to_string()))
     })
-}
-
-/// FHIR `id`: 1-64 of `A-Z a-z 0-9 - .`
-pub fn is_fhir_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 #[cfg(test)]
