@@ -9,127 +9,8 @@ use futures_util::StreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use serde_json::{json, Value};
 use support::raw::RawConnection;
+use support::stack::*;
 use support::*;
-
-const PATCH: (&str, &str) = ("content-type", "application/json-patch+json");
-
-type Headers<'a> = &'a [(&'a str, &'a str)];
-
-struct Stack {
-    standin: Standin,
-    proxy: ProxyProcess,
-    clickhouse: clickhouse::Client,
-    mongo: mongodb::Database,
-    client: HttpClient,
-}
-
-impl Stack {
-    async fn start(extra: &[(&str, &str)]) -> Stack {
-        let (standin, proxy, clickhouse) = start_with_member_stores(extra).await;
-        let mongo = mongodb::Client::with_uri_str(mongo_uri())
-            .await
-            .expect("mongo client")
-            .database(&standin.database);
-        Stack {
-            clickhouse: fhir_group_proxy::store::clickhouse::connect(&clickhouse),
-            standin,
-            proxy,
-            mongo,
-            client: http_client(),
-        }
-    }
-
-    fn group_url(&self, id: &str) -> String {
-        format!("{}/4_0_0/Group/{id}", self.proxy.url())
-    }
-
-    async fn create_group(&self, members: Value) -> String {
-        self.create_group_at(&self.proxy.url(), members).await
-    }
-
-    /// A Group created on the legacy server directly: members stay inline.
-    async fn create_legacy_group(&self, members: Value) -> String {
-        self.create_group_at(&self.standin.url(), members).await
-    }
-
-    async fn create_group_at(&self, server: &str, members: Value) -> String {
-        let mut group = json!({"resourceType": "Group", "type": "person", "actual": true});
-        if members.as_array().is_some_and(|m| !m.is_empty()) {
-            group["member"] = members;
-        }
-        let reply = send(
-            &self.client,
-            "POST",
-            &format!("{server}/4_0_0/Group"),
-            &[("content-type", "application/fhir+json")],
-            serde_json::to_vec(&group).unwrap(),
-        )
-        .await;
-        reply.assert_status(201);
-        reply.json()["id"].as_str().unwrap().to_string()
-    }
-
-    async fn patch(&self, id: &str, ops: Value, headers: &[(&str, &str)]) -> Reply {
-        self.send_json(id, "PATCH", PATCH, ops, headers).await
-    }
-
-    /// `method` on Group `id` with a JSON body of the given content type.
-    async fn send_json(
-        &self,
-        id: &str,
-        method: &str,
-        content_type: (&str, &str),
-        body: Value,
-        headers: Headers<'_>,
-    ) -> Reply {
-        let mut all = vec![content_type];
-        all.extend_from_slice(headers);
-        send(
-            &self.client,
-            method,
-            &self.group_url(id),
-            &all,
-            serde_json::to_vec(&body).unwrap(),
-        )
-        .await
-    }
-
-    async fn group_document(&self, id: &str) -> Document {
-        group_document(&self.mongo, id).await
-    }
-
-    async fn group_key(&self, id: &str) -> String {
-        self.group_document(id)
-            .await
-            .get_str("_uuid")
-            .unwrap()
-            .to_string()
-    }
-
-    /// Current members as ClickHouse's views see them: reference -> (inactive, period start).
-    async fn members(&self, id: &str) -> BTreeMap<String, (bool, String)> {
-        #[derive(clickhouse::Row, serde::Deserialize)]
-        struct Row {
-            entity_reference: String,
-            present: u8,
-            inactive: u8,
-            period_start: String,
-        }
-        let rows = self.clickhouse
-            .query("SELECT entity_reference, argMaxMerge(present) AS present, argMaxMerge(inactive) AS inactive, \
-                    argMaxMerge(period_start) AS period_start FROM Group_4_0_0_MemberCurrent WHERE group_key = ? GROUP BY entity_reference")
-            .bind(self.group_key(id).await)
-            .fetch_all::<Row>().await.unwrap();
-        rows.into_iter()
-            .filter(|r| r.present == 1)
-            .map(|r| (r.entity_reference, (r.inactive == 1, r.period_start)))
-            .collect()
-    }
-
-    async fn event_count(&self, id: &str) -> u64 {
-        published_event_count(&self.clickhouse, &self.group_key(id).await).await
-    }
-}
 
 fn add(reference: &str) -> Value {
     json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": reference}}})
@@ -1503,29 +1384,6 @@ fn references_of(group: &Value) -> Vec<&str> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-const FHIR_JSON_BODY: (&str, &str) = ("content-type", "application/fhir+json");
-
-impl Stack {
-    async fn put_group(&self, id: &str, group: Value, headers: Headers<'_>) -> Reply {
-        self.send_json(id, "PUT", FHIR_JSON_BODY, group, headers)
-            .await
-    }
-
-    async fn read_group(&self, id: &str) -> Value {
-        let read = send(&self.client, "GET", &self.group_url(id), &[], "").await;
-        read.assert_status(200);
-        read.json()
-    }
-
-    async fn group_documents_count(&self) -> u64 {
-        self.mongo
-            .collection::<Document>("Group_4_0_0")
-            .count_documents(doc! {})
-            .await
-            .unwrap()
-    }
 }
 
 /// `PUT` with `member` on a migrated Group: the roster is diffed into events

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod raw;
+pub mod stack;
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};

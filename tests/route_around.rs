@@ -1,0 +1,571 @@
+//! No route around the proxy: every request that could change or read a
+//! managed Group's roster goes through the member path or is refused, and
+//! nothing reaches the legacy server that could split, lose or shadow the
+//! roster. Requests that involve no managed Group go through unchanged.
+//! Real stand-in, ClickHouse and FerretDB.
+
+mod support;
+
+use mongodb::bson::doc;
+use serde_json::{json, Value};
+use support::stack::*;
+use support::*;
+
+/// The Group as it must stay after a refused request: no inline `member` in
+/// its document, the same version, and the same roster through GET,
+/// `_history/{vid}` and member search.
+async fn assert_untouched(stack: &Stack, id: &str, version: &str, roster: &[&str], what: &str) {
+    let document = stack.group_document(id).await;
+    assert!(
+        !document.contains_key("member"),
+        "{what}: inline members written: {document}"
+    );
+    let read = stack.read_group(id).await;
+    assert_eq!(read["meta"]["versionId"], version, "{what}: version moved");
+    assert_eq!(
+        stack.roster_read(id).await,
+        roster,
+        "{what}: roster changed"
+    );
+    let at_version = send(
+        &stack.client,
+        "GET",
+        &format!("{}/_history/{version}", stack.group_url(id)),
+        &[],
+        "",
+    )
+    .await;
+    at_version.assert_status(200);
+    assert_eq!(
+        references(&at_version.json()),
+        roster,
+        "{what}: history differs"
+    );
+    let search = send(
+        &stack.client,
+        "GET",
+        &format!("{}/4_0_0/Group?member={}", stack.proxy.url(), roster[0]),
+        &[],
+        "",
+    )
+    .await;
+    search.assert_status(200);
+    let found = search.json();
+    let found: Vec<&str> = found["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["resource"]["id"].as_str())
+        .collect();
+    assert_eq!(found, vec![id], "{what}: member search disagrees");
+}
+
+fn group_with(id: &str, members: &[&str]) -> Value {
+    json!({"resourceType": "Group", "id": id, "type": "person", "actual": true,
+           "member": members.iter().map(|r| json!({"entity": {"reference": r}})).collect::<Vec<_>>()})
+}
+
+fn bundle(kind: &str, entries: Vec<Value>) -> Value {
+    json!({"resourceType": "Bundle", "type": kind, "entry": entries})
+}
+
+/// One request sent around the member path, and the status it must get.
+struct Around {
+    what: &'static str,
+    method: &'static str,
+    path: String,
+    headers: Vec<(&'static str, &'static str)>,
+    body: Vec<u8>,
+    status: u16,
+    code: &'static str,
+}
+
+fn around(
+    what: &'static str,
+    method: &'static str,
+    path: String,
+    headers: &[(&'static str, &'static str)],
+    body: &Value,
+    status: u16,
+    code: &'static str,
+) -> Around {
+    Around {
+        what,
+        method,
+        path,
+        headers: headers.to_vec(),
+        body: if body.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(body).unwrap()
+        },
+        status,
+        code,
+    }
+}
+
+fn write_routes(id: &str) -> Vec<Around> {
+    let intruder = group_with(id, &["Patient/intruder"]);
+    let add_intruder = json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/intruder"}}}]);
+    let xml = ("content-type", "application/fhir+xml");
+    let text = ("content-type", "text/plain");
+    vec![
+        around(
+            "double slash PATCH",
+            "PATCH",
+            format!("/4_0_0//Group/{id}"),
+            &[PATCH],
+            &add_intruder,
+            400,
+            "invalid",
+        ),
+        around(
+            "double slash PUT",
+            "PUT",
+            format!("/4_0_0//Group/{id}"),
+            &[FHIR_JSON_BODY],
+            &intruder,
+            400,
+            "invalid",
+        ),
+        around(
+            "lower-case type",
+            "PATCH",
+            format!("/4_0_0/group/{id}"),
+            &[PATCH],
+            &add_intruder,
+            400,
+            "invalid",
+        ),
+        around(
+            "trailing slash",
+            "PUT",
+            format!("/4_0_0/Group/{id}/"),
+            &[FHIR_JSON_BODY],
+            &intruder,
+            400,
+            "invalid",
+        ),
+        around(
+            "percent-escape",
+            "PUT",
+            format!("/4_0_0/Gr%6Fup/{id}"),
+            &[FHIR_JSON_BODY],
+            &intruder,
+            400,
+            "invalid",
+        ),
+        around(
+            "dot segment",
+            "PATCH",
+            format!("/4_0_0/Patient/../Group/{id}"),
+            &[PATCH],
+            &add_intruder,
+            400,
+            "invalid",
+        ),
+        around(
+            ";param",
+            "PATCH",
+            format!("/4_0_0/Group/{id};v=1"),
+            &[PATCH],
+            &add_intruder,
+            400,
+            "invalid",
+        ),
+        around(
+            "double slash DELETE",
+            "DELETE",
+            format!("/4_0_0//Group/{id}"),
+            &[],
+            &Value::Null,
+            400,
+            "invalid",
+        ),
+        around(
+            "method override header",
+            "POST",
+            format!("/4_0_0/Group/{id}"),
+            &[PATCH, ("x-http-method-override", "PATCH")],
+            &add_intruder,
+            400,
+            "not-supported",
+        ),
+        around(
+            "_method parameter",
+            "POST",
+            format!("/4_0_0/Group/{id}?_method=PATCH"),
+            &[PATCH],
+            &add_intruder,
+            400,
+            "not-supported",
+        ),
+        around(
+            "PUT as text/plain",
+            "PUT",
+            format!("/4_0_0/Group/{id}"),
+            &[text],
+            &intruder,
+            415,
+            "not-supported",
+        ),
+        around(
+            "PUT as XML",
+            "PUT",
+            format!("/4_0_0/Group/{id}"),
+            &[xml],
+            &intruder,
+            415,
+            "not-supported",
+        ),
+        around(
+            "PUT without content type",
+            "PUT",
+            format!("/4_0_0/Group/{id}"),
+            &[],
+            &intruder,
+            415,
+            "not-supported",
+        ),
+        around(
+            "root pointer replace",
+            "PATCH",
+            format!("/4_0_0/Group/{id}"),
+            &[PATCH],
+            &json!([{"op": "replace", "path": "", "value": intruder}]),
+            422,
+            "not-supported",
+        ),
+        around(
+            "root pointer mixed with member ops",
+            "PATCH",
+            format!("/4_0_0/Group/{id}"),
+            &[PATCH],
+            &json!([add_intruder[0], {"op": "add", "path": "", "value": intruder}]),
+            422,
+            "not-supported",
+        ),
+        around(
+            "$merge of the Group",
+            "POST",
+            "/4_0_0/Group/$merge".into(),
+            &[FHIR_JSON_BODY],
+            &intruder,
+            422,
+            "not-supported",
+        ),
+        around(
+            "$merge of a Bundle",
+            "POST",
+            "/4_0_0/$merge".into(),
+            &[FHIR_JSON_BODY],
+            &bundle("batch", vec![json!({"resource": intruder})]),
+            422,
+            "not-supported",
+        ),
+        around(
+            "$merge of a list",
+            "POST",
+            "/4_0_0/Patient/$merge".into(),
+            &[FHIR_JSON_BODY],
+            &json!([{"resourceType": "Patient", "id": "p"}, intruder]),
+            422,
+            "not-supported",
+        ),
+        around(
+            "transaction PUT",
+            "POST",
+            "/4_0_0".into(),
+            &[FHIR_JSON_BODY],
+            &bundle(
+                "transaction",
+                vec![
+                    json!({"resource": intruder, "request": {"method": "PUT", "url": format!("Group/{id}")}}),
+                ],
+            ),
+            422,
+            "not-supported",
+        ),
+        around(
+            "batch PATCH",
+            "POST",
+            "/4_0_0".into(),
+            &[FHIR_JSON_BODY],
+            &bundle(
+                "batch",
+                vec![json!({"request": {"method": "PATCH", "url": format!("Group/{id}")}})],
+            ),
+            422,
+            "not-supported",
+        ),
+        around(
+            "transaction DELETE",
+            "POST",
+            "/4_0_0".into(),
+            &[FHIR_JSON_BODY],
+            &bundle(
+                "transaction",
+                vec![json!({"request": {"method": "DELETE", "url": format!("Group/{id}")}})],
+            ),
+            422,
+            "not-supported",
+        ),
+        around(
+            "transaction conditional",
+            "POST",
+            "/4_0_0".into(),
+            &[FHIR_JSON_BODY],
+            &bundle(
+                "transaction",
+                vec![
+                    json!({"resource": intruder, "request": {"method": "PUT", "url": "Group?name=x"}}),
+                ],
+            ),
+            422,
+            "not-supported",
+        ),
+        Around {
+            what: "Bundle in XML",
+            method: "POST",
+            path: "/4_0_0".into(),
+            headers: vec![xml],
+            body: b"<Bundle xmlns=\"http://hl7.org/fhir\"/>".to_vec(),
+            status: 415,
+            code: "not-supported",
+        },
+        around(
+            "conditional PUT",
+            "PUT",
+            format!("/4_0_0/Group?_id={id}"),
+            &[FHIR_JSON_BODY],
+            &intruder,
+            422,
+            "not-supported",
+        ),
+        around(
+            "conditional PATCH",
+            "PATCH",
+            format!("/4_0_0/Group?_id={id}"),
+            &[PATCH],
+            &add_intruder,
+            422,
+            "not-supported",
+        ),
+        around(
+            "conditional DELETE",
+            "DELETE",
+            format!("/4_0_0/Group?_id={id}"),
+            &[],
+            &Value::Null,
+            422,
+            "not-supported",
+        ),
+    ]
+}
+
+/// Each route the measurements found around the member path is refused with
+/// an OperationOutcome, and afterwards the Group is exactly as before.
+#[tokio::test]
+async fn every_write_around_a_managed_roster_is_refused_and_changes_nothing() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.managed_group(&["Patient/a", "Patient/b"]).await;
+    for request in write_routes(&id) {
+        let reply = send(
+            &stack.client,
+            request.method,
+            &format!("{}{}", stack.proxy.url(), request.path),
+            &request.headers,
+            request.body.clone(),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            request.status,
+            "{}: {}",
+            request.what,
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert_outcome(&reply, request.status, request.code);
+        assert_untouched(&stack, &id, "2", &["Patient/a", "Patient/b"], request.what).await;
+    }
+}
+
+/// Reads the legacy server would answer from an (empty) inline roster are
+/// refused for managed Groups, naming what to use instead.
+#[tokio::test]
+async fn reads_answered_from_the_inline_roster_are_refused_for_managed_groups() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.managed_group(&["Patient/a"]).await;
+    for path in [
+        format!("/4_0_0/Group/{id}/_history"),
+        format!("/4_0_0/Group/{id}/$everything"),
+        format!("/4_0_0/Group/{id}/$export"),
+        "/4_0_0/Group/$export".to_string(),
+        "/4_0_0/Patient?_revinclude=Group:member".to_string(),
+        format!("/4_0_0/Patient?_has:Group:member:_id={id}"),
+        "/4_0_0/Patient?_include=Group:member".to_string(),
+    ] {
+        let reply = send(
+            &stack.client,
+            "GET",
+            &format!("{}{path}", stack.proxy.url()),
+            &[],
+            "",
+        )
+        .await;
+        assert_outcome(&reply, 422, "not-supported");
+    }
+    // Single versions and the paged roster stay available.
+    let version = send(
+        &stack.client,
+        "GET",
+        &format!("{}/_history/2", stack.group_url(&id)),
+        &[],
+        "",
+    )
+    .await;
+    version.assert_status(200);
+    assert_eq!(references(&version.json()), vec!["Patient/a"]);
+}
+
+/// While no Group's roster is managed, requests around the member path are
+/// the legacy server's business: the proxy forwards them, and the answers are
+/// those the legacy server gives directly.
+#[tokio::test]
+async fn requests_around_the_member_path_pass_through_while_no_group_is_managed() {
+    let stack = Stack::start(&[]).await;
+    let id = stack
+        .create_legacy_group(json!([{"entity": {"reference": "Patient/inline"}}]))
+        .await;
+    for path in [
+        format!("/4_0_0/Group/{id}/_history"),
+        format!("/4_0_0/Group/{id}/$everything"),
+        "/4_0_0/Patient?_revinclude=Group:member".to_string(),
+    ] {
+        let direct = send(
+            &stack.client,
+            "GET",
+            &format!("{}{path}", stack.standin.url()),
+            &[],
+            "",
+        )
+        .await;
+        let proxied = send(
+            &stack.client,
+            "GET",
+            &format!("{}{path}", stack.proxy.url()),
+            &[],
+            "",
+        )
+        .await;
+        assert_eq!(proxied.status, direct.status, "{path}");
+        assert_eq!(proxied.body, direct.body, "{path}");
+    }
+    // Writes of several resources and conditional writes reach the legacy
+    // server too (whatever it makes of them).
+    let conditional = send(
+        &stack.client,
+        "DELETE",
+        &format!("{}/4_0_0/Group?_id=nothing-like-it", stack.proxy.url()),
+        &[],
+        "",
+    )
+    .await;
+    let direct = send(
+        &stack.client,
+        "DELETE",
+        &format!("{}/4_0_0/Group?_id=nothing-like-it", stack.standin.url()),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(conditional.status, direct.status);
+    let transaction = bundle(
+        "transaction",
+        vec![
+            json!({"resource": group_with(&id, &["Patient/x"]), "request": {"method": "PUT", "url": format!("Group/{id}")}}),
+        ],
+    );
+    let body = serde_json::to_vec(&transaction).unwrap();
+    let direct = send(
+        &stack.client,
+        "POST",
+        &format!("{}/4_0_0", stack.standin.url()),
+        &[FHIR_JSON_BODY],
+        body.clone(),
+    )
+    .await;
+    let proxied = send(
+        &stack.client,
+        "POST",
+        &format!("{}/4_0_0", stack.proxy.url()),
+        &[FHIR_JSON_BODY],
+        body,
+    )
+    .await;
+    assert_eq!(proxied.status, direct.status);
+    assert!(!String::from_utf8_lossy(&proxied.body).contains("member store"));
+}
+
+/// A managed Group whose document gained inline members behind the proxy's
+/// back is refused on read and write (counted in a metric), listed by
+/// `migrate --check`, and folded in by `migrate --fold`.
+#[tokio::test]
+async fn drift_is_refused_listed_and_folded_never_erased() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.managed_group(&["Patient/a"]).await;
+    stack
+        .mongo
+        .collection::<mongodb::bson::Document>("Group_4_0_0")
+        .update_one(
+            doc! {"id": &id},
+            doc! {"$set": {"member": [{"entity": {"reference": "Patient/direct"}}]}},
+        )
+        .await
+        .unwrap();
+
+    let read = send(&stack.client, "GET", &stack.group_url(&id), &[], "").await;
+    assert_outcome(&read, 409, "conflict");
+    let write = stack
+        .patch(
+            &id,
+            json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/c"}}}]),
+            &[],
+        )
+        .await;
+    assert_outcome(&write, 409, "conflict");
+    let metrics = send(
+        &stack.client,
+        "GET",
+        &format!("{}/metrics", stack.proxy.admin_url()),
+        &[],
+        "",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&metrics.body).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("fgp_group_drift_detected_total"))
+        .unwrap_or_default();
+    assert!(line.ends_with(" 2"), "two refusals counted: {line:?}");
+
+    let check = stack.migrate(&["--check", "--id", &id]);
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(report.contains(&format!("Group/{id}: drift")), "{report}");
+    assert!(
+        stack.group_document(&id).await.contains_key("member"),
+        "--check changes nothing"
+    );
+    // A plain migrate does not erase the inline members either.
+    let plain = stack.migrate(&["--id", &id]);
+    assert_eq!(plain.status.code(), Some(1), "{plain:?}");
+    assert!(stack.group_document(&id).await.contains_key("member"));
+
+    let fold = stack.migrate(&["--fold", "--id", &id]);
+    assert!(fold.status.success(), "{fold:?}");
+    assert!(!stack.group_document(&id).await.contains_key("member"));
+    let mut roster = stack.roster_read(&id).await;
+    roster.sort();
+    assert_eq!(roster, vec!["Patient/a", "Patient/direct"]);
+}
