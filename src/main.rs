@@ -169,6 +169,19 @@ fn check_stores(config: &Config) -> anyhow::Result<()> {
             .await
             .context("MongoDB check failed")?;
         println!("MongoDB database {}: ok", config.mongo.database);
+        let collections = mongo
+            .list_collection_names()
+            .await
+            .context("MongoDB check failed")?;
+        let groups = fhir_group_proxy::store::group_documents::GROUP_COLLECTION;
+        if !collections.iter().any(|name| name == groups) {
+            println!(
+                "note: MongoDB database {} has no {groups} collection: either no Group exists \
+                 yet, or the legacy server keeps its Groups elsewhere (then the proxy forwards \
+                 every Group request unchanged; check mongo.uri and mongo.database)",
+                config.mongo.database
+            );
+        }
         Ok(())
     })
 }

@@ -28,6 +28,8 @@ pub struct Check {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadinessReport {
     pub checks: Vec<Check>,
+    /// What an operator should know that does not stop the proxy serving.
+    pub warnings: Vec<String>,
 }
 
 impl ReadinessReport {
@@ -38,6 +40,7 @@ impl ReadinessReport {
                 name: "proxy",
                 problem: Some("shutting down".into()),
             }],
+            warnings: Vec::new(),
         }
     }
 
@@ -72,7 +75,11 @@ impl ReadinessReport {
         } else {
             "unavailable"
         };
-        json!({ "status": status, "down": self.down(), "checks": checks })
+        let mut body = json!({ "status": status, "down": self.down(), "checks": checks });
+        if !self.warnings.is_empty() {
+            body["warnings"] = json!(self.warnings);
+        }
+        body
     }
 }
 
@@ -124,6 +131,7 @@ impl Readiness {
         let Some(stores) = &self.stores else {
             return ReadinessReport {
                 checks: vec![upstream.await],
+                warnings: Vec::new(),
             };
         };
         let clickhouse = check("clickhouse", async {
@@ -140,8 +148,20 @@ impl Readiness {
             stores.documents.ping().await.map_err(|e| e.to_string())
         });
         let (upstream, clickhouse, mongo) = tokio::join!(upstream, clickhouse, mongo);
+        let warnings = stores
+            .upstream_groups_elsewhere()
+            .map(|id| {
+                format!(
+                    "the legacy server created Group/{id}, which the configured MongoDB does not \
+                     hold: its Groups live elsewhere, so every request for them is forwarded \
+                     unchanged (check mongo.uri and mongo.database)"
+                )
+            })
+            .into_iter()
+            .collect();
         ReadinessReport {
             checks: vec![upstream, clickhouse, mongo],
+            warnings,
         }
     }
 }
@@ -171,6 +191,7 @@ mod tests {
                     problem: problem.map(str::to_string),
                 })
                 .collect(),
+            warnings: Vec::new(),
         }
     }
 
@@ -196,6 +217,17 @@ mod tests {
         assert_eq!(body["status"], "unavailable");
         assert_eq!(body["down"], json!(["clickhouse"]));
         assert_eq!(body["checks"]["clickhouse"], "connection refused");
+    }
+
+    #[test]
+    fn warnings_are_shown_without_making_it_unready() {
+        let mut report = report(&[("upstream", None)]);
+        report.warnings.push("Groups live elsewhere".into());
+        assert_eq!(report.status(), 200);
+        assert_eq!(
+            report.to_json()["warnings"],
+            json!(["Groups live elsewhere"])
+        );
     }
 
     #[test]
