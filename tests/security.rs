@@ -67,18 +67,13 @@ fn tokens() -> AccessTokens {
     }
 }
 
-/// Upstream mode (the default): the legacy server decides, asked with the
-/// client's own credentials; its 401/403/404 come back unchanged and nothing
-/// is written.
+/// Upstream mode, as configured by default: the legacy server decides, asked
+/// with the client's own credentials by a write that changes nothing; its
+/// 401/403/404 come back unchanged and nothing is written.
 #[tokio::test]
 async fn upstream_mode_lets_the_legacy_server_decide() {
     let standin = Standin::start_with_access(tokens()).await;
-    let (standin, proxy, _) = start_with_member_stores_behind(
-        standin,
-        // A write probe, so read-only clients are told apart from writers.
-        &[("FGP_AUTH_UPSTREAM_PROBE", "PATCH {base}/Group/{id}")],
-    )
-    .await;
+    let (standin, proxy, _) = start_with_member_stores_behind(standin, &[]).await;
     let client = http_client();
     let id = create_as_writer(&client, &standin).await;
     let url = format!("{}/4_0_0/Group/{id}", proxy.url());
@@ -161,6 +156,67 @@ async fn upstream_mode_lets_the_legacy_server_decide() {
         "no refused write is visible"
     );
     assert_eq!(version_of(&client, &standin, &id, "writer").await, "2");
+
+    // No other route lets a read-only client change the roster either.
+    let reader = ("authorization", "Bearer reader");
+    let json_body = ("content-type", "application/fhir+json");
+    let with_members = |id: Option<&str>| {
+        let mut group = json!({"resourceType": "Group", "type": "person", "actual": true,
+            "member": [{"entity": {"reference": "Patient/intruder"}}]});
+        if let Some(id) = id {
+            group["id"] = json!(id);
+        }
+        serde_json::to_vec(&group).unwrap()
+    };
+    let remove_ok = serde_json::to_vec(&json!({"resourceType": "Parameters", "parameter": [
+        {"name": "patientReference", "valueReference": {"reference": "Patient/ok"}}]}))
+    .unwrap();
+    for (what, method, path, body) in [
+        (
+            "$member-remove",
+            "POST",
+            format!("{url}/$member-remove"),
+            remove_ok,
+        ),
+        ("roster PUT", "PUT", url.clone(), with_members(Some(&id))),
+        (
+            "POST with members",
+            "POST",
+            format!("{}/4_0_0/Group", proxy.url()),
+            with_members(None),
+        ),
+        (
+            "PUT to a new id",
+            "PUT",
+            format!("{}/4_0_0/Group/made-by-reader", proxy.url()),
+            with_members(Some("made-by-reader")),
+        ),
+        ("DELETE", "DELETE", url.clone(), Vec::new()),
+    ] {
+        let refused = send(&client, method, &path, &[json_body, reader], body).await;
+        assert_eq!(
+            refused.status,
+            403,
+            "{what}: {}",
+            String::from_utf8_lossy(&refused.body)
+        );
+    }
+    let read = send(&client, "GET", &url, &[reader], "").await;
+    read.assert_status(200);
+    assert_eq!(
+        read.json()["member"],
+        json!([{"entity": {"reference": "Patient/ok"}}])
+    );
+    assert_eq!(version_of(&client, &standin, &id, "writer").await, "2");
+    let made = send(
+        &client,
+        "GET",
+        &format!("{}/4_0_0/Group/made-by-reader", standin.url()),
+        &[("authorization", "Bearer writer")],
+        "",
+    )
+    .await;
+    assert_eq!(made.status, 404, "nothing created");
 }
 
 fn now() -> u64 {
