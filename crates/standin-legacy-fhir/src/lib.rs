@@ -11,7 +11,10 @@
 
 mod diagnostics;
 pub mod documents;
+pub mod enrichment;
+pub mod fidelity;
 mod locks;
+pub mod merge;
 mod outcome;
 mod responses;
 mod routes;
@@ -30,6 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 pub use diagnostics::GZIP_PATIENT;
+pub use fidelity::{Fidelity, Profile};
 pub use storage::{history_collection, resource_collection};
 
 use crate::outcome::{outcome, IssueCode};
