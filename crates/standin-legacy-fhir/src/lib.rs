@@ -6,6 +6,11 @@
 //! rewriting the whole document, which is the slow path the proxy exists to
 //! avoid. It is not a FHIR server for real use.
 //!
+//! How closely it imitates the real server is set by [`Fidelity`]: the
+//! `simple` preset (the default) is plain FHIR R4, the `real` preset
+//! behaves as icanbwell/fhir-server was measured and read to behave; the
+//! crate README has the table.
+//!
 //! Besides FHIR routes it has diagnostics under `/__standin/` that let the
 //! proxy's passthrough tests see exactly what arrived.
 
