@@ -212,6 +212,97 @@ pub fn stored_last_updated(document: &Document) -> Option<DateTime> {
         .copied()
 }
 
+/// The instant as JavaScript's `Date.toString()` renders it in UTC, which
+/// is what the real server puts in `Last-Modified` of a read:
+/// `Wed Dec 02 2026 04:27:59 GMT+0000 (Coordinated Universal Time)`.
+pub fn js_date_string(date: DateTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(date.timestamp_millis())
+        .map(|t| {
+            t.format("%a %b %d %Y %H:%M:%S GMT+0000 (Coordinated Universal Time)")
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// FHIR JSON to the stored document as the real server writes it: nested
+/// fields as they are (enriched references included), top-level `_` fields
+/// only if its resource classes keep them (`keep`), `meta` versioned.
+pub fn to_document_keeping(
+    resource: &Value,
+    keep: &[&str],
+    version: u64,
+    last_updated: DateTime,
+) -> Document {
+    let mut document = Document::new();
+    if let Value::Object(fields) = resource {
+        for (key, value) in fields {
+            if is_internal(key) && !keep.contains(&key.as_str()) {
+                continue;
+            }
+            if key == "meta" {
+                document.insert("meta", stored_meta(value, version, last_updated));
+            } else {
+                document.insert(key.clone(), json_to_bson(value));
+            }
+        }
+    }
+    if !document.contains_key("meta") {
+        document.insert("meta", stored_meta(&Value::Null, version, last_updated));
+    }
+    document
+}
+
+/// The whole stored document as JSON, `_` fields included (Mongo's `_id`
+/// left out): what the real server patches and merges.
+pub fn to_internal_json(document: &Document) -> Value {
+    Value::Object(
+        document
+            .iter()
+            .filter(|(k, _)| k.as_str() != "_id")
+            .map(|(k, v)| (k.clone(), bson_to_json(v)))
+            .collect(),
+    )
+}
+
+/// A history entry as the real server writes one: `id` is the resource's
+/// `_uuid`; `response` is null for a create, and for an update lists the
+/// applied patch operations as informational issues.
+pub fn real_history_entry(
+    document: &Document,
+    request_id: &str,
+    method: &str,
+    url: &str,
+    patches: Option<&[Value]>,
+) -> Document {
+    let mut resource = document.clone();
+    resource.remove("_id");
+    let response = match patches {
+        None => Bson::Null,
+        Some(patches) => {
+            let issues: Vec<Bson> = patches
+                .iter()
+                .map(|p| {
+                    Bson::Document(doc! {
+                        "severity": "information",
+                        "code": "informational",
+                        "diagnostics": serde_json::to_string(p).unwrap_or_default(),
+                    })
+                })
+                .collect();
+            Bson::Document(doc! {
+                "status": "200",
+                "outcome": { "resourceType": "OperationOutcome", "issue": issues },
+            })
+        }
+    };
+    doc! {
+        "id": document.get_str("_uuid").unwrap_or_default(),
+        "resource": resource,
+        "request": { "id": request_id, "method": method, "url": url },
+        "response": response,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,6 +465,50 @@ mod tests {
             resource_uuid("g1", "clinic-a")
         );
         assert!(!replacement.contains_key("_id"));
+    }
+
+    #[test]
+    fn last_modified_can_be_rendered_like_javascript_dates() {
+        assert_eq!(
+            js_date_string(DateTime::from_millis(1_700_000_000_999)),
+            "Tue Nov 14 2023 22:13:20 GMT+0000 (Coordinated Universal Time)"
+        );
+    }
+
+    #[test]
+    fn real_history_entries_are_keyed_by_uuid_and_list_patches_of_updates() {
+        let mut document = to_document_keeping(
+            &json!({"resourceType": "Group", "id": "g1", "_uuid": "u-1", "_other": 1}),
+            &["_uuid"],
+            2,
+            DateTime::from_millis(5),
+        );
+        assert!(!document.contains_key("_other"));
+        document.insert("_id", mongodb::bson::oid::ObjectId::new());
+        let created = real_history_entry(&document, "r", "PUT", "/4_0_0/Group/g1", None);
+        assert_eq!(created.get_str("id").unwrap(), "u-1");
+        assert_eq!(created.get("response"), Some(&Bson::Null));
+        assert!(!created
+            .get_document("resource")
+            .unwrap()
+            .contains_key("_id"));
+        let patch = json!({"op": "add", "path": "/name", "value": "x"});
+        let updated =
+            real_history_entry(&document, "r", "PATCH", "/4_0_0/Group/g1", Some(&[patch]));
+        let response = updated.get_document("response").unwrap();
+        assert_eq!(response.get_str("status").unwrap(), "200");
+        let issue = response
+            .get_document("outcome")
+            .unwrap()
+            .get_array("issue")
+            .unwrap()[0]
+            .as_document()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            issue.get_str("diagnostics").unwrap(),
+            r#"{"op":"add","path":"/name","value":"x"}"#
+        );
     }
 
     #[test]

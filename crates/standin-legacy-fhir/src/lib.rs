@@ -6,12 +6,20 @@
 //! rewriting the whole document, which is the slow path the proxy exists to
 //! avoid. It is not a FHIR server for real use.
 //!
+//! How closely it imitates the real server is set by [`Fidelity`]: the
+//! `simple` preset (the default) is plain FHIR R4, the `real` preset
+//! behaves as icanbwell/fhir-server was measured and read to behave; the
+//! crate README has the table.
+//!
 //! Besides FHIR routes it has diagnostics under `/__standin/` that let the
 //! proxy's passthrough tests see exactly what arrived.
 
 mod diagnostics;
 pub mod documents;
+pub mod enrichment;
+pub mod fidelity;
 mod locks;
+pub mod merge;
 mod outcome;
 mod responses;
 mod routes;
@@ -30,6 +38,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 pub use diagnostics::GZIP_PATIENT;
+pub use fidelity::{Fidelity, Profile};
 pub use storage::{history_collection, resource_collection};
 
 use crate::outcome::{outcome, IssueCode};
@@ -47,6 +56,13 @@ pub struct StandinConfig {
     pub base_path: String,
     /// Bearer tokens the stand-in accepts; empty: no access control.
     pub access: AccessTokens,
+    /// How closely to imitate the real legacy server (`Fidelity::simple()`
+    /// or `Fidelity::real()`, or any mix of toggles).
+    pub fidelity: Fidelity,
+    /// A separate database for the `{Type}_4_0_0_History` collections, as
+    /// the real server's `RESOURCE_HISTORY_MONGO_DB_NAME`; `None`: the
+    /// history lives beside the resources in `database`.
+    pub history_database: Option<String>,
 }
 
 /// The stand-in's own access control, so tests can check that the proxy
@@ -75,14 +91,23 @@ impl AccessTokens {
 }
 
 impl StandinConfig {
-    /// The default base path on the given database.
+    /// The default base path on the given database, no access control,
+    /// the `simple` profile and history beside the resources.
     pub fn new(mongo_uri: impl Into<String>, database: impl Into<String>) -> Self {
         Self {
             mongo_uri: mongo_uri.into(),
             database: database.into(),
             base_path: DEFAULT_BASE_PATH.to_string(),
             access: AccessTokens::default(),
+            fidelity: Fidelity::default(),
+            history_database: None,
         }
+    }
+
+    /// The same with the toggles of a profile.
+    pub fn with_profile(mut self, profile: Profile) -> Self {
+        self.fidelity = Fidelity::of(profile);
+        self
     }
 }
 
@@ -99,6 +124,7 @@ struct Shared {
     /// Normalised: starts with `/` unless empty, no trailing `/`.
     base_path: String,
     access: AccessTokens,
+    fidelity: Fidelity,
 }
 
 /// The stand-in server; cheap to clone.
@@ -121,7 +147,12 @@ impl StandinServer {
     /// collections exist (which also proves the database is reachable).
     pub async fn connect(config: StandinConfig) -> Result<Self, StandinError> {
         let client = mongodb::Client::with_uri_str(&config.mongo_uri).await?;
-        let storage = Storage::new(client.database(&config.database));
+        let database = client.database(&config.database);
+        let history_database = match &config.history_database {
+            Some(name) if !name.is_empty() => client.database(name),
+            _ => database.clone(),
+        };
+        let storage = Storage::with_history_database(database, history_database);
         for resource_type in PREINDEXED_TYPES {
             storage.ensure_indexes(resource_type).await?;
         }
@@ -130,12 +161,18 @@ impl StandinServer {
                 storage,
                 base_path: normalise_base_path(&config.base_path),
                 access: config.access.clone(),
+                fidelity: config.fidelity.clone(),
             }),
         })
     }
 
     pub fn database(&self) -> &mongodb::Database {
         self.shared.storage.database()
+    }
+
+    /// The database holding the history collections.
+    pub fn history_database(&self) -> &mongodb::Database {
+        self.shared.storage.history_database()
     }
 
     /// Serves HTTP/1.1 (keep-alive; HTTP/2 with prior knowledge too) on
@@ -200,7 +237,16 @@ impl StandinServer {
                             },
                             why,
                         ),
-                        None => routes::handle(&self.shared.storage, base, request, rest).await,
+                        None => {
+                            routes::handle(
+                                &self.shared.storage,
+                                base,
+                                &self.shared.fidelity,
+                                request,
+                                rest,
+                            )
+                            .await
+                        }
                     }
                 }
                 _ => outcome(

@@ -10,6 +10,8 @@ pub const DEFAULT_COUNT: u64 = 100;
 pub struct SearchQuery {
     pub filter: Document,
     pub count: u64,
+    /// `_total` was given (any value but `none`).
+    pub total_requested: bool,
 }
 
 /// `_id=a,b` (any of), `member=Patient/1,Patient/2` (Group only; any of, on
@@ -17,6 +19,7 @@ pub struct SearchQuery {
 pub fn parse(resource_type: &str, query: &str) -> SearchQuery {
     let mut conditions: Vec<Document> = Vec::new();
     let mut count = DEFAULT_COUNT;
+    let mut total_requested = false;
     for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
         match key.as_ref() {
             "_id" => conditions.push(any_of("id", &value)),
@@ -24,6 +27,7 @@ pub fn parse(resource_type: &str, query: &str) -> SearchQuery {
                 conditions.push(any_of("member.entity.reference", &value))
             }
             "_count" => count = value.trim().parse().unwrap_or(DEFAULT_COUNT),
+            "_total" => total_requested = value.trim() != "none",
             _ => {}
         }
     }
@@ -32,7 +36,11 @@ pub fn parse(resource_type: &str, query: &str) -> SearchQuery {
         1 => conditions.remove(0),
         _ => doc! { "$and": conditions },
     };
-    SearchQuery { filter, count }
+    SearchQuery {
+        filter,
+        count,
+        total_requested,
+    }
 }
 
 fn any_of(field: &str, list: &str) -> Document {
@@ -77,6 +85,13 @@ mod tests {
                 { "member.entity.reference": { "$in": ["Patient/2"] } },
             ] }
         );
+    }
+
+    #[test]
+    fn total_is_requested_by_any_total_but_none() {
+        assert!(!parse("Group", "_count=1").total_requested);
+        assert!(parse("Group", "_total=accurate").total_requested);
+        assert!(!parse("Group", "_total=none").total_requested);
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub enum StoreError {
 
 pub struct Storage {
     database: Database,
+    /// Where `{Type}_4_0_0_History` lives: `database` unless a separate
+    /// history database is configured (as the real server's
+    /// `RESOURCE_HISTORY_MONGO_DB_NAME`).
+    history_database: Database,
     /// Serialises this process's writes of one resource (see `locks`).
     pub write_locks: WriteLocks,
     /// Resource types whose indexes this process has already ensured.
@@ -52,8 +56,13 @@ pub struct Page {
 
 impl Storage {
     pub fn new(database: Database) -> Self {
+        Self::with_history_database(database.clone(), database)
+    }
+
+    pub fn with_history_database(database: Database, history_database: Database) -> Self {
         Self {
             database,
+            history_database,
             write_locks: WriteLocks::default(),
             indexed: Mutex::new(HashSet::new()),
         }
@@ -68,12 +77,19 @@ impl Storage {
             .collection(&resource_collection(resource_type))
     }
 
+    pub fn history_database(&self) -> &Database {
+        &self.history_database
+    }
+
     fn history(&self, resource_type: &str) -> Collection<Document> {
-        self.database.collection(&history_collection(resource_type))
+        self.history_database
+            .collection(&history_collection(resource_type))
     }
 
     /// A unique index on `id` (lookups, and no duplicate creates without a
     /// transaction) and an index for history lookups by id and version.
+    /// History is looked up by `resource.id`: the real server's entries
+    /// have the resource's `_uuid` as their own `id`.
     pub async fn ensure_indexes(&self, resource_type: &str) -> mongodb::error::Result<()> {
         if self.is_indexed(resource_type) {
             return Ok(());
@@ -89,7 +105,7 @@ impl Storage {
             .build();
         tolerate_existing_index(self.resources(resource_type).create_index(unique_id).await)?;
         let by_version = IndexModel::builder()
-            .keys(doc! { "id": 1, "resource.meta.versionId": 1 })
+            .keys(doc! { "resource.id": 1, "resource.meta.versionId": 1 })
             .build();
         tolerate_existing_index(self.history(resource_type).create_index(by_version).await)?;
         if let Ok(mut indexed) = self.indexed.lock() {
@@ -174,7 +190,7 @@ impl Storage {
     ) -> Result<Option<Document>, StoreError> {
         Ok(self
             .history(resource_type)
-            .find_one(doc! { "id": id, "resource.meta.versionId": version })
+            .find_one(doc! { "resource.id": id, "resource.meta.versionId": version })
             .await?)
     }
 
@@ -187,7 +203,7 @@ impl Storage {
     ) -> Result<Option<u64>, StoreError> {
         let entries: Vec<Document> = self
             .history(resource_type)
-            .find(doc! { "id": id, "request.method": "DELETE" })
+            .find(doc! { "resource.id": id, "request.method": "DELETE" })
             .projection(doc! { "resource.meta.versionId": 1 })
             .await?
             .try_collect()

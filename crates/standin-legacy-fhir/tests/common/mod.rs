@@ -11,7 +11,7 @@ use hyper::StatusCode;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use standin_legacy_fhir::{spawn_on_free_port, StandinConfig};
+use standin_legacy_fhir::{spawn_on_free_port, Profile, StandinConfig};
 
 pub fn mongo_uri() -> String {
     std::env::var("FGP_TEST_MONGO_URI").unwrap_or_else(|_| "mongodb://127.0.0.1:27018/".into())
@@ -20,6 +20,8 @@ pub fn mongo_uri() -> String {
 pub struct Harness {
     pub addr: SocketAddr,
     pub database: mongodb::Database,
+    /// Where history lives (the same as `database` unless configured).
+    pub history_database: mongodb::Database,
     task: tokio::task::JoinHandle<()>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -65,17 +67,27 @@ impl Reply {
 
 impl Harness {
     pub async fn start() -> Harness {
+        Self::start_with(|config| config).await
+    }
+
+    /// A stand-in in the `real` profile.
+    pub async fn start_real() -> Harness {
+        Self::start_with(|config| config.with_profile(Profile::Real)).await
+    }
+
+    /// A stand-in on a fresh database, configured by `configure`.
+    pub async fn start_with(configure: impl FnOnce(StandinConfig) -> StandinConfig) -> Harness {
         let name = format!("standin_test_{}", uuid::Uuid::new_v4().simple());
-        let (addr, task) = spawn_on_free_port(StandinConfig::new(mongo_uri(), &name))
+        let config = configure(StandinConfig::new(mongo_uri(), &name));
+        let history_name = config.history_database.clone().unwrap_or(name.clone());
+        let (addr, task) = spawn_on_free_port(config)
             .await
             .expect("stand-in starts (is FerretDB running at FGP_TEST_MONGO_URI?)");
-        let database = mongodb::Client::with_uri_str(mongo_uri())
-            .await
-            .unwrap()
-            .database(&name);
+        let client = mongodb::Client::with_uri_str(mongo_uri()).await.unwrap();
         Harness {
             addr,
-            database,
+            database: client.database(&name),
+            history_database: client.database(&history_name),
             task,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
@@ -130,5 +142,6 @@ impl Harness {
     pub async fn finish(self) {
         self.task.abort();
         let _ = self.database.drop().await;
+        let _ = self.history_database.drop().await;
     }
 }
