@@ -182,10 +182,8 @@ async fn killed_stores_lose_no_acknowledged_write_and_show_no_unacknowledged_one
         .expect("schema");
     let (standin_addr, _standin) =
         standin_legacy_fhir::spawn_on_free_port(standin_legacy_fhir::StandinConfig {
-            mongo_uri: mongo_uri.clone(),
-            database: database.clone(),
             base_path: "/4_0_0".into(),
-            access: Default::default(),
+            ..standin_legacy_fhir::StandinConfig::new(mongo_uri.clone(), database.clone())
         })
         .await
         .expect("stand-in starts");

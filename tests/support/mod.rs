@@ -53,10 +53,9 @@ impl Standin {
     pub async fn start_with_access(access: standin_legacy_fhir::AccessTokens) -> Standin {
         let database = unique_name("standin");
         let config = StandinConfig {
-            mongo_uri: mongo_uri(),
-            database: database.clone(),
             base_path: "/4_0_0".into(),
             access,
+            ..StandinConfig::new(mongo_uri(), database.clone())
         };
         let (addr, task) = spawn_on_free_port(config).await.expect(
             "stand-in legacy FHIR server starts (is FerretDB running? see scripts/test.sh)",
