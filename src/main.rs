@@ -196,7 +196,8 @@ fn migrate(config: &Config, args: MigrateArgs) -> anyhow::Result<()> {
         fhir_group_proxy::store::events::apply_schema(&config.clickhouse)
             .await
             .context("cannot apply the ClickHouse schema")?;
-        let service = fhir_group_proxy::group::GroupService::connect(config)
+        let holder = fhir_group_proxy::group::LeaseHolder::here("migrate", &config.mongo.database);
+        let service = fhir_group_proxy::group::GroupService::connect(config, holder)
             .await
             .context("cannot connect the member stores")?;
         let ids = service

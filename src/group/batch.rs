@@ -250,7 +250,13 @@ impl GroupService {
         let leader = &jobs[0].request.request_id;
         if !self
             .documents
-            .mark_pending(id, token, version, leader)
+            .mark_pending(
+                id,
+                token,
+                head.version + 1..=version,
+                leader,
+                &jobs[0].request.url,
+            )
             .await?
         {
             return Err(lease_lost(id));
@@ -299,7 +305,10 @@ fn apply(live: &mut HashMap<EntityReference, MemberAttributes>, planned: &[Plann
 }
 
 /// The committed Group document as of one patch's version.
-fn at_version(document: &mongodb::bson::Document, version: u64) -> mongodb::bson::Document {
+pub(super) fn at_version(
+    document: &mongodb::bson::Document,
+    version: u64,
+) -> mongodb::bson::Document {
     let mut document = document.clone();
     if let Ok(meta) = document.get_document_mut("meta") {
         meta.insert("versionId", version.to_string());

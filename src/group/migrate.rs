@@ -327,10 +327,10 @@ impl GroupService {
                 inline.checksum, stored_roster
             )));
         }
-        self.documents.set_migrated(id, true).await?;
+        self.documents.set_migrated(id, Some(&version_id)).await?;
         options.stop_after(MigrationStep::Mark);
         if !self.documents.strip_inline_members(id, &version_id).await? {
-            self.documents.set_migrated(id, false).await?;
+            self.documents.set_migrated(id, None).await?;
             return Ok(changed_meanwhile(head.version));
         }
         Ok(GroupOutcome::Moved {
@@ -581,7 +581,7 @@ impl GroupService {
                  the Group stays migrated (its inline array is ignored)"
             )));
         }
-        self.documents.set_migrated(id, false).await?;
+        self.documents.set_migrated(id, None).await?;
         progress(count);
         Ok(GroupOutcome::Moved { members: count })
     }

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::store::events::{EventStore, EventStoreError};
 use crate::store::group_commit::BatchSettings;
+pub use crate::store::group_documents::LeaseHolder;
 use crate::store::group_documents::{DocumentStoreError, GroupDocuments, GroupHead};
 
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +147,7 @@ pub struct GroupService {
 impl GroupService {
     /// Connects both stores (lazily: nothing is contacted yet). Must run on the
     /// runtime that will serve the use cases (the batch writers live there).
-    pub async fn connect(config: &Config) -> Result<Self, WriteError> {
+    pub async fn connect(config: &Config, holder: LeaseHolder) -> Result<Self, WriteError> {
         let batch = BatchSettings {
             max_rows: config.members.batch_max_rows,
             max_delay: Duration::from_millis(config.members.batch_max_delay_ms),
@@ -157,7 +158,7 @@ impl GroupService {
             .map_err(DocumentStoreError::from)?;
         Ok(Self {
             events,
-            documents: GroupDocuments::new(&database),
+            documents: GroupDocuments::new(&database, holder),
             settings: WriteSettings {
                 lease_ttl: Duration::from_millis(config.members.lease_ttl_ms),
                 write_wait: Duration::from_millis(config.members.write_wait_ms),
@@ -200,6 +201,21 @@ impl GroupService {
             .lock()
             .ok()
             .and_then(|last| last.clone())
+    }
+
+    /// At the start of a serving process: breaks the locks its own previous
+    /// run left when it died, so their Groups need not wait out the lease.
+    pub async fn break_own_dead_leases(&self) {
+        match self.documents.break_own_dead_leases().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                locks = n,
+                "broke member write locks left by this proxy's previous run"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for locks left by this proxy's previous run")
+            }
+        }
     }
 
     /// Whether any Group keeps its members in ClickHouse: until one does,
@@ -253,7 +269,8 @@ impl GroupService {
 /// group-commit writers keep background tasks on the runtime that created them,
 /// and pingora's per-service runtimes are not that runtime.
 pub struct StoreRuntime {
-    runtime: tokio::runtime::Runtime,
+    /// Always `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl StoreRuntime {
@@ -263,14 +280,33 @@ impl StoreRuntime {
             .thread_name("fgp-store")
             .enable_all()
             .build()?;
-        Ok(Self { runtime })
+        Ok(Self {
+            runtime: Some(runtime),
+        })
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime
+            .as_ref()
+            .expect("the store runtime lives until StoreRuntime is dropped")
     }
 
     pub fn handle(&self) -> tokio::runtime::Handle {
-        self.runtime.handle().clone()
+        self.runtime().handle().clone()
     }
 
     pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.runtime.block_on(future)
+        self.runtime().block_on(future)
+    }
+}
+
+impl Drop for StoreRuntime {
+    /// The last owner may be dropped on one of pingora's runtime threads at
+    /// exit, where a blocking runtime drop panics; by then graceful shutdown
+    /// has drained the store work, so nothing is waited for.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }

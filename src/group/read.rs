@@ -7,13 +7,23 @@ use super::{GroupService, WriteError};
 pub struct RosterForRead {
     pub group_key: String,
     pub counts: MemberCounts,
+    state: crate::store::group_documents::MemberState,
+}
+
+impl RosterForRead {
+    /// Whether an inline array in the legacy server's answer at `version`
+    /// is drift rather than the copy an interrupted migration left.
+    pub fn inline_array_is_drift(&self, version: Option<u64>) -> bool {
+        version.is_none_or(|v| self.state.inline_array_is_drift(v))
+    }
 }
 
 impl GroupService {
     /// `None` when Group `id` keeps its members in MongoDB (or is unknown): the
     /// legacy server answers such reads itself.
     pub async fn roster_for_read(&self, id: &str) -> Result<Option<RosterForRead>, WriteError> {
-        if !self.documents.member_state(id).await?.in_clickhouse {
+        let state = self.documents.member_state(id).await?;
+        if !state.in_clickhouse {
             return Ok(None);
         }
         let Some(head) = self.documents.head(id).await? else {
@@ -23,6 +33,7 @@ impl GroupService {
         Ok(Some(RosterForRead {
             group_key: head.group_key,
             counts,
+            state,
         }))
     }
 }

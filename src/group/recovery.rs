@@ -35,12 +35,60 @@ impl GroupService {
             {
                 tracing::warn!(group = id, token = %pending.token, "commit records of a published write rewritten (its insert was cut off)");
             }
+            if !pending.upstream_committed {
+                self.complete_history(id, pending).await?;
+            }
         } else {
             tracing::warn!(group = id, token = %pending.token, "dropping a write that never committed");
         }
         self.documents
             .clear_pending(id, &pending.token, committed)
             .await?;
+        Ok(())
+    }
+}
+
+impl GroupService {
+    /// Writes the history entries a committed write's stopped writer did not:
+    /// every version it committed is readable as `_history/{vid}`. A member
+    /// write changes only the version metadata, so each entry is the document
+    /// as committed with its own `versionId` — exact while the document is
+    /// still at the write's last version. Once a legacy write moved it on,
+    /// the committed content is no longer known: the entry is not made up,
+    /// it is reported (log and metric).
+    async fn complete_history(&self, id: &str, pending: &PendingWrite) -> Result<(), WriteError> {
+        let mut missing = Vec::new();
+        for version in pending.from_version..=pending.version {
+            if !self.documents.has_history(id, version).await? {
+                missing.push(version);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let document = self.documents.document(id).await?;
+        let at_commit = document
+            .filter(|d| crate::store::group_documents::version_of(d) == Some(pending.version));
+        let Some(document) = at_commit else {
+            crate::operations::metrics::metrics().history_entries_lost(missing.len());
+            tracing::error!(group = id, versions = ?missing, "history entries of a committed write cannot be rebuilt: the Group changed after it");
+            return Ok(());
+        };
+        let request_ids = self.events.staged_request_ids(&pending.token).await?;
+        for version in missing {
+            let request_id = request_ids
+                .get(&version)
+                .map_or(pending.request_id.as_str(), String::as_str);
+            let entry = super::batch::at_version(&document, version);
+            self.documents
+                .insert_history(&entry, request_id, "PATCH", &pending.url)
+                .await?;
+            tracing::warn!(
+                group = id,
+                version,
+                "history entry of a committed write written by recovery"
+            );
+        }
         Ok(())
     }
 }

@@ -31,6 +31,7 @@ pub struct Metrics {
     flush_duration: HistogramVec,
     mongo_command_duration: HistogramVec,
     drift_detected: IntCounterVec,
+    history_entries_lost: IntCounterVec,
 }
 
 /// Who answered a request: the proxy itself, or the legacy server.
@@ -125,8 +126,20 @@ impl Metrics {
                 "Requests refused because a managed Group's document gained an inline member array written around the proxy",
                 &[],
             ),
+            history_entries_lost: counter(
+                &registry,
+                "fgp_history_entries_lost_total",
+                "History entries of committed member writes that recovery could not rebuild (the Group changed after the write)",
+                &[],
+            ),
             registry,
         }
+    }
+
+    pub fn history_entries_lost(&self, entries: usize) {
+        self.history_entries_lost
+            .with_label_values(&[] as &[&str])
+            .inc_by(entries as u64);
     }
 
     pub fn drift_detected(&self) {

@@ -113,7 +113,12 @@ impl FhirGroupProxy {
             })?;
         let store_runtime = Arc::new(StoreRuntime::new(config.members.store_threads)?);
         let group_service = if config.members.enabled {
-            let service = store_runtime.block_on(GroupService::connect(&config))?;
+            let holder = crate::group::LeaseHolder::here("serve", &config.server.listen);
+            let service = store_runtime.block_on(GroupService::connect(&config, holder))?;
+            let restarted = service.clone();
+            store_runtime
+                .handle()
+                .spawn(async move { restarted.break_own_dead_leases().await });
             let settings = config.clickhouse.clone();
             // The schema is applied in the background so the proxy serves
             // passthrough traffic even while ClickHouse is still starting.

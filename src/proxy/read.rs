@@ -99,7 +99,12 @@ async fn fetch_migrated_group(
         Ok(group)
             if current
                 && reply.status == 200
-                && group["member"].as_array().is_some_and(|m| !m.is_empty()) =>
+                && group["member"].as_array().is_some_and(|m| !m.is_empty())
+                && roster.inline_array_is_drift(
+                    group["meta"]["versionId"]
+                        .as_str()
+                        .and_then(|v| v.parse().ok()),
+                ) =>
         {
             // Two rosters for one Group: neither is shown as the truth.
             let outcome = crate::group::drift(group_id);

@@ -205,6 +205,31 @@ impl EventStore {
             .await?)
     }
 
+    /// The request id of each version a staged write carries.
+    pub async fn staged_request_ids(
+        &self,
+        token: &str,
+    ) -> Result<std::collections::HashMap<u64, String>, EventStoreError> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct VersionRequest {
+            group_version: u64,
+            request_id: String,
+        }
+        let rows = self
+            .client
+            .query(&format!(
+                "SELECT group_version, any(request_id) AS request_id FROM {EVENTS_STAGED} \
+                 WHERE token = ? GROUP BY group_version"
+            ))
+            .bind(token)
+            .fetch_all::<VersionRequest>()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.group_version, r.request_id))
+            .collect())
+    }
+
     /// The committed write of `request_id` on this group, if any.
     pub async fn find_commit(
         &self,

@@ -52,7 +52,13 @@ pub struct GroupHead {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingWrite {
     pub token: String,
+    /// The version the write commits (the last one, for a batch).
     pub version: u64,
+    /// The first version the write commits: a batch of patches commits
+    /// `from_version..=version`, one history entry each.
+    pub from_version: u64,
+    /// The request URL its history entries record.
+    pub url: String,
     pub request_id: String,
     /// For split patches: the upstream already committed the version that
     /// carries this write's other ops, so the write counts as committed.
@@ -63,10 +69,46 @@ pub struct PendingWrite {
 pub struct MemberState {
     pub in_clickhouse: bool,
     pub pending: Option<PendingWrite>,
+    /// A migration marked the Group migrated at this version and had not yet
+    /// removed its inline array (verified equal to the roster): at that
+    /// version the array is a copy, not drift.
+    pub inline_copy_at: Option<u64>,
+}
+
+impl MemberState {
+    /// Whether an inline array seen at `version` is drift: members written
+    /// around the proxy into a Group whose roster it keeps.
+    pub fn inline_array_is_drift(&self, version: u64) -> bool {
+        self.in_clickhouse && self.inline_copy_at != Some(version)
+    }
+}
+
+/// Who takes a lock: a process role and place that stay the same across
+/// restarts (`owner`), and this particular run of it (`boot`). A process
+/// that finds locks of its own owner from another boot knows their holder is
+/// dead, without waiting out their lease.
+#[derive(Clone, Debug)]
+pub struct LeaseHolder {
+    pub owner: String,
+    pub boot: String,
+}
+
+impl LeaseHolder {
+    /// `role` on this host at `place` (for the proxy: its listen address).
+    pub fn here(role: &str, place: &str) -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        Self {
+            owner: format!("{role}@{host}/{place}"),
+            boot: uuid::Uuid::new_v4().to_string(),
+        }
+    }
 }
 
 #[derive(Clone)]
 pub struct GroupDocuments {
+    holder: LeaseHolder,
     database: mongodb::Database,
     groups: Collection<Document>,
     history: Collection<Document>,
@@ -75,8 +117,9 @@ pub struct GroupDocuments {
 }
 
 impl GroupDocuments {
-    pub fn new(database: &mongodb::Database) -> Self {
+    pub fn new(database: &mongodb::Database, holder: LeaseHolder) -> Self {
         Self {
+            holder,
             database: database.clone(),
             groups: database.collection(GROUP_COLLECTION),
             history: database.collection(GROUP_HISTORY_COLLECTION),
@@ -169,15 +212,19 @@ impl GroupDocuments {
             .await?
             .unwrap_or_default();
         let pending = state.get_document("pending").ok().and_then(|p| {
+            let version = p.get_i64("version").ok()? as u64;
             Some(PendingWrite {
                 token: p.get_str("token").ok()?.to_string(),
-                version: p.get_i64("version").ok()? as u64,
+                version,
+                from_version: p.get_i64("fromVersion").map_or(version, |v| v as u64),
+                url: p.get_str("url").unwrap_or_default().to_string(),
                 request_id: p.get_str("requestId").unwrap_or_default().to_string(),
                 upstream_committed: p.get_bool("upstreamCommitted").unwrap_or(false),
             })
         });
         Ok(MemberState {
             in_clickhouse: state.get_str("storage").ok() == Some(STORAGE_CLICKHOUSE),
+            inline_copy_at: parse_version("", state.get("inlineCopyAt")).ok(),
             pending,
         })
     }
@@ -194,7 +241,10 @@ impl GroupDocuments {
     ) -> Result<bool, DocumentStoreError> {
         let now = DateTime::now();
         let expires = DateTime::from_millis(now.timestamp_millis() + ttl.as_millis() as i64);
-        let lock = doc! { "_id": id, "token": token, "expiresAt": expires, "takenAt": now };
+        let lock = doc! {
+            "_id": id, "token": token, "expiresAt": expires, "takenAt": now,
+            "owner": &self.holder.owner, "boot": &self.holder.boot,
+        };
         match self.locks.insert_one(lock).await {
             Ok(_) => Ok(true),
             Err(e) if is_duplicate_key(&e) => Ok(false),
@@ -215,6 +265,16 @@ impl GroupDocuments {
         Ok(result.deleted_count > 0)
     }
 
+    /// Removes the locks that an earlier run of this same process (same
+    /// owner, another boot) left when it died; how many.
+    pub async fn break_own_dead_leases(&self) -> Result<u64, DocumentStoreError> {
+        let result = self
+            .locks
+            .delete_many(doc! { "owner": &self.holder.owner, "boot": { "$ne": &self.holder.boot } })
+            .await?;
+        Ok(result.deleted_count)
+    }
+
     pub async fn release_lease(&self, id: &str, token: &str) -> Result<(), DocumentStoreError> {
         self.locks
             .delete_one(doc! { "_id": id, "token": token })
@@ -233,12 +293,16 @@ impl GroupDocuments {
     }
 
     /// Records, under our lease, the write about to commit as `version`.
+    /// Records the write about to commit `versions` (with what recovery
+    /// needs to finish it, history entries included); `false` when the lease
+    /// was lost meanwhile.
     pub async fn mark_pending(
         &self,
         id: &str,
         token: &str,
-        version: u64,
+        versions: std::ops::RangeInclusive<u64>,
         request_id: &str,
+        url: &str,
     ) -> Result<bool, DocumentStoreError> {
         if !self.holds_lease(id, token).await? {
             return Ok(false);
@@ -247,7 +311,11 @@ impl GroupDocuments {
             .update_one(
                 doc! { "_id": id },
                 doc! { "$set": { "pending": {
-                    "token": token, "version": version as i64, "requestId": request_id
+                    "token": token,
+                    "version": *versions.end() as i64,
+                    "fromVersion": *versions.start() as i64,
+                    "requestId": request_id,
+                    "url": url,
                 } } },
             )
             .upsert(true)
@@ -402,6 +470,16 @@ impl GroupDocuments {
         Ok(())
     }
 
+    /// Whether the history holds an entry for version `version` of Group `id`.
+    pub async fn has_history(&self, id: &str, version: u64) -> Result<bool, DocumentStoreError> {
+        let found = self
+            .history
+            .find_one(doc! { "resource.id": id, "resource.meta.versionId": version.to_string() })
+            .projection(doc! { "_id": 1 })
+            .await?;
+        Ok(found.is_some())
+    }
+
     /// The Group document (without `member`), for responses.
     pub async fn document(&self, id: &str) -> Result<Option<Document>, DocumentStoreError> {
         Ok(self
@@ -529,12 +607,20 @@ impl GroupDocuments {
     }
 
     /// Records where Group `id` keeps its members: in ClickHouse, or inline.
-    pub async fn set_migrated(&self, id: &str, migrated: bool) -> Result<(), DocumentStoreError> {
-        let update = if migrated {
-            doc! { "$set": { "storage": STORAGE_CLICKHOUSE } }
-        } else {
-            doc! { "$unset": { "storage": "" } }
+    /// Marks the Group migrated (its inline array, verified equal to the
+    /// roster at `version_id`, still to be removed), or not migrated.
+    pub async fn set_migrated(
+        &self,
+        id: &str,
+        migrated: Option<&Bson>,
+    ) -> Result<(), DocumentStoreError> {
+        let update = match migrated {
+            Some(version_id) => {
+                doc! { "$set": { "storage": STORAGE_CLICKHOUSE, "inlineCopyAt": version_id.clone() } }
+            }
+            None => doc! { "$unset": { "storage": "", "inlineCopyAt": "" } },
         };
+        let migrated = migrated.is_some();
         self.states
             .update_one(doc! { "_id": id }, update)
             .upsert(migrated)
@@ -556,7 +642,16 @@ impl GroupDocuments {
                 doc! { "$unset": { "member": "" }, "$set": { "_memberStorage": STORAGE_CLICKHOUSE } },
             )
             .await?;
-        Ok(result.matched_count > 0)
+        if result.matched_count == 0 {
+            return Ok(false);
+        }
+        self.states
+            .update_one(
+                doc! { "_id": id },
+                doc! { "$unset": { "inlineCopyAt": "" } },
+            )
+            .await?;
+        Ok(true)
     }
 
     /// Writes `members` back as the inline `member` array (none: no array),
@@ -679,6 +774,12 @@ fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
         ErrorKind::Command(e) => e.code == 11000,
         _ => error.to_string().contains("E11000") || error.to_string().contains("duplicate key"),
     }
+}
+
+/// `meta.versionId` of a Group document, if readable.
+pub fn version_of(document: &Document) -> Option<u64> {
+    let meta = document.get_document("meta").ok()?;
+    parse_version("", meta.get("versionId")).ok()
 }
 
 fn parse_version(id: &str, version_id: Option<&Bson>) -> Result<u64, DocumentStoreError> {
