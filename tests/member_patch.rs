@@ -362,6 +362,30 @@ async fn a_retry_with_the_same_request_id_writes_nothing_twice() {
             .unwrap(),
         "2"
     );
+    // The same id for another change is another request: refused, naming
+    // the request it already stands for, and nothing is written.
+    let reused = stack
+        .patch(
+            &id,
+            json!([add("Patient/3")]),
+            &[("x-request-id", "retry-me-1")],
+        )
+        .await;
+    assert_outcome(&reused, 422, "business-rule");
+    assert!(String::from_utf8_lossy(&reused.body).contains("version 2"));
+    assert_eq!(stack.event_count(&id).await, 2);
+    // An id the proxy cannot keep is refused, never replaced.
+    let long = "x".repeat(201);
+    let refused = stack
+        .patch(
+            &id,
+            json!([add("Patient/4")]),
+            &[("x-request-id", long.as_str())],
+        )
+        .await;
+    assert_outcome(&refused, 400, "invalid");
+    assert!(refused.header("x-request-id").is_none());
+    assert_eq!(stack.event_count(&id).await, 2);
 }
 
 #[tokio::test]

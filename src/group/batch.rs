@@ -16,7 +16,7 @@ use crate::fhir::reference::EntityReference;
 
 use super::patch::{
     event_rows, jittered, lease_lost, unique_references, MemberEdit, MemberPatchRequest,
-    MemberPatchResult,
+    MemberPatchResult, Replay,
 };
 use super::queue::Line;
 use super::{busy, GroupService, WriteError};
@@ -193,14 +193,29 @@ impl GroupService {
             let request = &job.request;
             if let Some(client_id) = request.client_request_id.as_deref() {
                 if let Some(&first) = first_with_id.get(client_id) {
-                    planned_jobs.push(Planned::SameAs(first));
+                    let same = jobs[first].request.request_digest == request.request_digest;
+                    planned_jobs.push(match same {
+                        true => Planned::SameAs(first),
+                        false => Planned::Answered(Box::new(Err(WriteError::Outcome(
+                            super::patch::reused_request_id(client_id, id, version),
+                        )))),
+                    });
                     continue;
                 }
                 first_with_id.insert(client_id, index);
             }
-            if let Some(replayed) = self.replay(request, &head.group_key).await? {
-                planned_jobs.push(Planned::Answered(Box::new(Ok(replayed))));
-                continue;
+            match self.replay(request, &head.group_key).await? {
+                Replay::New => {}
+                Replay::Same(replayed) => {
+                    planned_jobs.push(Planned::Answered(Box::new(Ok(*replayed))));
+                    continue;
+                }
+                Replay::Conflict(outcome) => {
+                    planned_jobs.push(Planned::Answered(Box::new(Err(WriteError::Outcome(
+                        outcome,
+                    )))));
+                    continue;
+                }
             }
             if let Err(refused) = self.check_if_match(id, request.if_match, version) {
                 planned_jobs.push(Planned::Answered(Box::new(Err(refused))));
@@ -260,6 +275,11 @@ impl GroupService {
             .await?
         {
             return Err(lease_lost(id));
+        }
+        for (job, planned) in jobs.iter().zip(&planned_jobs) {
+            if matches!(planned, Planned::Writes { .. }) {
+                self.record_request(&head.group_key, &job.request).await?;
+            }
         }
         let committed = self
             .documents

@@ -37,6 +37,9 @@ pub struct MemberPatchRequest {
     /// `X-Request-Id` as sent by the client: a retry with the same id is
     /// answered from the first attempt's commit instead of writing again.
     pub client_request_id: Option<String>,
+    /// What the request asks for (method, URL, body), digested: a reused
+    /// `X-Request-Id` with another digest is another request, refused.
+    pub request_digest: String,
     pub request_id: String,
     /// The request URL as the history entry records it.
     pub url: String,
@@ -80,7 +83,44 @@ pub struct MemberPatchResult {
     pub upstream_reply: Option<UpstreamReply>,
 }
 
+/// What a request's `X-Request-Id` says about it.
+pub(super) enum Replay {
+    /// Not seen committed: write it.
+    New,
+    /// A retry of a committed request: its answer.
+    Same(Box<MemberPatchResult>),
+    /// The id of a committed request, reused for another request.
+    Conflict(Outcome),
+}
+
+pub(super) fn reused_request_id(client_id: &str, group_id: &str, version: u64) -> Outcome {
+    Outcome::error(
+        422,
+        IssueType::BusinessRule,
+        format!(
+            "X-Request-Id '{client_id}' already names another request, committed on \
+             Group/{group_id} as version {version}; a retry must repeat that request exactly, \
+             and a new change needs a new X-Request-Id"
+        ),
+    )
+}
+
 impl GroupService {
+    /// Records which request a client's `X-Request-Id` names, before the
+    /// write can commit, so a reuse for another request is recognised.
+    pub(super) async fn record_request(
+        &self,
+        group_key: &str,
+        request: &MemberPatchRequest,
+    ) -> Result<(), WriteError> {
+        if let Some(client_id) = &request.client_request_id {
+            self.documents
+                .record_request(group_key, client_id, &request.request_digest)
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn apply_member_patch(
         &self,
         request: MemberPatchRequest,
@@ -225,33 +265,44 @@ impl GroupService {
         let Some(head) = self.documents.head(&request.group_id).await? else {
             return Ok(None);
         };
-        if let Some(replayed) = self.replay(request, &head.group_key).await? {
-            return Ok(Some(Box::new(replayed)));
+        match self.replay(request, &head.group_key).await? {
+            Replay::New => {}
+            Replay::Same(replayed) => return Ok(Some(replayed)),
+            Replay::Conflict(outcome) => return Err(WriteError::Outcome(outcome)),
         }
         self.check_if_match(&request.group_id, request.if_match, head.version)?;
         Ok(None)
     }
 
-    /// A retry of a request that already committed gets that commit's answer.
+    /// A retry of a request that already committed gets that commit's answer;
+    /// another request under a used `X-Request-Id` is refused.
     pub(super) async fn replay(
         &self,
         request: &MemberPatchRequest,
         group_key: &str,
-    ) -> Result<Option<MemberPatchResult>, WriteError> {
+    ) -> Result<Replay, WriteError> {
         let Some(client_id) = &request.client_request_id else {
-            return Ok(None);
+            return Ok(Replay::New);
         };
         let Some(commit) = self.events.find_commit(group_key, client_id).await? else {
-            return Ok(None);
+            return Ok(Replay::New);
         };
-        Ok(Some(MemberPatchResult {
+        let recorded = self.documents.request_digest(group_key, client_id).await?;
+        if recorded.is_some_and(|digest| digest != request.request_digest) {
+            return Ok(Replay::Conflict(reused_request_id(
+                client_id,
+                &request.group_id,
+                commit.group_version,
+            )));
+        }
+        Ok(Replay::Same(Box::new(MemberPatchResult {
             version: commit.group_version,
             document: self.documents.document(&request.group_id).await?,
             counts: None,
             replayed: true,
             events_written: 0,
             upstream_reply: None,
-        }))
+        })))
     }
 
     async fn write_under_lease(
@@ -261,9 +312,13 @@ impl GroupService {
     ) -> Result<Attempt, WriteError> {
         let id = request.group_id.as_str();
         let head = self.head_for_writing(id).await?;
-        if let Some(replayed) = self.replay(request, &head.group_key).await? {
-            self.documents.finish(id, token, false).await?;
-            return Ok(Attempt::Done(Box::new(replayed)));
+        match self.replay(request, &head.group_key).await? {
+            Replay::New => {}
+            Replay::Same(replayed) => {
+                self.documents.finish(id, token, false).await?;
+                return Ok(Attempt::Done(replayed));
+            }
+            Replay::Conflict(outcome) => return Err(WriteError::Outcome(outcome)),
         }
         self.check_if_match(id, request.if_match, head.version)?;
 
@@ -306,6 +361,7 @@ impl GroupService {
         {
             return Err(lease_lost(id));
         }
+        self.record_request(&head.group_key, request).await?;
         if let Some(part) = &request.upstream_part {
             return self
                 .commit_through_upstream(request, part, head.version, token, events_written)

@@ -8,6 +8,45 @@ use crate::config::{UpstreamSettings, UpstreamTarget};
 
 pub const X_REQUEST_ID: &str = "x-request-id";
 
+/// Longest `X-Request-Id` the proxy keeps (it is stored with member writes).
+pub const MAX_REQUEST_ID_LEN: usize = 200;
+
+/// The client's `X-Request-Id`: `None` when absent; refused (never replaced)
+/// when it cannot be kept as it is: an idempotency key that the proxy
+/// silently swapped for another would let a retry apply twice.
+pub fn client_request_id(
+    headers: &http::HeaderMap,
+) -> Result<Option<String>, crate::fhir::outcome::Outcome> {
+    let mut values = headers.get_all(X_REQUEST_ID).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let refuse = |why: &str| {
+        crate::fhir::outcome::Outcome::error(
+            400,
+            crate::fhir::outcome::IssueType::Invalid,
+            format!(
+                "X-Request-Id {why}; it must be one header of 1 to {MAX_REQUEST_ID_LEN} visible \
+                 ASCII characters or inner spaces (it is kept as the request's idempotency key)"
+            ),
+        )
+    };
+    if values.next().is_some() {
+        return Err(refuse("is sent more than once"));
+    }
+    let bytes = value.as_bytes();
+    if bytes.is_empty() {
+        return Err(refuse("is empty"));
+    }
+    if bytes.len() > MAX_REQUEST_ID_LEN {
+        return Err(refuse(&format!("is {} bytes long", bytes.len())));
+    }
+    if !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
+        return Err(refuse("holds characters other than visible ASCII"));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
 /// The facts about the downstream connection the rewrite needs.
 pub struct ClientFacts<'a> {
     pub client_ip: Option<String>,
@@ -96,6 +135,47 @@ pub fn derived_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_kept_as_sent_or_refused_never_replaced() {
+        let headers = |values: &[&[u8]]| {
+            let mut map = http::HeaderMap::new();
+            for v in values {
+                map.append(X_REQUEST_ID, http::HeaderValue::from_bytes(v).unwrap());
+            }
+            map
+        };
+        assert_eq!(client_request_id(&headers(&[])).unwrap(), None);
+        assert_eq!(
+            client_request_id(&headers(&[b"abc-1_2.3~"]))
+                .unwrap()
+                .as_deref(),
+            Some("abc-1_2.3~")
+        );
+        assert_eq!(
+            client_request_id(&headers(&[br#"{"$ne": null}"#]))
+                .unwrap()
+                .as_deref(),
+            Some(r#"{"$ne": null}"#)
+        );
+        let long = vec![b'x'; MAX_REQUEST_ID_LEN];
+        assert!(client_request_id(&headers(&[&long])).is_ok());
+        let too_long = vec![b'x'; MAX_REQUEST_ID_LEN + 1];
+        for (values, why) in [
+            (vec![too_long.as_slice()], "201 bytes"),
+            (vec![b"a\tb".as_slice()], "visible ASCII"),
+            (vec![b"caf\xc3\xa9".as_slice()], "visible ASCII"),
+            (vec![b"".as_slice()], "empty"),
+            (vec![b"a".as_slice(), b"b".as_slice()], "more than once"),
+        ] {
+            let refused = client_request_id(&headers(&values)).unwrap_err();
+            assert_eq!(refused.status, 400);
+            assert!(
+                refused.first_diagnostics().contains(why),
+                "{why}: {refused:?}"
+            );
+        }
+    }
 
     fn request(path: &str) -> RequestHeader {
         let mut r = RequestHeader::build("GET", path.as_bytes(), None).unwrap();

@@ -121,6 +121,7 @@ pub async fn group_patch(
         ctx,
         base,
         group_id,
+        &body,
         edit,
         upstream_part,
         None,
@@ -151,7 +152,7 @@ pub async fn atr_operation(
         Err(outcome) => return answer(session, ctx, &outcome).await,
     };
     let edit = MemberEdit::Changes(changes);
-    match write_members(proxy, session, ctx, base, group_id, edit, None, None).await? {
+    match write_members(proxy, session, ctx, base, group_id, &body, edit, None, None).await? {
         Some(next) => Ok(next),
         None => Ok(forward(body)),
     }
@@ -159,6 +160,7 @@ pub async fn atr_operation(
 
 /// Runs a member write (from a PATCH, an ATR operation or a PUT) and answers
 /// it; `None` when the Group is not migrated and the legacy server must answer.
+/// `body`: the request body as received (what a retry must repeat).
 /// `answer_members`: the `member` array of a PUT, put back into the legacy
 /// server's reply (which never saw it).
 #[allow(clippy::too_many_arguments)]
@@ -168,6 +170,7 @@ pub(crate) async fn write_members(
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
+    body: &[u8],
     edit: MemberEdit,
     upstream_part: Option<UpstreamPart>,
     answer_members: Option<serde_json::Value>,
@@ -206,6 +209,7 @@ pub(crate) async fn write_members(
         edit,
         if_match,
         client_request_id,
+        request_digest: request_digest(session.req_header(), body),
         request_id: ctx.request_id.clone(),
         url: format!("{base}/Group/{group_id}"),
         upstream_part,
@@ -360,6 +364,28 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Result<Bytes, 
         body.extend_from_slice(&chunk);
     }
     Ok(Ok(body.freeze()))
+}
+
+/// What a request asks for, digested: method, path and query, body. A retry
+/// under the same `X-Request-Id` repeats all three.
+fn request_digest(head: &pingora::http::RequestHeader, body: &[u8]) -> String {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    digest.update(head.method.as_str().as_bytes());
+    digest.update(b"\n");
+    digest.update(
+        head.uri
+            .path_and_query()
+            .map_or("", |p| p.as_str())
+            .as_bytes(),
+    );
+    digest.update(b"\n");
+    digest.update(body);
+    digest
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `If-Match: W/"3"` (also `"3"` and `3`) to a version number.

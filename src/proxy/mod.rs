@@ -74,6 +74,8 @@ pub struct RequestContext {
     pub trace_id: Option<String>,
     /// A Group create forwarded to the legacy server, adopted on its 201.
     pub created: Option<roster_write::CreatedGroup>,
+    /// Refused before routing (an `X-Request-Id` the proxy cannot keep).
+    pub refusal: Option<Outcome>,
     pub started: Instant,
     /// Carries the request id (and trace id) into every log line of the request.
     pub span: tracing::Span,
@@ -205,6 +207,11 @@ impl FhirGroupProxy {
         if pingora::protocols::http::v1::common::is_expect_continue_req(session.req_header()) {
             session.write_continue_response().await?;
             ctx.continue_sent = true;
+        }
+        if let Some(outcome) = ctx.refusal.take() {
+            ctx.route = Route::Refused(outcome.clone()).name();
+            intercept::answer(session, ctx, &outcome).await?;
+            return Ok(true);
         }
         let route = route::route(session.req_header(), &self.config.fhir.base_paths);
         ctx.route = route.name();
@@ -491,6 +498,7 @@ impl ProxyHttp for FhirGroupProxy {
             route: Route::Passthrough.name(),
             trace_id: None,
             created: None,
+            refusal: None,
             started: Instant::now(),
             span: tracing::Span::none(),
             _in_flight: self.lifecycle.track_request(),
@@ -499,12 +507,11 @@ impl ProxyHttp for FhirGroupProxy {
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
         let headers = &session.req_header().headers;
-        ctx.request_id = headers
-            .get(X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 200)
-            .map(str::to_string)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        match forwarding::client_request_id(headers) {
+            Ok(Some(id)) => ctx.request_id = id,
+            Ok(None) => ctx.request_id = uuid::Uuid::new_v4().to_string(),
+            Err(outcome) => ctx.refusal = Some(outcome),
+        }
         ctx.trace_id = headers
             .get(trace_context::TRACEPARENT)
             .and_then(|v| v.to_str().ok())

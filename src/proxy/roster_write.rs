@@ -72,6 +72,7 @@ pub async fn group_update(
         ctx,
         base,
         group_id,
+        &body,
         edit,
         Some(part),
         Some(member_json),

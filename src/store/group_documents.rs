@@ -22,6 +22,7 @@ pub const GROUP_COLLECTION: &str = "Group_4_0_0";
 pub const GROUP_HISTORY_COLLECTION: &str = "Group_4_0_0_History";
 pub const MEMBER_STATE_COLLECTION: &str = "Group_4_0_0_MemberState";
 pub const MEMBER_LOCK_COLLECTION: &str = "Group_4_0_0_MemberLocks";
+pub const MEMBER_REQUEST_COLLECTION: &str = "Group_4_0_0_MemberRequests";
 
 pub const STORAGE_CLICKHOUSE: &str = "clickhouse";
 
@@ -114,6 +115,7 @@ pub struct GroupDocuments {
     history: Collection<Document>,
     states: Collection<Document>,
     locks: Collection<Document>,
+    requests: Collection<Document>,
 }
 
 impl GroupDocuments {
@@ -125,6 +127,7 @@ impl GroupDocuments {
             history: database.collection(GROUP_HISTORY_COLLECTION),
             states: database.collection(MEMBER_STATE_COLLECTION),
             locks: database.collection(MEMBER_LOCK_COLLECTION),
+            requests: database.collection(MEMBER_REQUEST_COLLECTION),
         }
     }
 
@@ -470,6 +473,37 @@ impl GroupDocuments {
         Ok(())
     }
 
+    /// Remembers that the client's `client_id` on this Group names the request
+    /// with `digest` (the last attempt wins: only a committed one is replayed).
+    pub async fn record_request(
+        &self,
+        group_key: &str,
+        client_id: &str,
+        digest: &str,
+    ) -> Result<(), DocumentStoreError> {
+        self.requests
+            .update_one(
+                doc! { "_id": request_key(group_key, client_id) },
+                doc! { "$set": { "digest": digest, "at": DateTime::now() } },
+            )
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+
+    /// The digest of the request `client_id` names on this Group, if recorded.
+    pub async fn request_digest(
+        &self,
+        group_key: &str,
+        client_id: &str,
+    ) -> Result<Option<String>, DocumentStoreError> {
+        let found = self
+            .requests
+            .find_one(doc! { "_id": request_key(group_key, client_id) })
+            .await?;
+        Ok(found.and_then(|d| d.get_str("digest").ok().map(str::to_string)))
+    }
+
     /// Whether the history holds an entry for version `version` of Group `id`.
     pub async fn has_history(&self, id: &str, version: u64) -> Result<bool, DocumentStoreError> {
         let found = self
@@ -774,6 +808,11 @@ fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
         ErrorKind::Command(e) => e.code == 11000,
         _ => error.to_string().contains("E11000") || error.to_string().contains("duplicate key"),
     }
+}
+
+/// Client request ids are visible ASCII, so a newline cannot occur in one.
+fn request_key(group_key: &str, client_id: &str) -> String {
+    format!("{group_key}\n{client_id}")
 }
 
 /// `meta.versionId` of a Group document, if readable.
