@@ -340,5 +340,8 @@ async fn killed_stores_lose_no_acknowledged_write_and_show_no_unacknowledged_one
         .expect("events query");
     assert!(doubled.is_empty(), "events published twice: {doubled:?}");
     drop(proxy);
+    // The servers find their pids in the run dir: stopped before it goes.
+    drop(clickhouse);
+    drop(ferretdb);
     let _ = std::fs::remove_dir_all(&run_dir);
 }

@@ -295,6 +295,7 @@ impl GroupService {
             self.documents.finish(id, token, false).await?;
             return Ok(BatchAttempt::Busy);
         };
+        super::crash_point_after_commit();
         for (job, planned) in jobs.iter().zip(&planned_jobs) {
             if let Planned::Writes { version, .. } = planned {
                 let request = &job.request;

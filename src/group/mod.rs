@@ -100,6 +100,20 @@ pub fn drift(id: &str) -> Outcome {
     )
 }
 
+/// FOR TESTS ONLY: `FGP_WRITE_FAULT=exit-after-commit` makes the process exit
+/// right after a member write's commit point, before its history entry and
+/// publication, as if killed there (never set it otherwise). It exercises
+/// recovery on the real code path against the real stores.
+pub(crate) fn crash_point_after_commit() {
+    static EXIT_AFTER_COMMIT: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::env::var("FGP_WRITE_FAULT").is_ok_and(|fault| fault == "exit-after-commit")
+    });
+    if *EXIT_AFTER_COMMIT {
+        eprintln!("FGP_WRITE_FAULT: exiting after a commit point, as if killed");
+        std::process::exit(70);
+    }
+}
+
 /// The answer when a Group's write lock stays taken for `write_wait`.
 pub(crate) fn busy(id: &str) -> WriteError {
     WriteError::Outcome(Outcome::error(

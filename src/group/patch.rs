@@ -384,6 +384,7 @@ impl GroupService {
                 None => Ok(Attempt::Busy),
             };
         };
+        super::crash_point_after_commit();
 
         // Committed. What follows is completion: failures here are finished by
         // recovery, and the client's write stands.

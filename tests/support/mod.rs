@@ -153,6 +153,9 @@ pub struct ProxyProcess {
     /// with `FGP_ADMIN_LISTEN=""`.
     pub admin_addr: Option<SocketAddr>,
     child: Child,
+    /// How it was started, for a restart in the same place.
+    upstream_url: String,
+    settings: Vec<(String, String)>,
 }
 
 impl ProxyProcess {
@@ -177,12 +180,26 @@ impl ProxyProcess {
                 || format!("127.0.0.1:{}", free_port()),
                 |(_, v)| v.to_string(),
             );
+        let settings: Vec<(String, String)> = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::spawn(addr, &admin_listen, upstream_url, settings, stderr)
+    }
+
+    fn spawn(
+        addr: SocketAddr,
+        admin_listen: &str,
+        upstream_url: &str,
+        settings: Vec<(String, String)>,
+        stderr: Stdio,
+    ) -> ProxyProcess {
         let admin_addr = admin_listen.parse().ok();
         let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-group-proxy"));
         command
             .arg("serve")
             .env("FGP_LISTEN", addr.to_string())
-            .env("FGP_ADMIN_LISTEN", &admin_listen)
+            .env("FGP_ADMIN_LISTEN", admin_listen)
             .env("FGP_UPSTREAM_URL", upstream_url)
             .env("FGP_THREADS", "2")
             .env("FGP_GRACE_PERIOD_SECONDS", "0")
@@ -200,7 +217,7 @@ impl ProxyProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        for (key, value) in settings {
+        for (key, value) in &settings {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("the proxy binary starts");
@@ -219,7 +236,33 @@ impl ProxyProcess {
             addr,
             admin_addr,
             child,
+            upstream_url: upstream_url.to_string(),
+            settings,
         }
+    }
+
+    /// SIGKILL (no drain, no goodbye), then the same proxy again on the same
+    /// addresses, as a supervisor would restart it, less the settings named
+    /// in `dropping`.
+    pub fn kill_and_restart(&mut self, dropping: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let admin = self.admin_addr.map(|a| a.to_string()).unwrap_or_default();
+        let mut settings = std::mem::take(&mut self.settings);
+        settings.retain(|(key, _)| !dropping.contains(&key.as_str()));
+        let restarted = Self::spawn(
+            self.addr,
+            &admin,
+            &self.upstream_url,
+            settings,
+            Stdio::inherit(),
+        );
+        *self = restarted;
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
     }
 
     pub fn url(&self) -> String {
