@@ -569,3 +569,39 @@ async fn drift_is_refused_listed_and_folded_never_erased() {
     roster.sort();
     assert_eq!(roster, vec!["Patient/a", "Patient/direct"]);
 }
+
+/// A request pipelined behind one the proxy answers itself is answered too,
+/// on the same connection.
+#[tokio::test]
+async fn a_request_pipelined_behind_an_intercepted_patch_is_answered() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.managed_group(&["Patient/a"]).await;
+    let ops = br#"[{"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/piped"}}}]"#;
+    let mut pipelined = format!(
+        "PATCH /4_0_0/Group/{id} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json-patch+json\r\nContent-Length: {}\r\n\r\n",
+        ops.len()
+    )
+    .into_bytes();
+    pipelined.extend_from_slice(ops);
+    pipelined
+        .extend_from_slice(format!("GET /4_0_0/Group/{id} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    let mut connection = support::raw::RawConnection::open(stack.proxy.addr).await;
+    connection.write(&pipelined).await;
+    let patched = connection.read_response().await;
+    assert_eq!(
+        patched.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&patched.body)
+    );
+    let read = connection.read_response().await;
+    assert_eq!(read.status, 200);
+    let group: Value = serde_json::from_slice(&read.body).unwrap();
+    assert_eq!(references(&group), vec!["Patient/a", "Patient/piped"]);
+    // Forwarded requests pipeline the same way.
+    let forwarded = "GET /4_0_0/Patient/none HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2);
+    connection.write(forwarded.as_bytes()).await;
+    for _ in 0..2 {
+        assert_eq!(connection.read_response().await.status, 404);
+    }
+}

@@ -108,16 +108,29 @@ impl GroupService {
         }
         let Some(first) = jobs.first() else { return };
         let id = first.request.group_id.clone();
-        let deadline = now + self.settings.write_wait;
+        let mut jobs = jobs;
         let mut backoff = Duration::from_millis(2);
         let answers = loop {
             match self.try_batch(&id, &jobs).await {
                 Ok(BatchAttempt::Done(answers)) => break answers,
-                Ok(BatchAttempt::Busy) if Instant::now() < deadline => {
+                Ok(BatchAttempt::Busy) => {
+                    // No client waits longer than `write_wait` in all, line
+                    // included: those past it get the busy answer now, and
+                    // the rest are planned again without them.
+                    let now = Instant::now();
+                    let (waiting, late): (Vec<_>, Vec<_>) = jobs
+                        .into_iter()
+                        .partition(|job| now < job.queued_at + self.settings.write_wait);
+                    for job in late {
+                        let _ = job.reply.send(Err(busy(&job.request.group_id)));
+                    }
+                    if waiting.is_empty() {
+                        return;
+                    }
+                    jobs = waiting;
                     tokio::time::sleep(jittered(backoff)).await;
                     backoff = (backoff * 2).min(Duration::from_millis(50));
                 }
-                Ok(BatchAttempt::Busy) => break jobs.iter().map(|_| Err(busy(&id))).collect(),
                 Err(error) => {
                     if !matches!(error, WriteError::Outcome(_) | WriteError::NotMigrated) {
                         tracing::warn!(group = %id, %error, jobs = jobs.len(), "member write batch failed");

@@ -184,7 +184,7 @@ pub(crate) async fn write_members(
     let headers = &session.req_header().headers;
     let if_match = match headers
         .get(http::header::IF_MATCH)
-        .map(|v| parse_if_match(v.as_bytes()))
+        .and_then(|v| parse_if_match(v.as_bytes()).transpose())
     {
         None if proxy.config.members.require_if_match => {
             let outcome = Outcome::error(
@@ -388,15 +388,19 @@ fn request_digest(head: &pingora::http::RequestHeader, body: &[u8]) -> String {
         .collect()
 }
 
-/// `If-Match: W/"3"` (also `"3"` and `3`) to a version number.
-pub fn parse_if_match(value: &[u8]) -> Result<u64, Outcome> {
+/// `If-Match: W/"3"` (also `"3"` and `3`) to a version number; `*` (any
+/// version: the Group exists, which a member write checks anyway) to `None`.
+pub fn parse_if_match(value: &[u8]) -> Result<Option<u64>, Outcome> {
     let text = std::str::from_utf8(value).unwrap_or_default().trim();
+    if text == "*" {
+        return Ok(None);
+    }
     let unweak = text.strip_prefix("W/").unwrap_or(text);
     let bare = unweak
         .strip_prefix('"')
         .and_then(|t| t.strip_suffix('"'))
         .unwrap_or(unweak);
-    bare.parse::<u64>().map_err(|_| {
+    bare.parse::<u64>().map(Some).map_err(|_| {
         Outcome::error(
             400,
             IssueType::Invalid,
@@ -507,9 +511,10 @@ mod tests {
 
     #[test]
     fn if_match_forms() {
-        assert_eq!(parse_if_match(b"W/\"3\"").unwrap(), 3);
-        assert_eq!(parse_if_match(b"\"12\"").unwrap(), 12);
-        assert_eq!(parse_if_match(b" 7 ").unwrap(), 7);
+        assert_eq!(parse_if_match(b"W/\"3\"").unwrap(), Some(3));
+        assert_eq!(parse_if_match(b"\"12\"").unwrap(), Some(12));
+        assert_eq!(parse_if_match(b" 7 ").unwrap(), Some(7));
+        assert_eq!(parse_if_match(b"*").unwrap(), None, "any version");
         let e = parse_if_match(b"W/\"abc\"").unwrap_err();
         assert_eq!(e.status, 400);
         assert!(e.issues[0].diagnostics.contains("abc"));

@@ -506,6 +506,9 @@ impl ProxyHttp for FhirGroupProxy {
     }
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
+        // HTTP/1.1 pipelining (RFC 9112 §9.3.2): a request sent behind another
+        // is answered in order, not dropped with the connection.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         let headers = &session.req_header().headers;
         match forwarding::client_request_id(headers) {
             Ok(Some(id)) => ctx.request_id = id,
