@@ -397,7 +397,6 @@ async fn reads_answered_from_the_inline_roster_are_refused_for_managed_groups() 
     let stack = Stack::start(&[]).await;
     let id = stack.managed_group(&["Patient/a"]).await;
     for path in [
-        format!("/4_0_0/Group/{id}/_history"),
         format!("/4_0_0/Group/{id}/$everything"),
         format!("/4_0_0/Group/{id}/$export"),
         "/4_0_0/Group/$export".to_string(),
@@ -428,6 +427,65 @@ async fn reads_answered_from_the_inline_roster_are_refused_for_managed_groups() 
     assert_eq!(references(&version.json()), vec!["Patient/a"]);
 }
 
+/// The instance history of a managed Group carries each version's roster,
+/// as `_history/{vid}` does, and no empty member array.
+#[tokio::test]
+async fn the_history_of_a_managed_group_carries_each_versions_roster() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.managed_group(&["Patient/a"]).await;
+    stack
+        .patch(
+            &id,
+            json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/b"}}}]),
+            &[],
+        )
+        .await
+        .assert_status(200);
+    let history = send(
+        &stack.client,
+        "GET",
+        &format!("{}/_history", stack.group_url(&id)),
+        &[],
+        "",
+    )
+    .await;
+    history.assert_status(200);
+    let bundle = history.json();
+    assert_eq!(bundle["resourceType"], "Bundle");
+    let mut by_version: Vec<(String, Vec<String>, Option<i64>)> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let resource = &e["resource"];
+            (
+                resource["meta"]["versionId"].as_str().unwrap().to_string(),
+                references(resource),
+                resource["quantity"].as_i64(),
+            )
+        })
+        .collect();
+    by_version.sort();
+    assert_eq!(
+        by_version,
+        vec![
+            ("1".to_string(), vec![], Some(0)),
+            ("2".to_string(), vec!["Patient/a".to_string()], Some(1)),
+            (
+                "3".to_string(),
+                vec!["Patient/a".to_string(), "Patient/b".to_string()],
+                Some(2)
+            ),
+        ]
+    );
+    for entry in bundle["entry"].as_array().unwrap() {
+        assert!(
+            entry["resource"]["member"] != json!([]),
+            "no empty arrays in FHIR JSON"
+        );
+    }
+}
+
 /// While no Group's roster is managed, requests around the member path are
 /// the legacy server's business: the proxy forwards them, and the answers are
 /// those the legacy server gives directly.
@@ -438,7 +496,6 @@ async fn requests_around_the_member_path_pass_through_while_no_group_is_managed(
         .create_legacy_group(json!([{"entity": {"reference": "Patient/inline"}}]))
         .await;
     for path in [
-        format!("/4_0_0/Group/{id}/_history"),
         format!("/4_0_0/Group/{id}/$everything"),
         "/4_0_0/Patient?_revinclude=Group:member".to_string(),
     ] {

@@ -103,8 +103,9 @@ pub async fn conditional_write(
     Ok(true)
 }
 
-/// Instance `_history`, `$export`, `$everything`: the legacy server answers
-/// them from the inline roster, which a managed Group does not have.
+/// `$export`, `$everything`: the legacy server answers them from the inline
+/// roster, which a managed Group does not have. (Instance `_history` is
+/// answered with rosters, see `proxy::read::group_history`.)
 pub async fn roster_dependent_read(
     proxy: &FhirGroupProxy,
     session: &mut Session,
@@ -123,10 +124,7 @@ pub async fn roster_dependent_read(
         Ok(false) => return Ok(false),
         Ok(true) => {
             let target = group_id.map_or("Group".to_string(), |id| format!("Group/{id}"));
-            let instead = match what {
-                "_history" => "read single versions with _history/{vid}, which carry their roster",
-                _ => "read the roster with $members (paged) and the Group with GET",
-            };
+            let instead = "read the roster with $members (paged) and the Group with GET";
             Outcome::error(
                 422,
                 IssueType::NotSupported,

@@ -232,6 +232,11 @@ impl FhirGroupProxy {
                 self.finish_intercept(session, ctx, next).await
             }
             Route::GroupConditionalWrite => guard::conditional_write(self, session, ctx).await,
+            Route::GroupRosterDependentRead {
+                base,
+                group_id: Some(group_id),
+                what: "_history",
+            } => read::group_history(self, session, ctx, &base, &group_id).await,
             Route::GroupRosterDependentRead { group_id, what, .. } => {
                 guard::roster_dependent_read(self, session, ctx, group_id.as_deref(), what).await
             }

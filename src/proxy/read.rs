@@ -46,6 +46,19 @@ async fn fetch_migrated_group(
     group_id: &str,
     upstream_path: &str,
 ) -> Result<Fetched> {
+    fetch_managed(proxy, session, ctx, group_id, upstream_path, "Group").await
+}
+
+/// [`fetch_migrated_group`] for any answer of the legacy server about the
+/// Group: a `resource_type` resource (the Group, or its history Bundle).
+async fn fetch_managed(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    group_id: &str,
+    upstream_path: &str,
+    resource_type: &str,
+) -> Result<Fetched> {
     let Some(service) = proxy.group_service.clone() else {
         return Ok(Err(false));
     };
@@ -111,7 +124,7 @@ async fn fetch_migrated_group(
             send_outcome(session, &outcome, &ctx.request_id).await?;
             Ok(Err(true))
         }
-        Ok(group) if reply.status == 200 && group["resourceType"] == "Group" => {
+        Ok(group) if reply.status == 200 && group["resourceType"] == resource_type => {
             Ok(Ok(MigratedGroup {
                 roster,
                 group,
@@ -217,6 +230,120 @@ pub async fn group_version_read(
     )
     .await?;
     Ok(true)
+}
+
+/// `GET {base}/Group/{id}/_history` of a managed Group: the legacy server's
+/// history Bundle (read with the client's credentials), each version with the
+/// roster it had, as `_history/{vid}` gives it. Rosters over
+/// `fhir.max_inline_members` are refused (one version at a time answers them).
+/// `false`: not managed, the legacy server answers.
+pub async fn group_history(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+) -> Result<bool> {
+    let path = format!("{base}/Group/{group_id}/_history");
+    let MigratedGroup {
+        roster,
+        group: bundle,
+        headers,
+    } = match fetch_managed(proxy, session, ctx, group_id, &path, "Bundle").await? {
+        Ok(fetched) => fetched,
+        Err(answered) => return Ok(answered),
+    };
+    let limit = proxy.config.fhir.max_inline_members as i64;
+    if roster.counts.members > limit {
+        let outcome = Outcome::error(
+            422,
+            IssueType::TooCostly,
+            format!(
+                "Group/{group_id} has more than {limit} members (fhir.max_inline_members), too \
+                 many to put into every version of its history; read versions one by one with \
+                 _history/{{vid}}"
+            ),
+        );
+        send_outcome(session, &outcome, &ctx.request_id).await?;
+        return Ok(true);
+    }
+    let mut bundle = bundle;
+    let entries = bundle
+        .get_mut("entry")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten();
+    for entry in entries {
+        let Some(resource) = entry.get_mut("resource").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        let has_inline = resource
+            .get("member")
+            .and_then(Value::as_array)
+            .is_some_and(|m| !m.is_empty());
+        let version = resource
+            .get("meta")
+            .and_then(|m| m.get("versionId"))
+            .and_then(Value::as_str)
+            .and_then(|v| v.parse::<u64>().ok());
+        let (Some(version), false) = (version, has_inline) else {
+            continue;
+        };
+        match roster_at(proxy, roster.group_key.clone(), version).await {
+            Ok((members, active)) => {
+                resource.remove("member");
+                resource.remove("quantity");
+                if !members.is_empty() {
+                    resource.insert("member".into(), Value::Array(members));
+                }
+                resource.insert("quantity".into(), active.into());
+            }
+            Err(error) => {
+                let outcome = Outcome::error(
+                    503,
+                    IssueType::Transient,
+                    format!("the roster of Group/{group_id} version {version} cannot be read now: {error}"),
+                );
+                send_outcome(session, &outcome, &ctx.request_id).await?;
+                return Ok(true);
+            }
+        }
+    }
+    let body = Bytes::from(serde_json::to_vec(&bundle).unwrap_or_default());
+    let mut header = json_header(&headers, ctx)?;
+    header.insert_header("content-length", body.len().to_string())?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(true)
+}
+
+/// A managed Group's roster at `version`, collected (bounded by the caller),
+/// with its active members.
+async fn roster_at(
+    proxy: &FhirGroupProxy,
+    group_key: String,
+    version: u64,
+) -> std::result::Result<(Vec<Value>, i64), String> {
+    let mut chunks = stream_members(proxy, group_key, Some(version));
+    let mut joined = vec![b'['];
+    while let Some(chunk) = chunks.recv().await {
+        match chunk? {
+            RosterChunk::Members(bytes) => {
+                if joined.len() > 1 {
+                    joined.push(b',');
+                }
+                joined.extend_from_slice(&bytes);
+            }
+            RosterChunk::End { active_members } => {
+                joined.push(b']');
+                let members = serde_json::from_slice(&joined).map_err(|e| e.to_string())?;
+                return Ok((members, active_members));
+            }
+        }
+    }
+    Err("the roster stream ended early".into())
 }
 
 /// The legacy server's response headers for a body the proxy rewrote.

@@ -41,6 +41,8 @@ enum Route<'a> {
     Type(&'a str),
     Instance(&'a str, &'a str),
     Version(&'a str, &'a str, &'a str),
+    /// `Type/id/_history`: every version, newest first.
+    History(&'a str, &'a str),
     /// `[Type/]$merge`.
     Merge(Option<&'a str>),
 }
@@ -60,6 +62,7 @@ fn route(rest: &str) -> Option<Route<'_>> {
             Some(Route::Instance(t, id))
         }
         [t, id, "_history", v] if is_resource_type(t) => Some(Route::Version(t, id, v)),
+        [t, id, "_history"] if is_resource_type(t) => Some(Route::History(t, id)),
         _ => None,
     }
 }
@@ -189,7 +192,9 @@ pub async fn handle(
             return method_not_allowed(&method, rest, "POST")
         }
         Route::Merge(t) => t.unwrap_or_default(),
-        Route::Type(t) | Route::Instance(t, _) | Route::Version(t, _, _) => t,
+        Route::Type(t) | Route::Instance(t, _) | Route::Version(t, _, _) | Route::History(t, _) => {
+            t
+        }
     };
     let request_id = parts
         .headers
@@ -253,6 +258,8 @@ pub async fn handle(
         }
         (Route::Version(_, id, version), &Method::GET) => vread(&ctx, id, version).await,
         (Route::Version(..), _) => Ok(method_not_allowed(&method, rest, "GET")),
+        (Route::History(_, id), &Method::GET) => instance_history(&ctx, id).await,
+        (Route::History(..), _) => Ok(method_not_allowed(&method, rest, "GET")),
         (Route::Metadata, _) => Ok(method_not_allowed(&method, rest, "GET")),
     };
     result.unwrap_or_else(|e| store_error(&e))
@@ -653,6 +660,43 @@ async fn vread(ctx: &Ctx<'_>, id: &str, version: &str) -> Result<Response, Store
             format!("the history entry of version {version} of {what} has no resource"),
         )),
     }
+}
+
+/// `GET Type/id/_history`: a `history` Bundle of every stored version, newest
+/// first, with its real `total` (the real server counts history), each entry
+/// the resource as `_history/{vid}` renders it.
+async fn instance_history(ctx: &Ctx<'_>, id: &str) -> Result<Response, StoreError> {
+    let entries = ctx.storage.history_entries(ctx.resource_type, id).await?;
+    if entries.is_empty() {
+        return Ok(outcome(
+            StatusCode::NOT_FOUND,
+            IssueCode::NotFound,
+            format!("{}/{id} is not known", ctx.resource_type),
+        ));
+    }
+    let rendered: Vec<Value> = entries
+        .iter()
+        .filter_map(|entry| {
+            let resource = entry.get_document("resource").ok()?;
+            let version = stored_version(resource).unwrap_or(0);
+            let method = entry
+                .get_document("request")
+                .and_then(|r| r.get_str("method"))
+                .unwrap_or("PUT");
+            Some(json!({
+                "fullUrl": ctx.url(id),
+                "resource": ctx.render(resource),
+                "request": {"method": method, "url": format!("{}/{id}/_history/{version}", ctx.resource_type)},
+            }))
+        })
+        .collect();
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "history",
+        "total": rendered.len(),
+        "entry": rendered,
+    });
+    Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
 /// Outcome of one compare-and-swap attempt.

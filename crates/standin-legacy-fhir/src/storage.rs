@@ -194,6 +194,24 @@ impl Storage {
             .await?)
     }
 
+    /// Every history entry of a resource, newest version first.
+    pub async fn history_entries(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Vec<Document>, StoreError> {
+        let mut entries: Vec<Document> = self
+            .history(resource_type)
+            .find(doc! { "resource.id": id })
+            .await?
+            .try_collect()
+            .await?;
+        entries.sort_by_key(|entry| {
+            std::cmp::Reverse(entry.get_document("resource").ok().and_then(stored_version))
+        });
+        Ok(entries)
+    }
+
     /// The highest version a deleted resource had, if it was ever deleted.
     /// Only the version is fetched: history entries of Groups can be large.
     pub async fn last_deleted_version(
