@@ -155,3 +155,87 @@ async fn a_proxy_killed_mid_load_leaves_every_committed_version_readable() {
     })
     .await;
 }
+
+/// A write that passed its commit point, then lost its writer, and then a
+/// legacy write moved the Group on (dropping, on the real server, the commit
+/// token from the document) before recovery ran: the write is still known
+/// committed, its members published and its version's history rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_superseded_by_a_legacy_write_before_recovery_is_kept() {
+    let mut stack = Stack::start(&[]).await;
+    let id = stack.managed_group(&["Patient/a"]).await;
+    stack
+        .proxy
+        .kill_and_restart_with(&[("FGP_WRITE_FAULT", "exit-after-commit")], &[]);
+    let add = serde_json::to_vec(&json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/x"}}}])).unwrap();
+    let headers = [PATCH, ("x-request-id", "superseded-1")];
+    let lost = try_send(
+        &stack.client,
+        "PATCH",
+        &stack.group_url(&id),
+        &headers,
+        add.clone(),
+    )
+    .await;
+    assert!(
+        lost.is_err() || lost.is_ok_and(|r| r.status != 200),
+        "the proxy died at the commit"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stack.proxy.has_exited() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not stop at the commit"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The legacy server moves the Group on before the proxy is back.
+    let rename =
+        serde_json::to_vec(&json!([{"op": "add", "path": "/name", "value": "renamed"}])).unwrap();
+    send(
+        &stack.client,
+        "PATCH",
+        &format!("{}/4_0_0/Group/{id}", stack.standin.url()),
+        &[PATCH],
+        rename,
+    )
+    .await
+    .assert_status(200);
+    stack.proxy.kill_and_restart(&["FGP_WRITE_FAULT"]);
+
+    // The sweeper (every 2 s) finishes the write.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !stack
+        .roster_read(&id)
+        .await
+        .contains(&"Patient/x".to_string())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the committed add never became visible"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let group = stack.read_group(&id).await;
+    assert_eq!(group["meta"]["versionId"], "4");
+    assert_eq!(group["name"], "renamed");
+    for (version, roster) in [
+        (3, vec!["Patient/a", "Patient/x"]),
+        (4, vec!["Patient/a", "Patient/x"]),
+    ] {
+        let reply = send(
+            &stack.client,
+            "GET",
+            &format!("{}/_history/{version}", stack.group_url(&id)),
+            &[],
+            "",
+        )
+        .await;
+        reply.assert_status(200);
+        assert_eq!(references(&reply.json()), roster, "version {version}");
+    }
+    // The client's retry learns the outcome: version 3.
+    let retry = send(&stack.client, "PATCH", &stack.group_url(&id), &headers, add).await;
+    retry.assert_status(200);
+    assert_eq!(retry.header("etag"), Some("W/\"3\""));
+}

@@ -276,6 +276,7 @@ impl GroupService {
         }
         self.events.stage(rows).await?;
         let leader = &jobs[0].request.request_id;
+        let committed_at = mongodb::bson::DateTime::now();
         if !self
             .documents
             .mark_pending(
@@ -284,6 +285,7 @@ impl GroupService {
                 head.version + 1..=version,
                 leader,
                 &jobs[0].request.url,
+                committed_at,
             )
             .await?
         {
@@ -296,7 +298,7 @@ impl GroupService {
         }
         let committed = self
             .documents
-            .commit_version(id, head.version, version, token)
+            .commit_version(id, head.version, version, token, committed_at)
             .await
             .map_err(|e| WriteError::CommitUnknown {
                 id: id.to_string(),

@@ -347,6 +347,7 @@ impl GroupService {
         );
         let events_written = rows.len();
         self.events.stage(rows).await?;
+        let committed_at = mongodb::bson::DateTime::now();
 
         if !self
             .documents
@@ -356,6 +357,7 @@ impl GroupService {
                 new_version..=new_version,
                 &request.request_id,
                 &request.url,
+                committed_at,
             )
             .await?
         {
@@ -369,7 +371,7 @@ impl GroupService {
         }
         let committed = self
             .documents
-            .commit_version(id, head.version, new_version, token)
+            .commit_version(id, head.version, new_version, token, committed_at)
             .await
             .map_err(|e| WriteError::CommitUnknown {
                 id: id.to_string(),
@@ -493,6 +495,12 @@ impl GroupService {
             }
             Err(e) => {
                 tracing::error!(group = id, error = %e, "member events committed but not yet published; recovery publishes them");
+                // The client hears of this write; recovery must not take a
+                // later legacy write (which may drop the commit token) as
+                // proof that it never happened.
+                if let Err(e) = self.documents.mark_committed(id, token).await {
+                    tracing::warn!(group = id, error = %e, "could not record the commit for recovery");
+                }
                 // The lock goes now so recovery need not wait for it to expire.
                 if let Err(e) = self.documents.release_lease(id, token).await {
                     tracing::warn!(group = id, error = %e, "could not release the member write lock");

@@ -18,8 +18,10 @@ impl GroupService {
         pending: &PendingWrite,
     ) -> Result<(), WriteError> {
         let committed = pending.upstream_committed
+            || pending.committed
             || (head.version == pending.version
-                && head.commit_token.as_deref() == Some(pending.token.as_str()));
+                && head.commit_token.as_deref() == Some(pending.token.as_str()))
+            || (head.version > pending.version && self.superseded_commit(id, pending).await?);
         if committed {
             if !self
                 .events
@@ -49,13 +51,35 @@ impl GroupService {
 }
 
 impl GroupService {
+    /// The document moved past the pending write's versions, so its commit
+    /// token tells nothing any more (legacy rewrites drop unknown fields). The
+    /// first version it would have made tells: the legacy server writes a
+    /// history entry for every version it makes, so that version is ours
+    /// when its entry is ours or missing (our writer stopped before writing
+    /// it), and another writer's when the entry names another request.
+    async fn superseded_commit(
+        &self,
+        id: &str,
+        pending: &PendingWrite,
+    ) -> Result<bool, WriteError> {
+        let Some(request_id) = self
+            .documents
+            .history_request_id(id, pending.from_version)
+            .await?
+        else {
+            return Ok(true);
+        };
+        let ours = self.events.staged_request_ids(&pending.token).await?;
+        Ok(request_id == pending.request_id || ours.values().any(|r| *r == request_id))
+    }
+
     /// Writes the history entries a committed write's stopped writer did not:
     /// every version it committed is readable as `_history/{vid}`. A member
-    /// write changes only the version metadata, so each entry is the document
-    /// as committed with its own `versionId` — exact while the document is
-    /// still at the write's last version. Once a legacy write moved it on,
-    /// the committed content is no longer known: the entry is not made up,
-    /// it is reported (log and metric).
+    /// write changes only the version metadata, so each entry is the Group as
+    /// committed with its own `versionId`: the document itself while it is
+    /// still at the write's last version, else the version before the write
+    /// (its history entry) with the commit's metadata. When neither is there,
+    /// the entry is not made up: it is reported (log and metric).
     async fn complete_history(&self, id: &str, pending: &PendingWrite) -> Result<(), WriteError> {
         let mut missing = Vec::new();
         for version in pending.from_version..=pending.version {
@@ -66,12 +90,9 @@ impl GroupService {
         if missing.is_empty() {
             return Ok(());
         }
-        let document = self.documents.document(id).await?;
-        let at_commit = document
-            .filter(|d| crate::store::group_documents::version_of(d) == Some(pending.version));
-        let Some(document) = at_commit else {
+        let Some(document) = self.committed_document(id, pending).await? else {
             crate::operations::metrics::metrics().history_entries_lost(missing.len());
-            tracing::error!(group = id, versions = ?missing, "history entries of a committed write cannot be rebuilt: the Group changed after it");
+            tracing::error!(group = id, versions = ?missing, "history entries of a committed write cannot be rebuilt: neither the Group at it nor the version before it is known");
             return Ok(());
         };
         let request_ids = self.events.staged_request_ids(&pending.token).await?;
@@ -90,6 +111,41 @@ impl GroupService {
             );
         }
         Ok(())
+    }
+}
+
+impl GroupService {
+    /// The Group as the pending write committed it (its last version).
+    async fn committed_document(
+        &self,
+        id: &str,
+        pending: &PendingWrite,
+    ) -> Result<Option<mongodb::bson::Document>, WriteError> {
+        let document = self.documents.document(id).await?;
+        if let Some(document) = document
+            .filter(|d| crate::store::group_documents::version_of(d) == Some(pending.version))
+        {
+            return Ok(Some(document));
+        }
+        let (Some(committed_at), Some(before)) =
+            (pending.committed_at, pending.from_version.checked_sub(1))
+        else {
+            return Ok(None);
+        };
+        let Some(mut resource) = self.documents.history_resource(id, before).await? else {
+            return Ok(None);
+        };
+        // The members live in ClickHouse at every version this write made.
+        resource.remove("member");
+        resource.insert(
+            "_memberStorage",
+            crate::store::group_documents::STORAGE_CLICKHOUSE,
+        );
+        if let Ok(meta) = resource.get_document_mut("meta") {
+            meta.insert("versionId", pending.version.to_string());
+            meta.insert("lastUpdated", committed_at);
+        }
+        Ok(Some(resource))
     }
 }
 

@@ -61,9 +61,14 @@ pub struct PendingWrite {
     /// The request URL its history entries record.
     pub url: String,
     pub request_id: String,
+    /// The `meta.lastUpdated` its commit writes.
+    pub committed_at: Option<DateTime>,
     /// For split patches: the upstream already committed the version that
     /// carries this write's other ops, so the write counts as committed.
     pub upstream_committed: bool,
+    /// The writer saw its commit point pass (then could not publish): the
+    /// write counts as committed whatever later writes do to the document.
+    pub committed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -221,8 +226,10 @@ impl GroupDocuments {
                 version,
                 from_version: p.get_i64("fromVersion").map_or(version, |v| v as u64),
                 url: p.get_str("url").unwrap_or_default().to_string(),
+                committed_at: p.get_datetime("lastUpdated").ok().copied(),
                 request_id: p.get_str("requestId").unwrap_or_default().to_string(),
                 upstream_committed: p.get_bool("upstreamCommitted").unwrap_or(false),
+                committed: p.get_bool("committed").unwrap_or(false),
             })
         });
         Ok(MemberState {
@@ -299,6 +306,8 @@ impl GroupDocuments {
     /// Records the write about to commit `versions` (with what recovery
     /// needs to finish it, history entries included); `false` when the lease
     /// was lost meanwhile.
+    /// `committed_at` is the `meta.lastUpdated` the commit will write.
+    #[allow(clippy::too_many_arguments)]
     pub async fn mark_pending(
         &self,
         id: &str,
@@ -306,6 +315,7 @@ impl GroupDocuments {
         versions: std::ops::RangeInclusive<u64>,
         request_id: &str,
         url: &str,
+        committed_at: DateTime,
     ) -> Result<bool, DocumentStoreError> {
         if !self.holds_lease(id, token).await? {
             return Ok(false);
@@ -319,6 +329,7 @@ impl GroupDocuments {
                     "fromVersion": *versions.start() as i64,
                     "requestId": request_id,
                     "url": url,
+                    "lastUpdated": committed_at,
                 } } },
             )
             .upsert(true)
@@ -340,6 +351,54 @@ impl GroupDocuments {
             )
             .await?;
         Ok(result.matched_count > 0)
+    }
+
+    /// Records that the pending write `token` passed its commit point, for a
+    /// writer that could not finish it (a later legacy write may drop the
+    /// commit token from the document; this record stays).
+    pub async fn mark_committed(&self, id: &str, token: &str) -> Result<(), DocumentStoreError> {
+        self.states
+            .update_one(
+                doc! { "_id": id, "pending.token": token },
+                doc! { "$set": { "pending.committed": true } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The resource of the history entry of version `version` of Group `id`.
+    pub async fn history_resource(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<Document>, DocumentStoreError> {
+        let found = self
+            .history
+            .find_one(doc! { "resource.id": id, "resource.meta.versionId": version.to_string() })
+            .projection(doc! { "resource": 1 })
+            .await?;
+        Ok(found.and_then(|entry| entry.get_document("resource").ok().cloned()))
+    }
+
+    /// The `request.id` of the history entry of version `version` of Group
+    /// `id`: `None` when there is no entry.
+    pub async fn history_request_id(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<String>, DocumentStoreError> {
+        let found = self
+            .history
+            .find_one(doc! { "resource.id": id, "resource.meta.versionId": version.to_string() })
+            .projection(doc! { "request.id": 1 })
+            .await?;
+        Ok(found.map(|entry| {
+            entry
+                .get_document("request")
+                .and_then(|r| r.get_str("id"))
+                .unwrap_or_default()
+                .to_string()
+        }))
     }
 
     /// Tags the version the upstream wrote for a split patch with our token
@@ -429,6 +488,7 @@ impl GroupDocuments {
         expected: u64,
         new_version: u64,
         token: &str,
+        committed_at: DateTime,
     ) -> Result<Option<Document>, DocumentStoreError> {
         let updated = self
             .groups
@@ -436,7 +496,7 @@ impl GroupDocuments {
                 doc! { "id": id, "meta.versionId": expected.to_string() },
                 doc! { "$set": {
                     "meta.versionId": new_version.to_string(),
-                    "meta.lastUpdated": DateTime::now(),
+                    "meta.lastUpdated": committed_at,
                     "_memberCommitToken": token,
                     // For people and tools reading MongoDB directly; the proxy's
                     // own record is MemberState, which legacy rewrites cannot drop.

@@ -245,11 +245,17 @@ impl ProxyProcess {
     /// addresses, as a supervisor would restart it, less the settings named
     /// in `dropping`.
     pub fn kill_and_restart(&mut self, dropping: &[&str]) {
+        self.kill_and_restart_with(&[], dropping);
+    }
+
+    /// [`Self::kill_and_restart`], with `adding` settings too.
+    pub fn kill_and_restart_with(&mut self, adding: &[(&str, &str)], dropping: &[&str]) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let admin = self.admin_addr.map(|a| a.to_string()).unwrap_or_default();
         let mut settings = std::mem::take(&mut self.settings);
         settings.retain(|(key, _)| !dropping.contains(&key.as_str()));
+        settings.extend(adding.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let restarted = Self::spawn(
             self.addr,
             &admin,

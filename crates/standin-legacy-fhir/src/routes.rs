@@ -1437,6 +1437,10 @@ mod tests {
             route("/Group/g1/_history/2"),
             Some(Route::Version("Group", "g1", "2"))
         );
+        assert_eq!(
+            route("/Group/g1/_history"),
+            Some(Route::History("Group", "g1"))
+        );
         assert_eq!(route("/Group/$merge"), Some(Route::Merge(Some("Group"))));
         assert_eq!(route("/$merge"), Some(Route::Merge(None)));
         for unknown in [
@@ -1446,7 +1450,6 @@ mod tests {
             "/Group/_search",
             "/Group/$export",
             "/Group//x",
-            "/Group/g1/_history",
             "/Group/g1/$everything",
         ] {
             assert_eq!(route(unknown), None, "{unknown}");
