@@ -218,7 +218,9 @@ impl Default for ClickHouseSettings {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:8123".into(),
-            database: "fhir".into(),
+            // Not "fhir": the reference server's own ClickHouse mode keeps
+            // tables of the same names there.
+            database: "fhir_group_proxy".into(),
             user: "default".into(),
             password: String::new(),
             cluster: String::new(),

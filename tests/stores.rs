@@ -157,3 +157,62 @@ async fn mongo_insert_and_find_one_and_update() {
 
     database.drop().await.expect("drop");
 }
+
+/// Tables of the proxy's names that another tool made (the reference
+/// server's ClickHouse mode names its tables the same) are refused, named,
+/// and left alone; the proxy's own tables pass the same check.
+#[tokio::test]
+async fn clickhouse_tables_of_another_shape_are_refused_by_name() {
+    let settings = fhir_group_proxy::config::ClickHouseSettings {
+        url: support::clickhouse_url(),
+        database: support::unique_name("fgp_foreign"),
+        ..Default::default()
+    };
+    let client = store::clickhouse::connect_server(&settings);
+    let db = &settings.database;
+    client
+        .query(&format!("CREATE DATABASE {db}"))
+        .execute()
+        .await
+        .unwrap();
+    client
+        .query(&format!(
+            "CREATE TABLE {db}.Group_4_0_0_MemberEvents (group_id String, entity_reference String, \
+             event_type Enum8('added' = 1, 'removed' = 2), event_id String) \
+             ENGINE = MergeTree ORDER BY (group_id, entity_reference)"
+        ))
+        .execute()
+        .await
+        .unwrap();
+    let refused = store::events::apply_schema(&settings)
+        .await
+        .expect_err("a foreign table is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains(&format!(
+            "{db}.Group_4_0_0_MemberEvents exists with other columns"
+        )),
+        "{message}"
+    );
+    assert!(message.contains("event_id String"), "{message}");
+    let left: u64 = client
+        .query(&format!(
+            "SELECT count() FROM system.tables WHERE database = '{db}'"
+        ))
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(left, 1, "nothing was created beside it");
+
+    let own = support::fresh_member_database("fgp_own").await;
+    store::events::apply_schema(&own)
+        .await
+        .expect("the proxy's own tables pass the check, again and again");
+    for database in [db, &own.database] {
+        client
+            .query(&format!("DROP DATABASE {database}"))
+            .execute()
+            .await
+            .unwrap();
+    }
+}

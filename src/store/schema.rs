@@ -280,6 +280,126 @@ pub fn statements_in(database: &str, topology: Topology<'_>) -> Vec<String> {
     statements
 }
 
+/// The tables and views this schema creates in one database, with what an
+/// existing object of that name must look like to be ours: a table its
+/// columns (name and type, as `system.columns` reports them), a view the
+/// table it writes to.
+pub struct Shape {
+    pub tables: Vec<(String, Vec<(String, String)>)>,
+    /// `(view, target table)`.
+    pub views: Vec<(String, String)>,
+}
+
+/// The [`Shape`] of the objects `statements_in(database, topology)` creates.
+pub fn shape(topology: Topology<'_>) -> Shape {
+    let local = match topology {
+        Topology::SingleNode => "",
+        Topology::Cluster { .. } => LOCAL_SUFFIX,
+    };
+    let mut shaped = Vec::new();
+    for table in tables() {
+        let columns = parse_columns(&table.columns);
+        if !local.is_empty() {
+            shaped.push((format!("{}{local}", table.name), columns.clone()));
+        }
+        shaped.push((table.name.to_string(), columns));
+    }
+    let views = views()
+        .iter()
+        .map(|v| (format!("{}_MV", v.target), format!("{}{local}", v.target)))
+        .collect();
+    Shape {
+        tables: shaped,
+        views,
+    }
+}
+
+/// `name Type [DEFAULT ...]` items of a column list, split at top-level
+/// commas (types like `Enum8('a' = 1, 'b' = 2)` hold commas of their own).
+fn parse_columns(list: &str) -> Vec<(String, String)> {
+    let mut items = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in list.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                items.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&list[start..]);
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let item = item.trim();
+            let (name, rest) = item.split_once(char::is_whitespace)?;
+            let ty = rest.split(" DEFAULT ").next().unwrap_or(rest).trim();
+            Some((name.to_string(), ty.to_string()))
+        })
+        .collect()
+}
+
+/// What is wrong with the objects found in the database (`found_tables`:
+/// columns by table; `found_views`: `create_table_query` by view), for the
+/// schema of `database`: each a sentence naming the object. Empty when every
+/// object found is this proxy's own (objects not there yet are created).
+pub fn foreign_objects(
+    database: &str,
+    shape: &Shape,
+    found_tables: &std::collections::HashMap<String, Vec<(String, String)>>,
+    found_views: &std::collections::HashMap<String, String>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (table, columns) in &shape.tables {
+        let Some(found) = found_tables.get(table) else {
+            continue;
+        };
+        if found != columns {
+            let foreign: Vec<String> = found
+                .iter()
+                .filter(|c| !columns.contains(c))
+                .map(|(n, t)| format!("{n} {t}"))
+                .take(4)
+                .collect();
+            let missing: Vec<String> = columns
+                .iter()
+                .filter(|c| !found.contains(c))
+                .map(|(n, t)| format!("{n} {t}"))
+                .take(4)
+                .collect();
+            problems.push(format!(
+                "{database}.{table} exists with other columns (it has {}; it lacks {})",
+                or_none(&foreign),
+                or_none(&missing)
+            ));
+        }
+    }
+    for (view, target) in &shape.views {
+        let Some(query) = found_views.get(view) else {
+            continue;
+        };
+        let writes_ours = query.contains(&format!("TO {database}.{target} "))
+            || query.contains(&format!("TO {database}.{target}\n"));
+        if !writes_ours {
+            problems.push(format!(
+                "{database}.{view} exists but does not write into {database}.{target}"
+            ));
+        }
+    }
+    problems
+}
+
+fn or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "nothing else".into()
+    } else {
+        items.join(", ")
+    }
+}
+
 /// `statements` as one SQL script, each statement ended by `;`.
 pub fn script(statements: &[String]) -> String {
     format!("{};\n", statements.join(";\n\n"))
@@ -288,6 +408,81 @@ pub fn script(statements: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shape_lists_every_table_with_its_columns_and_every_view_with_its_target() {
+        let shape = shape(Topology::SingleNode);
+        let events = &shape.tables.iter().find(|(t, _)| t == EVENTS).unwrap().1;
+        assert_eq!(events[0], ("group_key".to_string(), "String".to_string()));
+        assert!(events.contains(&(
+            "event_type".to_string(),
+            "Enum8('added' = 1, 'removed' = 2)".to_string()
+        )));
+        assert_eq!(
+            events.last().unwrap(),
+            &("event_date".to_string(), "Date".to_string())
+        );
+        let current = &shape.tables.iter().find(|(t, _)| t == CURRENT).unwrap().1;
+        assert!(current.contains(&(
+            "group_id".to_string(),
+            "AggregateFunction(argMax, String, UInt64)".to_string()
+        )));
+        assert_eq!(shape.tables.len(), 6);
+        assert!(shape
+            .views
+            .contains(&(format!("{CURRENT}_MV"), CURRENT.to_string())));
+        let cluster = super::shape(Topology::Cluster {
+            name: "c",
+            replication_path: "/p",
+            replica_name: "r",
+        });
+        assert_eq!(cluster.tables.len(), 12);
+        assert!(cluster
+            .views
+            .contains(&(format!("{CURRENT}_MV"), format!("{CURRENT}_local"))));
+    }
+
+    #[test]
+    fn objects_of_another_shape_are_named_and_our_own_pass() {
+        let shape = shape(Topology::SingleNode);
+        let ours: std::collections::HashMap<_, _> = shape.tables.iter().cloned().collect();
+        let views: std::collections::HashMap<_, _> = shape
+            .views
+            .iter()
+            .map(|(v, t)| {
+                (
+                    v.clone(),
+                    format!("CREATE MATERIALIZED VIEW db.{v} TO db.{t} (x UInt8) AS SELECT 1"),
+                )
+            })
+            .collect();
+        assert!(foreign_objects("db", &shape, &ours, &views).is_empty());
+        assert!(foreign_objects("db", &shape, &Default::default(), &Default::default()).is_empty());
+
+        // The reference server's own ClickHouse mode uses these names too.
+        let mut theirs = ours.clone();
+        theirs.insert(
+            EVENTS.to_string(),
+            vec![
+                ("group_id".to_string(), "String".to_string()),
+                ("event_time".to_string(), "DateTime64(3)".to_string()),
+            ],
+        );
+        let mut their_views = views.clone();
+        their_views.insert(
+            format!("{CURRENT}_MV"),
+            format!("CREATE MATERIALIZED VIEW db.{CURRENT}_MV TO db.Other (x UInt8) AS SELECT 1"),
+        );
+        let problems = foreign_objects("db", &shape, &theirs, &their_views);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains(&format!("db.{EVENTS} exists with other columns")));
+        assert!(problems[0].contains("DateTime64(3)"), "{}", problems[0]);
+        assert!(
+            problems[1].contains("does not write into"),
+            "{}",
+            problems[1]
+        );
+    }
 
     #[test]
     fn every_statement_is_idempotent_and_avoids_newer_features() {
@@ -302,7 +497,7 @@ mod tests {
     #[test]
     fn single_node_schema_is_unchanged_byte_for_byte() {
         let settings = ClickHouseSettings::default();
-        assert_eq!(settings.database, "fhir");
+        assert_eq!(settings.database, "fhir_group_proxy");
         assert_eq!(
             script(&statements_for(&settings)),
             include_str!("schema_single_node.sql")
@@ -437,6 +632,6 @@ mod tests {
                 replica_name: "{replica}"
             }
         );
-        assert!(statements_for(&settings)[1].contains("'/ch/{shard}/fhir/"));
+        assert!(statements_for(&settings)[1].contains("'/ch/{shard}/fhir_group_proxy/"));
     }
 }

@@ -1,6 +1,6 @@
-CREATE DATABASE IF NOT EXISTS fhir;
+CREATE DATABASE IF NOT EXISTS fhir_group_proxy;
 
-CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberEventsStaged (
+CREATE TABLE IF NOT EXISTS fhir_group_proxy.Group_4_0_0_MemberEventsStaged (
     group_key String,
     group_id String,
     group_version UInt64,
@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberEventsStaged (
     event_time_ms UInt64,
     event_date Date DEFAULT toDate(toDateTime(intDiv(event_time_ms, 1000)))) ENGINE = MergeTree PARTITION BY toYYYYMM(event_date) ORDER BY (token, op_index);
 
-CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberEvents (
+CREATE TABLE IF NOT EXISTS fhir_group_proxy.Group_4_0_0_MemberEvents (
     group_key String,
     group_id String,
     group_version UInt64,
@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberEvents (
     event_time_ms UInt64,
     event_date Date DEFAULT toDate(toDateTime(intDiv(event_time_ms, 1000)))) ENGINE = MergeTree PARTITION BY toYYYYMM(event_date) ORDER BY (group_key, entity_reference, sequence);
 
-CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberCurrent (
+CREATE TABLE IF NOT EXISTS fhir_group_proxy.Group_4_0_0_MemberCurrent (
                 group_key String,
                 entity_reference String,
                 group_id AggregateFunction(argMax, String, UInt64),
@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberCurrent (
                 last_event_time_ms AggregateFunction(max, UInt64)
              ) ENGINE = AggregatingMergeTree ORDER BY (group_key, entity_reference);
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS fhir.Group_4_0_0_MemberCurrent_MV TO fhir.Group_4_0_0_MemberCurrent AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS fhir_group_proxy.Group_4_0_0_MemberCurrent_MV TO fhir_group_proxy.Group_4_0_0_MemberCurrent AS
              SELECT group_key, entity_reference,
                     argMaxState(group_id, sequence) AS group_id,
                     argMaxState(toUInt8(event_type = 'added'), sequence) AS present,
@@ -59,9 +59,9 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS fhir.Group_4_0_0_MemberCurrent_MV TO fhir
                     argMaxState(period_end, sequence) AS period_end,
                     maxState(sequence) AS last_sequence,
                     maxState(event_time_ms) AS last_event_time_ms
-             FROM fhir.Group_4_0_0_MemberEvents GROUP BY group_key, entity_reference;
+             FROM fhir_group_proxy.Group_4_0_0_MemberEvents GROUP BY group_key, entity_reference;
 
-CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberGroups (
+CREATE TABLE IF NOT EXISTS fhir_group_proxy.Group_4_0_0_MemberGroups (
                 entity_reference String,
                 group_key String,
                 group_id AggregateFunction(argMax, String, UInt64),
@@ -69,25 +69,25 @@ CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberGroups (
                 inactive AggregateFunction(argMax, UInt8, UInt64)
              ) ENGINE = AggregatingMergeTree ORDER BY (entity_reference, group_key);
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS fhir.Group_4_0_0_MemberGroups_MV TO fhir.Group_4_0_0_MemberGroups AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS fhir_group_proxy.Group_4_0_0_MemberGroups_MV TO fhir_group_proxy.Group_4_0_0_MemberGroups AS
              SELECT entity_reference, group_key,
                     argMaxState(group_id, sequence) AS group_id,
                     argMaxState(toUInt8(event_type = 'added'), sequence) AS present,
                     argMaxState(inactive, sequence) AS inactive
-             FROM fhir.Group_4_0_0_MemberEvents GROUP BY entity_reference, group_key;
+             FROM fhir_group_proxy.Group_4_0_0_MemberEvents GROUP BY entity_reference, group_key;
 
-CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberCounts (
+CREATE TABLE IF NOT EXISTS fhir_group_proxy.Group_4_0_0_MemberCounts (
                 group_key String,
                 members Int64,
                 active_members Int64
              ) ENGINE = SummingMergeTree ORDER BY group_key;
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS fhir.Group_4_0_0_MemberCounts_MV TO fhir.Group_4_0_0_MemberCounts AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS fhir_group_proxy.Group_4_0_0_MemberCounts_MV TO fhir_group_proxy.Group_4_0_0_MemberCounts AS
              SELECT group_key, sum(toInt64(member_delta)) AS members,
                     sum(toInt64(active_delta)) AS active_members
-             FROM fhir.Group_4_0_0_MemberEvents GROUP BY group_key;
+             FROM fhir_group_proxy.Group_4_0_0_MemberEvents GROUP BY group_key;
 
-CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberCommits (
+CREATE TABLE IF NOT EXISTS fhir_group_proxy.Group_4_0_0_MemberCommits (
                 group_key String,
                 request_id String,
                 token String,
@@ -96,7 +96,7 @@ CREATE TABLE IF NOT EXISTS fhir.Group_4_0_0_MemberCommits (
                 committed_at_ms UInt64
              ) ENGINE = MergeTree ORDER BY (group_key, request_id, token);
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS fhir.Group_4_0_0_MemberCommits_MV TO fhir.Group_4_0_0_MemberCommits AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS fhir_group_proxy.Group_4_0_0_MemberCommits_MV TO fhir_group_proxy.Group_4_0_0_MemberCommits AS
              SELECT group_key, request_id, token, max(group_version) AS group_version,
                     count() AS events, max(event_time_ms) AS committed_at_ms
-             FROM fhir.Group_4_0_0_MemberEvents GROUP BY group_key, request_id, token;
+             FROM fhir_group_proxy.Group_4_0_0_MemberEvents GROUP BY group_key, request_id, token;
