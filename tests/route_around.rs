@@ -662,3 +662,68 @@ async fn a_request_pipelined_behind_an_intercepted_patch_is_answered() {
         assert_eq!(connection.read_response().await.status, 404);
     }
 }
+
+/// Legacy servers that make no version for a write that changes nothing
+/// (the reference server does, and ignores If-Match on PATCH): a roster PUT
+/// whose only change is the roster, and a mixed PATCH whose other ops change
+/// nothing, still make exactly one version, named in the answer, with that
+/// version's roster in its history.
+#[tokio::test]
+async fn a_legacy_half_that_changes_nothing_still_gives_one_true_version() {
+    let mut fidelity = standin_legacy_fhir::Fidelity::simple();
+    fidelity.real_patch = true;
+    fidelity.patch_ignores_if_match = true;
+    let stack = Stack::start_behind(Standin::start_with_fidelity(fidelity).await, &[]).await;
+    let id = stack.managed_group(&["Patient/a"]).await;
+    let put = stack
+        .put_group(&id, group_with(&id, &["Patient/a", "Patient/b"]), &[])
+        .await;
+    put.assert_status(200);
+    assert_eq!(put.header("etag"), Some("W/\"3\""));
+    assert_eq!(references(&put.json()), vec!["Patient/a", "Patient/b"]);
+    let mixed = stack
+        .patch(
+            &id,
+            json!([
+                {"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/c"}}},
+                {"op": "replace", "path": "/type", "value": "person"}
+            ]),
+            &[],
+        )
+        .await;
+    mixed.assert_status(200);
+    assert_eq!(mixed.header("etag"), Some("W/\"4\""));
+    let read = stack.read_group(&id).await;
+    assert_eq!(read["meta"]["versionId"], "4");
+    for (version, roster) in [
+        (2, vec!["Patient/a"]),
+        (3, vec!["Patient/a", "Patient/b"]),
+        (4, vec!["Patient/a", "Patient/b", "Patient/c"]),
+    ] {
+        let reply = send(
+            &stack.client,
+            "GET",
+            &format!("{}/_history/{version}", stack.group_url(&id)),
+            &[],
+            "",
+        )
+        .await;
+        reply.assert_status(200);
+        assert_eq!(references(&reply.json()), roster, "version {version}");
+    }
+    // A stale If-Match is refused although the legacy half would make no version.
+    let stale = stack
+        .put_group(
+            &id,
+            group_with(&id, &["Patient/a"]),
+            &[("if-match", "W/\"3\"")],
+        )
+        .await;
+    assert_eq!(
+        stale.status,
+        412,
+        "{}",
+        String::from_utf8_lossy(&stale.body)
+    );
+    assert_eq!(stack.roster_read(&id).await.len(), 3);
+}

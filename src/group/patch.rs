@@ -83,6 +83,23 @@ pub struct MemberPatchResult {
     pub upstream_reply: Option<UpstreamReply>,
 }
 
+/// The version a legacy server's write answer names: `ETag: W/"n"`, else
+/// `meta.versionId` of the returned resource.
+fn version_in_reply(reply: &UpstreamReply) -> Option<u64> {
+    let from_etag = reply
+        .headers
+        .get(http::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|etag| {
+            let bare = etag.trim().trim_start_matches("W/").trim_matches('"');
+            bare.parse().ok()
+        });
+    from_etag.or_else(|| {
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
+        body.pointer("/meta/versionId")?.as_str()?.parse().ok()
+    })
+}
+
 /// What a request's `X-Request-Id` says about it.
 pub(super) enum Replay {
     /// Not seen committed: write it.
@@ -366,7 +383,14 @@ impl GroupService {
         self.record_request(&head.group_key, request).await?;
         if let Some(part) = &request.upstream_part {
             return self
-                .commit_through_upstream(request, part, head.version, token, events_written)
+                .commit_through_upstream(
+                    request,
+                    part,
+                    head.version,
+                    token,
+                    events_written,
+                    committed_at,
+                )
                 .await;
         }
         let committed = self
@@ -411,6 +435,15 @@ impl GroupService {
     /// Split mixed patch: the legacy server's PATCH of the other ops is the
     /// commit point (it moves the version n -> n+1); our staged member events
     /// belong to that version.
+    /// The legacy server's half of a split patch or roster PUT is the commit
+    /// point. Which version it made is read from its answer, never assumed:
+    /// - the next version: the member events belong to it;
+    /// - none (its half changed nothing, say a PUT whose only change is the
+    ///   roster): the member half commits on its own, like a member-only write;
+    /// - a later one (a server that ignores `If-Match` on PATCH let another
+    ///   write in between): the events cannot belong to that version; the
+    ///   client is told exactly what was applied and what was not.
+    #[allow(clippy::too_many_arguments)]
     async fn commit_through_upstream(
         &self,
         request: &MemberPatchRequest,
@@ -418,6 +451,7 @@ impl GroupService {
         base_version: u64,
         token: &str,
         events_written: usize,
+        committed_at: mongodb::bson::DateTime,
     ) -> Result<Attempt, WriteError> {
         let id = request.group_id.as_str();
         let reply = (part.send)(base_version)
@@ -439,6 +473,36 @@ impl GroupService {
             })));
         }
         let new_version = base_version + 1;
+        let made = match version_in_reply(&reply) {
+            Some(version) => Some(version),
+            None => self.documents.head(id).await?.map(|head| head.version),
+        };
+        match made {
+            Some(version) if version == base_version => {
+                return self
+                    .commit_alone(request, base_version, token, events_written, committed_at)
+                    .await;
+            }
+            Some(version) if version == new_version => {}
+            made => {
+                // Nothing of ours becomes visible: the staged events stay
+                // unpublished, and the pending record is dropped.
+                self.documents.finish(id, token, false).await?;
+                tracing::error!(group = id, base_version, ?made, "the legacy server's half of a split write landed on an unexpected version; its member operations were not applied");
+                return Err(WriteError::Outcome(Outcome::error(
+                    409,
+                    IssueType::Conflict,
+                    format!(
+                        "Group/{id}: the legacy server applied this request's other changes, \
+                         but as version {} instead of {new_version} (another write came \
+                         between; this legacy server does not honour If-Match on PATCH), so \
+                         its member operations were NOT applied; read the Group and send the \
+                         member operations again",
+                        made.map_or("unknown".to_string(), |v| v.to_string())
+                    ),
+                )));
+            }
+        }
         if let Err(e) = self.documents.mark_upstream_committed(id, token).await {
             tracing::error!(group = id, error = %e, "split patch committed upstream but not recorded");
         }
@@ -457,6 +521,57 @@ impl GroupService {
             replayed: false,
             events_written,
             upstream_reply: Some(reply),
+        })))
+    }
+
+    /// The member half of a split write whose legacy half made no version:
+    /// committed by the proxy's own compare-and-swap, as a member-only write.
+    async fn commit_alone(
+        &self,
+        request: &MemberPatchRequest,
+        base_version: u64,
+        token: &str,
+        events_written: usize,
+        committed_at: mongodb::bson::DateTime,
+    ) -> Result<Attempt, WriteError> {
+        let id = request.group_id.as_str();
+        let new_version = base_version + 1;
+        let committed = self
+            .documents
+            .commit_version(id, base_version, new_version, token, committed_at)
+            .await
+            .map_err(|e| WriteError::CommitUnknown {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        let Some(document) = committed else {
+            self.documents.finish(id, token, false).await?;
+            return match request.if_match {
+                Some(_) => Err(self.version_conflict(id, "the Group changed during the write")),
+                None => Ok(Attempt::Busy),
+            };
+        };
+        super::crash_point_after_commit();
+        let method = if matches!(request.edit, MemberEdit::ReplaceRoster(_)) {
+            "PUT"
+        } else {
+            "PATCH"
+        };
+        if let Err(e) = self
+            .documents
+            .insert_history(&document, &request.request_id, method, &request.url)
+            .await
+        {
+            tracing::error!(group = id, error = %e, "history entry not written for a committed member write");
+        }
+        self.complete_committed(id, token).await;
+        Ok(Attempt::Done(Box::new(MemberPatchResult {
+            version: new_version,
+            document: Some(document),
+            counts: None,
+            replayed: false,
+            events_written,
+            upstream_reply: None,
         })))
     }
 

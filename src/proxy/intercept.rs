@@ -239,7 +239,8 @@ pub(crate) async fn write_members(
         }
         Ok(result) => {
             ctx.intercepted = true;
-            write_success(session, ctx, base, group_id, &result, prefer).await?;
+            let members = answer_members.as_ref();
+            write_success(session, ctx, base, group_id, &result, prefer, members).await?;
             Ok(Some(Next::Answered))
         }
         Err(WriteError::NotMigrated) => Ok(None),
@@ -434,6 +435,8 @@ impl Prefer {
     }
 }
 
+/// `members`: the roster a PUT stated, for its answer (the proxy answered
+/// it, the legacy server's half having changed nothing).
 async fn write_success(
     session: &mut Session,
     ctx: &RequestContext,
@@ -441,6 +444,7 @@ async fn write_success(
     group_id: &str,
     result: &MemberPatchResult,
     prefer: Prefer,
+    members: Option<&serde_json::Value>,
 ) -> Result<()> {
     let mut resource = result
         .document
@@ -477,6 +481,11 @@ async fn write_success(
         Prefer::Representation => {
             if let (Some(counts), Some(object)) = (result.counts, resource.as_object_mut()) {
                 object.insert("quantity".into(), counts.active_members.max(0).into());
+            }
+            if let (Some(members), Some(object)) = (members, resource.as_object_mut()) {
+                if members.as_array().is_some_and(|m| !m.is_empty()) {
+                    object.insert("member".into(), members.clone());
+                }
             }
             Bytes::from(serde_json::to_vec(&resource).unwrap_or_default())
         }

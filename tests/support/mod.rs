@@ -51,10 +51,23 @@ impl Standin {
 
     /// A stand-in that enforces its own access control with these tokens.
     pub async fn start_with_access(access: standin_legacy_fhir::AccessTokens) -> Standin {
+        Self::start_with(access, standin_legacy_fhir::Fidelity::simple()).await
+    }
+
+    /// A stand-in with some of the real server's behaviours switched on.
+    pub async fn start_with_fidelity(fidelity: standin_legacy_fhir::Fidelity) -> Standin {
+        Self::start_with(Default::default(), fidelity).await
+    }
+
+    async fn start_with(
+        access: standin_legacy_fhir::AccessTokens,
+        fidelity: standin_legacy_fhir::Fidelity,
+    ) -> Standin {
         let database = unique_name("standin");
         let config = StandinConfig {
             base_path: "/4_0_0".into(),
             access,
+            fidelity,
             ..StandinConfig::new(mongo_uri(), database.clone())
         };
         let (addr, task) = spawn_on_free_port(config).await.expect(

@@ -25,7 +25,12 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(extra: &[(&str, &str)]) -> Stack {
-        let (standin, proxy, clickhouse) = start_with_member_stores(extra).await;
+        Self::start_behind(Standin::start().await, extra).await
+    }
+
+    /// The stack in front of a given stand-in.
+    pub async fn start_behind(standin: Standin, extra: &[(&str, &str)]) -> Stack {
+        let (standin, proxy, clickhouse) = start_with_member_stores_behind(standin, extra).await;
         let mongo = mongodb::Client::with_uri_str(mongo_uri())
             .await
             .expect("mongo client")
