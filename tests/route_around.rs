@@ -727,3 +727,67 @@ async fn a_legacy_half_that_changes_nothing_still_gives_one_true_version() {
     );
     assert_eq!(stack.roster_read(&id).await.len(), 3);
 }
+
+/// A managed Group deleted, then created again with the same id: each
+/// version reads the roster it had, before and after, never the other
+/// generation's.
+#[tokio::test]
+async fn versions_keep_their_rosters_across_delete_and_create_again() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.managed_group(&["Patient/a"]).await;
+    stack
+        .patch(
+            &id,
+            json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/b"}}}]),
+            &[],
+        )
+        .await
+        .assert_status(200);
+    let deleted = send(&stack.client, "DELETE", &stack.group_url(&id), &[], "").await;
+    assert!((200..300).contains(&deleted.status), "{}", deleted.status);
+    let roster_at = |version: String| {
+        let url = format!("{}/_history/{version}", stack.group_url(&id));
+        let client = stack.client.clone();
+        async move {
+            let reply = send(&client, "GET", &url, &[], "").await;
+            reply.assert_status(200);
+            references(&reply.json())
+        }
+    };
+    assert_eq!(
+        roster_at("2".into()).await,
+        vec!["Patient/a"],
+        "after the delete"
+    );
+    assert_eq!(roster_at("3".into()).await, vec!["Patient/a", "Patient/b"]);
+
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let again = stack.put_group(&id, group_with(&id, &[]), &[]).await;
+    assert!(
+        again.status == 201 || again.status == 200,
+        "{}",
+        again.status
+    );
+    let added = stack
+        .patch(
+            &id,
+            json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/new"}}}]),
+            &[],
+        )
+        .await;
+    added.assert_status(200);
+    let new_version = added
+        .header("etag")
+        .unwrap()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .to_string();
+    assert_eq!(stack.roster_read(&id).await, vec!["Patient/new"]);
+    assert_eq!(roster_at(new_version).await, vec!["Patient/new"]);
+    assert_eq!(
+        roster_at("2".into()).await,
+        vec!["Patient/a"],
+        "the old generation's"
+    );
+    assert_eq!(roster_at("3".into()).await, vec!["Patient/a", "Patient/b"]);
+}

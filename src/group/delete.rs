@@ -52,6 +52,9 @@ impl GroupService {
         F: Future<Output = Result<UpstreamReply, Outcome>>,
     {
         let head = self.documents.head(id).await?;
+        // Every version of this generation was written before this instant,
+        // and every version of a Group created again with this id after it.
+        let started = mongodb::bson::DateTime::now();
         let reply = delete_upstream.await.map_err(WriteError::Outcome)?;
         let Some(head) = head.filter(|_| (200..300).contains(&reply.status)) else {
             return Ok(reply);
@@ -86,7 +89,7 @@ impl GroupService {
         tombstones += rows.len();
         self.events.stage(rows).await?;
         self.events.publish(token).await?;
-        self.documents.forget(id).await?;
+        self.documents.forget(id, &head.group_key, started).await?;
         tracing::info!(group = id, tombstones, "deleted Group's roster tombstoned");
         Ok(reply)
     }

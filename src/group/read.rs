@@ -1,6 +1,7 @@
 //! What a Group read needs from the member store.
 
 use crate::store::events::MemberCounts;
+use crate::store::group_documents::GroupHead;
 
 use super::{GroupService, WriteError};
 
@@ -11,6 +12,28 @@ pub struct RosterForRead {
 }
 
 impl RosterForRead {
+    /// The member key of the generation a version of the Group belongs to,
+    /// told by when that version was written (`last_updated`): a Group
+    /// deleted and created again with the same id starts its versions over,
+    /// so a version number alone does not say which roster it had. `None`:
+    /// the version belongs to a generation whose roster the proxy never kept.
+    pub fn key_for_version(&self, last_updated: Option<&str>) -> Option<&str> {
+        let written = last_updated
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_millis());
+        for past in &self.state.past {
+            match written {
+                Some(written) if written <= past.deleted_at.timestamp_millis() => {
+                    return Some(&past.key)
+                }
+                Some(_) => {}
+                // Undated: only safe when no generation came before.
+                None => return None,
+            }
+        }
+        self.state.in_clickhouse.then_some(self.group_key.as_str())
+    }
+
     /// Whether an inline array in the legacy server's answer at `version`
     /// is drift rather than the copy an interrupted migration left.
     pub fn inline_array_is_drift(&self, version: Option<u64>) -> bool {
@@ -22,12 +45,36 @@ impl GroupService {
     /// `None` when Group `id` keeps its members in MongoDB (or is unknown): the
     /// legacy server answers such reads itself.
     pub async fn roster_for_read(&self, id: &str) -> Result<Option<RosterForRead>, WriteError> {
+        self.roster_for(id, false).await
+    }
+
+    /// [`Self::roster_for_read`] for reads of versions: also for a Group
+    /// deleted (and perhaps created again) after the proxy kept its roster.
+    pub async fn roster_for_versions(&self, id: &str) -> Result<Option<RosterForRead>, WriteError> {
+        self.roster_for(id, true).await
+    }
+
+    async fn roster_for(
+        &self,
+        id: &str,
+        versions: bool,
+    ) -> Result<Option<RosterForRead>, WriteError> {
         let state = self.documents.member_state(id).await?;
-        if !state.in_clickhouse {
+        let kept_a_roster = state.in_clickhouse || (versions && !state.past.is_empty());
+        if !kept_a_roster {
             return Ok(None);
         }
-        let Some(head) = self.documents.head(id).await? else {
-            return Ok(None);
+        let head = match self.documents.head(id).await? {
+            Some(head) => head,
+            // Deleted: only its past generations are read.
+            None if versions => GroupHead {
+                id: id.to_string(),
+                group_key: String::new(),
+                version: 0,
+                last_updated: None,
+                commit_token: None,
+            },
+            None => return Ok(None),
         };
         let counts = self.events.counts(&head.group_key).await?;
         Ok(Some(RosterForRead {

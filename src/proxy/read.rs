@@ -46,7 +46,17 @@ async fn fetch_migrated_group(
     group_id: &str,
     upstream_path: &str,
 ) -> Result<Fetched> {
-    fetch_managed(proxy, session, ctx, group_id, upstream_path, "Group").await
+    let versions = upstream_path.contains("/_history/");
+    fetch_managed(
+        proxy,
+        session,
+        ctx,
+        group_id,
+        upstream_path,
+        "Group",
+        versions,
+    )
+    .await
 }
 
 /// [`fetch_migrated_group`] for any answer of the legacy server about the
@@ -58,13 +68,19 @@ async fn fetch_managed(
     group_id: &str,
     upstream_path: &str,
     resource_type: &str,
+    versions: bool,
 ) -> Result<Fetched> {
     let Some(service) = proxy.group_service.clone() else {
         return Ok(Err(false));
     };
     let id = group_id.to_string();
     let lookup = proxy
-        .on_stores(async move { service.roster_for_read(&id).await })
+        .on_stores(async move {
+            match versions {
+                true => service.roster_for_versions(&id).await,
+                false => service.roster_for_read(&id).await,
+            }
+        })
         .await;
     let roster = match lookup {
         Ok(Ok(Some(roster))) => roster,
@@ -210,7 +226,12 @@ pub async fn group_version_read(
     };
     let header = json_header(&headers, ctx)?;
     let inline_members = group["member"].as_array().is_some_and(|m| !m.is_empty());
-    if inline_members {
+    let key = roster
+        .key_for_version(group["meta"]["lastUpdated"].as_str())
+        .map(str::to_string);
+    let (Some(key), false) = (key, inline_members) else {
+        // The legacy server's own version: members inline (from before the
+        // migration), or a generation whose roster the proxy never kept.
         let body = Bytes::from(serde_json::to_vec(&group).unwrap_or_default());
         let mut header = header;
         header.insert_header("content-length", body.len().to_string())?;
@@ -219,16 +240,8 @@ pub async fn group_version_read(
             .await?;
         session.write_response_body(Some(body), true).await?;
         return Ok(true);
-    }
-    write_streamed_group(
-        proxy,
-        session,
-        header,
-        group,
-        roster.group_key,
-        Some(version),
-    )
-    .await?;
+    };
+    write_streamed_group(proxy, session, header, group, key, Some(version)).await?;
     Ok(true)
 }
 
@@ -249,7 +262,7 @@ pub async fn group_history(
         roster,
         group: bundle,
         headers,
-    } = match fetch_managed(proxy, session, ctx, group_id, &path, "Bundle").await? {
+    } = match fetch_managed(proxy, session, ctx, group_id, &path, "Bundle", true).await? {
         Ok(fetched) => fetched,
         Err(answered) => return Ok(answered),
     };
@@ -286,10 +299,16 @@ pub async fn group_history(
             .and_then(|m| m.get("versionId"))
             .and_then(Value::as_str)
             .and_then(|v| v.parse::<u64>().ok());
-        let (Some(version), false) = (version, has_inline) else {
+        let key = roster.key_for_version(
+            resource
+                .get("meta")
+                .and_then(|m| m.get("lastUpdated"))
+                .and_then(Value::as_str),
+        );
+        let (Some(version), false, Some(key)) = (version, has_inline, key) else {
             continue;
         };
-        match roster_at(proxy, roster.group_key.clone(), version).await {
+        match roster_at(proxy, key.to_string(), version).await {
             Ok((members, active)) => {
                 resource.remove("member");
                 resource.remove("quantity");

@@ -79,6 +79,15 @@ pub struct MemberState {
     /// removed its inline array (verified equal to the roster): at that
     /// version the array is a copy, not drift.
     pub inline_copy_at: Option<u64>,
+    /// Earlier generations of a Group deleted and created again with this
+    /// id: their member keys, oldest first, with the time of their delete.
+    pub past: Vec<PastGeneration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PastGeneration {
+    pub key: String,
+    pub deleted_at: DateTime,
 }
 
 impl MemberState {
@@ -235,6 +244,20 @@ impl GroupDocuments {
         Ok(MemberState {
             in_clickhouse: state.get_str("storage").ok() == Some(STORAGE_CLICKHOUSE),
             inline_copy_at: parse_version("", state.get("inlineCopyAt")).ok(),
+            past: state
+                .get_array("past")
+                .map(|past| {
+                    past.iter()
+                        .filter_map(|p| {
+                            let p = p.as_document()?;
+                            Some(PastGeneration {
+                                key: p.get_str("key").ok()?.to_string(),
+                                deleted_at: *p.get_datetime("deletedAt").ok()?,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             pending,
         })
     }
@@ -469,10 +492,33 @@ impl GroupDocuments {
     /// Drops the member state of a deleted Group and starts a new generation:
     /// a Group created again with this id (and so the same `_uuid`) gets its
     /// own member key, since its versions may start over at 1.
-    pub async fn forget(&self, id: &str) -> Result<(), DocumentStoreError> {
-        let next = self.generation(id).await? + 1;
+    /// The finished generation's member key is kept with the time the delete
+    /// began: versions written before it still read their rosters from it.
+    pub async fn forget(
+        &self,
+        id: &str,
+        finished_key: &str,
+        deleted_at: DateTime,
+    ) -> Result<(), DocumentStoreError> {
+        let state = self.states.find_one(doc! { "_id": id }).await?;
+        let next = state
+            .as_ref()
+            .and_then(|s| s.get_i64("generation").ok())
+            .unwrap_or(0)
+            + 1;
+        let mut past = state
+            .as_ref()
+            .and_then(|s| s.get_array("past").ok())
+            .cloned()
+            .unwrap_or_default();
+        past.push(Bson::Document(
+            doc! { "key": finished_key, "deletedAt": deleted_at },
+        ));
         self.states
-            .replace_one(doc! { "_id": id }, doc! { "_id": id, "generation": next })
+            .replace_one(
+                doc! { "_id": id },
+                doc! { "_id": id, "generation": next, "past": past },
+            )
             .upsert(true)
             .await?;
         Ok(())
