@@ -1733,3 +1733,29 @@ async fn queued_patches_are_batched_but_answered_one_by_one() {
         );
     }
 }
+
+/// A patch at the op cap with long ids (64-character FHIR ids) is one valid
+/// request: it is applied, not refused as "transient" by a query that
+/// outgrew the member store's limits.
+#[tokio::test]
+async fn a_patch_at_the_op_cap_with_long_ids_is_applied() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.create_group(json!([])).await;
+    let ops: Vec<Value> = (0..10_000)
+        .map(|i| add(&format!("Patient/{i:064}")))
+        .collect();
+    let reply = stack
+        .patch(&id, Value::Array(ops), &[("prefer", "return=minimal")])
+        .await;
+    reply.assert_status(200);
+    assert_eq!(stack.event_count(&id).await, 10_000);
+    // And again on top of them: every named member is looked up.
+    let again: Vec<Value> = (0..10_000)
+        .map(|i| remove(&format!("Patient/{i:064}")))
+        .collect();
+    stack
+        .patch(&id, Value::Array(again), &[("prefer", "return=minimal")])
+        .await
+        .assert_status(200);
+    assert!(stack.members(&id).await.is_empty());
+}

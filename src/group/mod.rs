@@ -59,10 +59,18 @@ impl WriteError {
                      same X-Request-Id to learn its outcome"
                 ),
             ),
-            WriteError::Events(e) => Outcome::error(
+            WriteError::Events(e) if e.is_transient() => Outcome::error(
                 503,
                 IssueType::Transient,
                 format!("member store unavailable, nothing was changed: {e}"),
+            ),
+            WriteError::Events(e) => Outcome::error(
+                500,
+                IssueType::Exception,
+                format!(
+                    "the member store refused the request, nothing was changed; the same \
+                     request would be refused again, so do not retry it as it is: {e}"
+                ),
             ),
             WriteError::Documents(DocumentStoreError::Ambiguous { id }) => Outcome::error(
                 409,

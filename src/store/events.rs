@@ -143,24 +143,28 @@ impl EventStore {
         group_key: &str,
         references: &[&EntityReference],
     ) -> Result<HashMap<EntityReference, MemberAttributes>, EventStoreError> {
-        if references.is_empty() {
-            return Ok(HashMap::new());
-        }
         let names: Vec<&str> = references.iter().map(|r| r.as_str()).collect();
-        let rows = self
-            .client
-            .query(&format!(
-                "SELECT entity_reference, argMaxMerge(present) AS present, \
-                        argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
-                        argMaxMerge(period_end) AS period_end \
-                 FROM {CURRENT} \
-                 WHERE group_key = ? AND entity_reference IN (SELECT arrayJoin(?)) \
-                 GROUP BY entity_reference"
-            ))
-            .bind(group_key)
-            .bind(names)
-            .fetch_all::<CurrentStateRow>()
-            .await?;
+        let mut rows = Vec::new();
+        // Bound values are sent inside the SQL text: chunks keep every query
+        // well under ClickHouse's default max_query_size (256 KiB) whatever
+        // the number and length of the references.
+        for chunk in chunks_of_text(&names, MAX_BOUND_TEXT_BYTES) {
+            rows.extend(
+                self.client
+                    .query(&format!(
+                        "SELECT entity_reference, argMaxMerge(present) AS present, \
+                                argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
+                                argMaxMerge(period_end) AS period_end \
+                         FROM {CURRENT} \
+                         WHERE group_key = ? AND entity_reference IN (SELECT arrayJoin(?)) \
+                         GROUP BY entity_reference"
+                    ))
+                    .bind(group_key)
+                    .bind(chunk)
+                    .fetch_all::<CurrentStateRow>()
+                    .await?,
+            );
+        }
         Ok(rows
             .into_iter()
             .filter(|row| row.present == 1)
@@ -464,14 +468,18 @@ async fn publish_tokens(
     client: &clickhouse::Client,
     tokens: Vec<String>,
 ) -> Result<(), clickhouse::error::Error> {
-    client
-        .query(&format!(
-            "INSERT INTO {EVENTS} SELECT * FROM {EVENTS_STAGED} \
-             WHERE token IN (SELECT arrayJoin(?))"
-        ))
-        .bind(tokens)
-        .execute()
-        .await
+    let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    for chunk in chunks_of_text(&tokens, MAX_BOUND_TEXT_BYTES) {
+        client
+            .query(&format!(
+                "INSERT INTO {EVENTS} SELECT * FROM {EVENTS_STAGED} \
+                 WHERE token IN (SELECT arrayJoin(?))"
+            ))
+            .bind(chunk)
+            .execute()
+            .await?;
+    }
+    Ok(())
 }
 
 /// Runs the schema statements; used by `schema apply` and at proxy start.
@@ -624,11 +632,101 @@ mod tests {
     use super::*;
 
     #[test]
+    fn long_value_lists_are_cut_into_queries_of_bounded_text() {
+        let names: Vec<String> = (0..10_000).map(|i| format!("Patient/{i:064}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let chunks = chunks_of_text(&names, MAX_BOUND_TEXT_BYTES);
+        assert!(chunks.len() > 1);
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), names.len());
+        for chunk in &chunks {
+            let text: usize = chunk.iter().map(|n| n.len() * 2 + 3).sum();
+            assert!(text <= MAX_BOUND_TEXT_BYTES, "{text}");
+        }
+        assert!(chunks_of_text(&[], 10).is_empty());
+        assert_eq!(
+            chunks_of_text(&["a-long-one"], 5),
+            vec![&["a-long-one"][..]]
+        );
+    }
+
+    #[test]
+    fn refused_queries_are_not_transient_and_outages_are() {
+        use clickhouse::error::Error;
+        let refused = EventStoreError::ClickHouse(Error::BadResponse(
+            "Code: 62, e.displayText() = DB::Exception: Syntax error: failed at position 262122"
+                .into(),
+        ));
+        assert!(!refused.is_transient());
+        let overloaded = EventStoreError::ClickHouse(Error::BadResponse(
+            "Code: 252, e.displayText() = DB::Exception: Too many parts".into(),
+        ));
+        assert!(overloaded.is_transient());
+        assert!(EventStoreError::ClickHouse(Error::TimedOut).is_transient());
+        assert!(!EventStoreError::ForeignSchema("x".into()).is_transient());
+    }
+
+    #[test]
     fn sequence_orders_by_version_then_op() {
         assert!(event_sequence(2, 0) > event_sequence(1, 10_000));
         assert!(event_sequence(1, 1) > event_sequence(1, 0));
         assert_eq!(event_sequence(3, 5) >> 20, 3);
     }
+}
+
+/// Most bytes of values one query carries in its text (quoting included).
+const MAX_BOUND_TEXT_BYTES: usize = 96 * 1024;
+
+/// `items` in runs whose quoted text stays within `max_bytes` (an item
+/// longer than that goes alone).
+fn chunks_of_text<'a>(items: &'a [&'a str], max_bytes: usize) -> Vec<&'a [&'a str]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        // Quotes, a comma, and room for escapes.
+        let cost = item.len() * 2 + 3;
+        if i > start && bytes + cost > max_bytes {
+            chunks.push(&items[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += cost;
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
+}
+
+impl EventStoreError {
+    /// Whether trying again later can succeed: the store was unreachable,
+    /// slow or overloaded. A query it refused (syntax, size, schema) fails
+    /// the same way every time.
+    pub fn is_transient(&self) -> bool {
+        use clickhouse::error::Error;
+        match self {
+            EventStoreError::ClickHouse(Error::Network(_) | Error::TimedOut) => true,
+            EventStoreError::ClickHouse(Error::BadResponse(text)) => {
+                // TIMEOUT_EXCEEDED, SOCKET_TIMEOUT, NETWORK_ERROR,
+                // TOO_MANY_SIMULTANEOUS_QUERIES, MEMORY_LIMIT_EXCEEDED,
+                // TOO_MANY_PARTS, TABLE_IS_READ_ONLY, ALL_CONNECTION_TRIES_FAILED.
+                const TRANSIENT: [u32; 9] = [159, 209, 210, 202, 241, 252, 242, 279, 425];
+                server_error_code(text).is_none_or(|code| TRANSIENT.contains(&code))
+            }
+            EventStoreError::ClickHouse(_) => false,
+            EventStoreError::Batch(_) => true,
+            EventStoreError::ForeignSchema(_) => false,
+        }
+    }
+}
+
+/// `Code: 62` in a ClickHouse error text.
+fn server_error_code(text: &str) -> Option<u32> {
+    let after = text.split("Code: ").nth(1)?;
+    after
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A migrated Group that holds a member (reverse index).
