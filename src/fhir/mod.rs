@@ -6,6 +6,7 @@ pub mod group_read;
 pub mod group_resource;
 pub mod group_search;
 pub mod json_limits;
+pub mod member_array;
 pub mod member_patch;
 pub mod migration;
 pub mod outcome;
