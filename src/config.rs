@@ -236,6 +236,11 @@ pub struct MongoSettings {
     /// Any MongoDB connection string, replica sets included.
     pub uri: String,
     pub database: String,
+    /// Where the legacy server keeps resource history, when not beside the
+    /// resources (the reference server's `RESOURCE_HISTORY_MONGO_URL` /
+    /// `RESOURCE_HISTORY_MONGO_DB_NAME`): empty means `uri` / `database`.
+    pub history_uri: String,
+    pub history_database: String,
 }
 
 impl Default for MongoSettings {
@@ -243,6 +248,8 @@ impl Default for MongoSettings {
         Self {
             uri: "mongodb://127.0.0.1:27017/".into(),
             database: "fhir".into(),
+            history_uri: String::new(),
+            history_database: String::new(),
         }
     }
 }
@@ -407,6 +414,17 @@ pub struct Overrides {
     /// MongoDB database of the legacy FHIR server [mongo.database]
     #[arg(long, env = "FGP_MONGO_DATABASE", global = true)]
     pub mongo_database: Option<String>,
+    /// MongoDB connection string of the legacy server's history, empty = mongo.uri [mongo.history_uri]
+    #[arg(
+        long,
+        env = "FGP_MONGO_HISTORY_URI",
+        hide_env_values = true,
+        global = true
+    )]
+    pub mongo_history_uri: Option<String>,
+    /// MongoDB database of the legacy server's history, empty = mongo.database [mongo.history_database]
+    #[arg(long, env = "FGP_MONGO_HISTORY_DATABASE", global = true)]
+    pub mongo_history_database: Option<String>,
     /// Handle member PATCHes in the proxy [members.enabled]
     #[arg(long, env = "FGP_MEMBERS_ENABLED", global = true)]
     pub members_enabled: Option<bool>,
@@ -566,6 +584,8 @@ impl Config {
         );
         set(&mut self.mongo.uri, &o.mongo_uri);
         set(&mut self.mongo.database, &o.mongo_database);
+        set(&mut self.mongo.history_uri, &o.mongo_history_uri);
+        set(&mut self.mongo.history_database, &o.mongo_history_database);
         let m = &mut self.members;
         set(&mut m.enabled, &o.members_enabled);
         set(

@@ -1759,3 +1759,51 @@ async fn a_patch_at_the_op_cap_with_long_ids_is_applied() {
         .assert_status(200);
     assert!(stack.members(&id).await.is_empty());
 }
+
+/// A legacy server that keeps history in a database of its own (the
+/// reference server's RESOURCE_HISTORY_MONGO_DB_NAME): the proxy writes the
+/// history entries of member writes there, in the legacy server's shape, so
+/// the legacy server serves every version.
+#[tokio::test]
+async fn history_entries_go_where_the_legacy_server_keeps_history() {
+    let history = unique_name("resource_history");
+    let standin = Standin::start_with_history_database(&history).await;
+    let stack =
+        Stack::start_behind(standin, &[("FGP_MONGO_HISTORY_DATABASE", history.as_str())]).await;
+    let id = stack.create_group(json!([])).await;
+    stack
+        .patch(&id, json!([add("Patient/h")]), &[])
+        .await
+        .assert_status(200);
+    let reply = send(
+        &stack.client,
+        "GET",
+        &format!("{}/_history/2", stack.group_url(&id)),
+        &[],
+        "",
+    )
+    .await;
+    reply.assert_status(200);
+    assert_eq!(references(&reply.json()), vec!["Patient/h"]);
+    let entries = mongodb::Client::with_uri_str(mongo_uri())
+        .await
+        .unwrap()
+        .database(&history)
+        .collection::<Document>("Group_4_0_0_History");
+    let entry = entries
+        .find_one(doc! {"resource.id": &id, "resource.meta.versionId": "2"})
+        .await
+        .unwrap()
+        .expect("the proxy's entry is in the history database");
+    assert_eq!(entry.get_str("id").unwrap(), stack.group_key(&id).await);
+    assert_eq!(
+        stack
+            .mongo
+            .collection::<Document>("Group_4_0_0_History")
+            .count_documents(doc! {"resource.id": &id})
+            .await
+            .unwrap(),
+        0,
+        "nothing in the resources' database"
+    );
+}

@@ -117,6 +117,7 @@ async fn mongo_insert_and_find_one_and_update() {
     let settings = MongoSettings {
         uri: support::mongo_uri(),
         database: support::unique_name("fgp_probe"),
+        ..Default::default()
     };
     let database = store::mongo::connect(&settings).await.expect("client");
     store::mongo::ping(&database)

@@ -178,9 +178,12 @@ impl GroupService {
         let database = crate::store::mongo::connect(&config.mongo)
             .await
             .map_err(DocumentStoreError::from)?;
+        let history = crate::store::mongo::connect_history(&config.mongo, &database)
+            .await
+            .map_err(DocumentStoreError::from)?;
         Ok(Self {
             events,
-            documents: GroupDocuments::new(&database, holder),
+            documents: GroupDocuments::new(&database, &history, holder),
             settings: WriteSettings {
                 lease_ttl: Duration::from_millis(config.members.lease_ttl_ms),
                 write_wait: Duration::from_millis(config.members.write_wait_ms),

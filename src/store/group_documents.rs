@@ -133,12 +133,18 @@ pub struct GroupDocuments {
 }
 
 impl GroupDocuments {
-    pub fn new(database: &mongodb::Database, holder: LeaseHolder) -> Self {
+    /// `history`: the database the legacy server keeps history in (often
+    /// `database` itself).
+    pub fn new(
+        database: &mongodb::Database,
+        history: &mongodb::Database,
+        holder: LeaseHolder,
+    ) -> Self {
         Self {
             holder,
             database: database.clone(),
             groups: database.collection(GROUP_COLLECTION),
-            history: database.collection(GROUP_HISTORY_COLLECTION),
+            history: history.collection(GROUP_HISTORY_COLLECTION),
             states: database.collection(MEMBER_STATE_COLLECTION),
             locks: database.collection(MEMBER_LOCK_COLLECTION),
             requests: database.collection(MEMBER_REQUEST_COLLECTION),
@@ -564,13 +570,18 @@ impl GroupDocuments {
         method: &str,
         url: &str,
     ) -> Result<(), DocumentStoreError> {
-        let id = resource.get_str("id").unwrap_or_default().to_string();
+        // The reference server's own shape: the entry's id is the Group's
+        // `_uuid` (the FHIR id where there is none).
+        let entry_id = resource
+            .get_str("_uuid")
+            .or_else(|_| resource.get_str("id"))
+            .unwrap_or_default()
+            .to_string();
         let mut fhir = resource.clone();
         fhir.remove("_id");
         fhir.remove("_memberCommitToken");
         let entry = doc! {
-            "id": &id,
-            "_uuid": resource.get_str("_uuid").unwrap_or_default(),
+            "id": entry_id,
             "resource": fhir,
             "request": { "id": request_id, "method": method, "url": url },
             "response": { "status": "200" },

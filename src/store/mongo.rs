@@ -10,7 +10,27 @@ use mongodb::options::ClientOptions;
 use crate::config::MongoSettings;
 
 pub async fn connect(settings: &MongoSettings) -> Result<mongodb::Database, mongodb::error::Error> {
-    let mut options = ClientOptions::parse(&settings.uri).await?;
+    Ok(client(&settings.uri).await?.database(&settings.database))
+}
+
+/// The database the legacy server keeps resource history in: `history_uri`
+/// and `history_database`, each defaulting to the resources' own.
+pub async fn connect_history(
+    settings: &MongoSettings,
+    resources: &mongodb::Database,
+) -> Result<mongodb::Database, mongodb::error::Error> {
+    let name = match settings.history_database.as_str() {
+        "" => settings.database.as_str(),
+        name => name,
+    };
+    if settings.history_uri.is_empty() {
+        return Ok(resources.client().database(name));
+    }
+    Ok(client(&settings.history_uri).await?.database(name))
+}
+
+async fn client(uri: &str) -> Result<mongodb::Client, mongodb::error::Error> {
+    let mut options = ClientOptions::parse(uri).await?;
     if options.app_name.is_none() {
         options.app_name = Some("fhir-group-proxy".into());
     }
@@ -23,8 +43,7 @@ pub async fn connect(settings: &MongoSettings) -> Result<mongodb::Database, mong
         options.connect_timeout = Some(std::time::Duration::from_secs(2));
     }
     options.command_event_handler = Some(EventHandler::callback(record_command));
-    let client = mongodb::Client::with_options(options)?;
-    Ok(client.database(&settings.database))
+    mongodb::Client::with_options(options)
 }
 
 pub async fn ping(database: &mongodb::Database) -> Result<(), mongodb::error::Error> {

@@ -59,15 +59,34 @@ impl Standin {
         Self::start_with(Default::default(), fidelity).await
     }
 
+    /// A stand-in that keeps history in a database of its own.
+    pub async fn start_with_history_database(history_database: &str) -> Standin {
+        Self::start_configured(
+            Default::default(),
+            Default::default(),
+            Some(history_database),
+        )
+        .await
+    }
+
     async fn start_with(
         access: standin_legacy_fhir::AccessTokens,
         fidelity: standin_legacy_fhir::Fidelity,
+    ) -> Standin {
+        Self::start_configured(access, fidelity, None).await
+    }
+
+    async fn start_configured(
+        access: standin_legacy_fhir::AccessTokens,
+        fidelity: standin_legacy_fhir::Fidelity,
+        history_database: Option<&str>,
     ) -> Standin {
         let database = unique_name("standin");
         let config = StandinConfig {
             base_path: "/4_0_0".into(),
             access,
             fidelity,
+            history_database: history_database.map(str::to_string),
             ..StandinConfig::new(mongo_uri(), database.clone())
         };
         let (addr, task) = spawn_on_free_port(config).await.expect(
