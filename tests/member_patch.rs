@@ -75,7 +75,7 @@ async fn member_ops_write_events_and_only_metadata() {
     let history = stack
         .mongo
         .collection::<Document>("Group_4_0_0_History")
-        .find_one(doc! {"id": &id, "request.method": "PATCH"})
+        .find_one(doc! {"resource.id": &id, "request.method": "PATCH"})
         .await
         .unwrap()
         .expect("history entry");
@@ -1040,10 +1040,11 @@ async fn roster_at(stack: &Stack, id: &str, version: u64) -> (String, Vec<String
     let read = send(&stack.client, "GET", &url, &[], "").await;
     read.assert_status(200);
     let group = read.json();
+    // No members: no `member` element at all (FHIR JSON has no empty arrays).
     let references = group["member"]
         .as_array()
-        .unwrap()
-        .iter()
+        .into_iter()
+        .flatten()
         .map(|m| m["entity"]["reference"].as_str().unwrap().to_string())
         .collect();
     (
@@ -1712,7 +1713,7 @@ async fn queued_patches_are_batched_but_answered_one_by_one() {
     let history: Vec<String> = stack
         .mongo
         .collection::<Document>("Group_4_0_0_History")
-        .find(doc! {"id": &id})
+        .find(doc! {"resource.id": &id})
         .await
         .unwrap()
         .filter_map(|entry| async move {

@@ -484,6 +484,21 @@ async fn the_history_of_a_managed_group_carries_each_versions_roster() {
             "no empty arrays in FHIR JSON"
         );
     }
+    let first = send(
+        &stack.client,
+        "GET",
+        &format!("{}/_history/1", stack.group_url(&id)),
+        &[],
+        "",
+    )
+    .await;
+    first.assert_status(200);
+    let first = first.json();
+    assert!(
+        first.get("member").is_none(),
+        "no empty member array: {first}"
+    );
+    assert_eq!(first["quantity"], 0);
 }
 
 /// While no Group's roster is managed, requests around the member path are

@@ -604,18 +604,42 @@ async fn write_streamed_group(
         (_, group) => group,
     };
     let (prefix, _) = split_around_members(&group);
-    header.insert_header("transfer-encoding", "chunked")?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session
-        .write_response_body(Some(Bytes::from(prefix)), false)
-        .await?;
     let mut chunks = stream_members(proxy, group_key, at_version);
+    // Nothing goes out before the first member: a roster without members
+    // is answered as a Group without `member` (FHIR JSON has no empty
+    // arrays), and a store failure before any member still gets its 503.
+    let mut started = false;
     while let Some(chunk) = chunks.recv().await {
         match chunk {
+            Ok(RosterChunk::Members(bytes)) if bytes.is_empty() => {}
             Ok(RosterChunk::Members(bytes)) => {
+                if !started {
+                    started = true;
+                    header.insert_header("transfer-encoding", "chunked")?;
+                    session
+                        .write_response_header(Box::new(header.clone()), false)
+                        .await?;
+                    session
+                        .write_response_body(Some(Bytes::from(prefix.clone())), false)
+                        .await?;
+                }
                 session.write_response_body(Some(bytes), false).await?
+            }
+            Ok(RosterChunk::End { active_members }) if !started => {
+                let mut group = group;
+                if let Some(object) = group.as_object_mut() {
+                    object.remove("member");
+                    if quantity_last {
+                        object.insert("quantity".into(), active_members.into());
+                    }
+                }
+                let body = Bytes::from(serde_json::to_vec(&group).unwrap_or_default());
+                header.insert_header("content-length", body.len().to_string())?;
+                session
+                    .write_response_header(Box::new(header), false)
+                    .await?;
+                session.write_response_body(Some(body), true).await?;
+                return Ok(());
             }
             Ok(RosterChunk::End { active_members }) => {
                 let suffix = if quantity_last {
@@ -626,6 +650,21 @@ async fn write_streamed_group(
                 session
                     .write_response_body(Some(Bytes::from(suffix)), true)
                     .await?;
+                return Ok(());
+            }
+            Err(error) if !started => {
+                let outcome = Outcome::error(
+                    503,
+                    IssueType::Transient,
+                    format!("the roster cannot be read now: {error}"),
+                );
+                let request_id = header
+                    .headers
+                    .get(X_REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                send_outcome(session, &outcome, &request_id).await?;
                 return Ok(());
             }
             Err(error) => {

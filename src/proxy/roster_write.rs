@@ -63,7 +63,11 @@ pub async fn group_update(
         }
         _ => return Ok(forward(body)),
     };
-    let upstream_body = Bytes::from(serde_json::to_vec(&group.document).unwrap_or_default());
+    // `quantity` of a Group whose roster the proxy keeps is computed from
+    // that roster on every read; a stored one could only go stale.
+    let mut document = group.document;
+    document.remove("quantity");
+    let upstream_body = Bytes::from(serde_json::to_vec(&document).unwrap_or_default());
     let part = proxy.conditional_upstream_write(session, ctx, upstream_body)?;
     let edit = MemberEdit::ReplaceRoster(roster);
     let written = crate::proxy::intercept::write_members(
