@@ -181,6 +181,9 @@ pub struct FhirSettings {
     pub max_inline_members: usize,
     /// Deepest nesting of arrays/objects in a body the proxy reads (400 above).
     pub max_json_depth: usize,
+    /// Canonical base of the proxy's own extension URLs (`members-paged`,
+    /// `member-removed` are appended).
+    pub extension_base: String,
 }
 
 impl Default for FhirSettings {
@@ -191,6 +194,7 @@ impl Default for FhirSettings {
             max_patch_operations: 10_000,
             max_inline_members: 10_000,
             max_json_depth: 64,
+            extension_base: crate::fhir::group_read::DEFAULT_EXTENSION_BASE.into(),
         }
     }
 }
@@ -376,6 +380,9 @@ pub struct Overrides {
     /// Most JSON Patch operations in one member PATCH [fhir.max_patch_operations]
     #[arg(long, env = "FGP_FHIR_MAX_PATCH_OPERATIONS", global = true)]
     pub fhir_max_patch_operations: Option<usize>,
+    /// Canonical base of the proxy's extension URLs [fhir.extension_base]
+    #[arg(long, env = "FGP_FHIR_EXTENSION_BASE", global = true)]
+    pub fhir_extension_base: Option<String>,
     /// Deepest JSON nesting in a body the proxy reads [fhir.max_json_depth]
     #[arg(long, env = "FGP_FHIR_MAX_JSON_DEPTH", global = true)]
     pub fhir_max_json_depth: Option<usize>,
@@ -557,6 +564,7 @@ impl Config {
         );
         set(&mut self.fhir.base_paths, &o.fhir_base_paths);
         set(&mut self.fhir.max_json_depth, &o.fhir_max_json_depth);
+        set(&mut self.fhir.extension_base, &o.fhir_extension_base);
         set(
             &mut self.fhir.max_intercepted_body_bytes,
             &o.fhir_max_intercepted_body_bytes,

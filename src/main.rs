@@ -10,7 +10,12 @@ use tracing_subscriber::EnvFilter;
 
 /// A FHIR-aware reverse proxy for legacy MongoDB-backed FHIR R4 servers.
 ///
-/// Every request is forwarded to the upstream FHIR server unchanged and streamed.
+/// Group rosters live in ClickHouse: member PATCHes (and Da Vinci ATR
+/// operations) of the Groups the proxy keeps are answered by the proxy, their
+/// reads get their members from ClickHouse, and requests that would reach a
+/// kept roster around that path are refused with an OperationOutcome. Every
+/// other request is forwarded to the upstream FHIR server unchanged and
+/// streamed.
 /// Settings come from a TOML file (--config; see config/fhir-group-proxy.toml),
 /// each overridable by the environment variable or flag listed below
 /// (flag > environment > file > default).

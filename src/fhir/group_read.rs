@@ -5,9 +5,20 @@ use serde_json::{json, Map, Value};
 
 use crate::fhir::member_patch::MemberAttributes;
 
+/// The default base of the proxy's own extension URLs (`fhir.extension_base`):
+/// a URN, since no StructureDefinition is published for them. An operator
+/// who publishes them sets its own canonical base.
+pub const DEFAULT_EXTENSION_BASE: &str = "urn:fhir-group-proxy:extension:";
+
 /// Extension on a Group read that names where its members can be paged.
-pub const MEMBERS_PAGED_EXTENSION: &str =
-    "https://github.com/fhir-group-proxy/StructureDefinition/members-paged";
+pub fn members_paged_extension(extension_base: &str) -> String {
+    format!("{extension_base}members-paged")
+}
+
+/// Extension on a member listed by `$members?_since=` that was removed.
+pub fn member_removed_extension(extension_base: &str) -> String {
+    format!("{extension_base}member-removed")
+}
 
 /// Whether a read asks for the roster (`_summary`, `_elements`).
 pub fn wants_members(query: Option<&str>) -> bool {
@@ -53,9 +64,12 @@ pub fn with_quantity(mut group: Value, active_members: i64) -> Value {
 }
 
 /// Points a read that left the roster out (too large) at the paging operation.
-pub fn with_paging_link(mut group: Value, members_url: &str) -> Value {
+pub fn with_paging_link(mut group: Value, members_url: &str, extension_base: &str) -> Value {
     if let Some(object) = group.as_object_mut() {
-        let extension = json!({ "url": MEMBERS_PAGED_EXTENSION, "valueUri": members_url });
+        let extension = json!({
+            "url": members_paged_extension(extension_base),
+            "valueUri": members_url
+        });
         match object.get_mut("extension").and_then(Value::as_array_mut) {
             Some(list) => list.push(extension),
             None => {
@@ -104,17 +118,17 @@ pub struct PageRequest {
     pub since_ms: Option<u64>,
 }
 
-/// Extension on a member listed by `$members?_since=` that was removed.
-pub const MEMBER_REMOVED_EXTENSION: &str =
-    "https://github.com/fhir-group-proxy/StructureDefinition/member-removed";
-
 /// A member removed since `_since`: its last attributes, marked removed.
-pub fn removed_member_json(reference: &str, attributes: &MemberAttributes) -> Value {
+pub fn removed_member_json(
+    reference: &str,
+    attributes: &MemberAttributes,
+    extension_base: &str,
+) -> Value {
     let mut member = member_json(reference, attributes);
     if let Some(object) = member.as_object_mut() {
         object.insert(
             "extension".into(),
-            json!([{ "url": MEMBER_REMOVED_EXTENSION, "valueBoolean": true }]),
+            json!([{ "url": member_removed_extension(extension_base), "valueBoolean": true }]),
         );
         object.insert("inactive".into(), json!(true));
     }
@@ -252,7 +266,20 @@ mod tests {
 
     #[test]
     fn paging_link_is_an_extension() {
-        let group = with_paging_link(json!({"resourceType": "Group"}), "/4_0_0/Group/g/$members");
+        let group = with_paging_link(
+            json!({"resourceType": "Group"}),
+            "/4_0_0/Group/g/$members",
+            DEFAULT_EXTENSION_BASE,
+        );
         assert_eq!(group["extension"][0]["valueUri"], "/4_0_0/Group/g/$members");
+        assert_eq!(
+            group["extension"][0]["url"],
+            "urn:fhir-group-proxy:extension:members-paged"
+        );
+        let published = members_paged_extension("https://fhir.example.org/StructureDefinition/");
+        assert_eq!(
+            published,
+            "https://fhir.example.org/StructureDefinition/members-paged"
+        );
     }
 }

@@ -60,6 +60,7 @@ pub fn merge_member_search(
     migrated: Value,
     active_members: &HashMap<String, i64>,
     base: &str,
+    extension_base: &str,
 ) -> Value {
     let mut seen: HashSet<String> = entries(&inline)
         .filter_map(|e| e["resource"]["id"].as_str().map(str::to_string))
@@ -77,7 +78,11 @@ pub fn merge_member_search(
             entry["resource"].take(),
             active_members.get(&id).copied().unwrap_or(0),
         );
-        entry["resource"] = with_paging_link(group, &format!("{base}/Group/{id}/$members"));
+        entry["resource"] = with_paging_link(
+            group,
+            &format!("{base}/Group/{id}/$members"),
+            extension_base,
+        );
         added.push(entry);
     }
     let added_count = added.len() as i64;
@@ -136,6 +141,7 @@ mod tests {
             migrated,
             &HashMap::from([("m1".to_string(), 4)]),
             "/4_0_0",
+            crate::fhir::group_read::DEFAULT_EXTENSION_BASE,
         );
         assert_eq!(merged["total"], 2);
         assert_eq!(merged["entry"][1]["resource"]["id"], "m1");

@@ -186,7 +186,11 @@ pub async fn group_read(
         && roster.counts.members <= proxy.config.fhir.max_inline_members as i64;
     if !inline {
         let group = if wants_members(query.as_deref()) {
-            with_paging_link(group, &format!("{base}/Group/{group_id}/$members"))
+            with_paging_link(
+                group,
+                &format!("{base}/Group/{group_id}/$members"),
+                &proxy.config.fhir.extension_base,
+            )
         } else {
             group
         };
@@ -488,7 +492,11 @@ pub async fn members_page(
         .iter()
         .map(|row| match row.present {
             1 => member_json(&row.entity_reference, &row.attributes()),
-            _ => removed_member_json(&row.entity_reference, &row.attributes()),
+            _ => removed_member_json(
+                &row.entity_reference,
+                &row.attributes(),
+                &proxy.config.fhir.extension_base,
+            ),
         })
         .collect();
     let group = with_quantity(group, roster.counts.active_members);

@@ -81,7 +81,13 @@ pub async fn group_member_search(
         return Ok(true);
     };
     let active: HashMap<String, i64> = migrated.into_iter().collect();
-    let merged = merge_member_search(inline_bundle, by_id_bundle, &active, base);
+    let merged = merge_member_search(
+        inline_bundle,
+        by_id_bundle,
+        &active,
+        base,
+        &proxy.config.fhir.extension_base,
+    );
     let body = Bytes::from(serde_json::to_vec(&merged).unwrap_or_default());
     let mut header = json_header(&inline.headers, ctx)?;
     header.insert_header("content-length", body.len().to_string())?;
