@@ -393,48 +393,10 @@ impl GroupService {
                 )
                 .await;
         }
-        let committed = self
-            .documents
-            .commit_version(id, head.version, new_version, token, committed_at)
+        self.commit_own(request, head.version, token, events_written, committed_at)
             .await
-            .map_err(|e| WriteError::CommitUnknown {
-                id: id.to_string(),
-                reason: e.to_string(),
-            })?;
-        let Some(document) = committed else {
-            // Someone (the legacy server, via passthrough) moved the version
-            // between our read and our commit; nothing of ours is visible.
-            self.documents.finish(id, token, false).await?;
-            return match request.if_match {
-                Some(_) => Err(self.version_conflict(id, "the Group changed during the write")),
-                None => Ok(Attempt::Busy),
-            };
-        };
-        super::crash_point_after_commit();
-
-        // Committed. What follows is completion: failures here are finished by
-        // recovery, and the client's write stands.
-        if let Err(e) = self
-            .documents
-            .insert_history(&document, &request.request_id, "PATCH", &request.url)
-            .await
-        {
-            tracing::error!(group = id, error = %e, "history entry not written for a committed member write");
-        }
-        self.complete_committed(id, token).await;
-        Ok(Attempt::Done(Box::new(MemberPatchResult {
-            version: new_version,
-            document: Some(document),
-            counts: None,
-            replayed: false,
-            events_written,
-            upstream_reply: None,
-        })))
     }
 
-    /// Split mixed patch: the legacy server's PATCH of the other ops is the
-    /// commit point (it moves the version n -> n+1); our staged member events
-    /// belong to that version.
     /// The legacy server's half of a split patch or roster PUT is the commit
     /// point. Which version it made is read from its answer, never assumed:
     /// - the next version: the member events belong to it;
@@ -480,7 +442,7 @@ impl GroupService {
         match made {
             Some(version) if version == base_version => {
                 return self
-                    .commit_alone(request, base_version, token, events_written, committed_at)
+                    .commit_own(request, base_version, token, events_written, committed_at)
                     .await;
             }
             Some(version) if version == new_version => {}
@@ -524,9 +486,10 @@ impl GroupService {
         })))
     }
 
-    /// The member half of a split write whose legacy half made no version:
-    /// committed by the proxy's own compare-and-swap, as a member-only write.
-    async fn commit_alone(
+    /// The commit point of a member-only write (also of the member half of a
+    /// split write whose legacy half made no version): the proxy's own
+    /// compare-and-swap of the version, then history and publication.
+    async fn commit_own(
         &self,
         request: &MemberPatchRequest,
         base_version: u64,
@@ -545,6 +508,8 @@ impl GroupService {
                 reason: e.to_string(),
             })?;
         let Some(document) = committed else {
+            // Someone (the legacy server, via passthrough) moved the version
+            // between our read and our commit; nothing of ours is visible.
             self.documents.finish(id, token, false).await?;
             return match request.if_match {
                 Some(_) => Err(self.version_conflict(id, "the Group changed during the write")),
@@ -552,6 +517,8 @@ impl GroupService {
             };
         };
         super::crash_point_after_commit();
+        // Committed. What follows is completion: failures here are finished by
+        // recovery, and the client's write stands.
         let method = if matches!(request.edit, MemberEdit::ReplaceRoster(_)) {
             "PUT"
         } else {

@@ -292,33 +292,21 @@ impl FhirGroupProxy {
         &self,
         id: &str,
     ) -> std::result::Result<Option<crate::group::RosterHome>, Outcome> {
-        let Some(service) = self.group_service.clone() else {
-            return Ok(None);
-        };
         let id = id.to_string();
-        match self
-            .on_stores(async move { service.roster_home(&id).await })
-            .await
-        {
-            Ok(Ok(home)) => Ok(Some(home)),
-            Ok(Err(error)) => Err(error.to_outcome()),
-            Err(outcome) => Err(outcome),
-        }
+        self.ask_stores(None, |service| async move {
+            service.roster_home(&id).await.map(Some)
+        })
+        .await
     }
 
     /// Whether any Group's roster lives in the member store (`false` with
     /// member handling off).
     pub(crate) async fn manages_any_group(&self) -> std::result::Result<bool, Outcome> {
-        let Some(service) = self.group_service.clone() else {
-            return Ok(false);
-        };
-        match self
-            .on_stores(async move { service.manages_any_group().await })
-            .await
-        {
-            Ok(result) => result.map_err(|error| error.to_outcome()),
-            Err(outcome) => Err(outcome),
-        }
+        self.ask_stores(
+            false,
+            |service| async move { service.manages_any_group().await },
+        )
+        .await
     }
 
     /// Which of the Groups `ids` keep their roster in the member store.
@@ -326,18 +314,31 @@ impl FhirGroupProxy {
         &self,
         ids: &[String],
     ) -> std::result::Result<Vec<String>, Outcome> {
-        let Some(service) = self.group_service.clone() else {
-            return Ok(Vec::new());
-        };
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let ids = ids.to_vec();
-        match self
-            .on_stores(async move { service.managed_among(&ids).await })
-            .await
-        {
-            Ok(result) => result.map_err(|error| error.to_outcome()),
+        self.ask_stores(Vec::new(), |service| async move {
+            service.managed_among(&ids).await
+        })
+        .await
+    }
+
+    /// One question to the member stores on the store runtime, its failure
+    /// as the answer to send; `off` when member handling is off.
+    async fn ask_stores<T, F, Fut>(&self, off: T, ask: F) -> std::result::Result<T, Outcome>
+    where
+        T: Send + 'static,
+        F: FnOnce(GroupService) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, crate::group::WriteError>>
+            + Send
+            + 'static,
+    {
+        let Some(service) = self.group_service.clone() else {
+            return Ok(off);
+        };
+        match self.on_stores(ask(service)).await {
+            Ok(answer) => answer.map_err(|error| error.to_outcome()),
             Err(outcome) => Err(outcome),
         }
     }

@@ -180,7 +180,7 @@ pub async fn group_read(
     };
     let group = with_quantity(group, roster.counts.active_members);
     let query = session.req_header().uri.query().map(str::to_string);
-    let mut header = json_header(&headers, ctx)?;
+    let header = json_header(&headers, ctx)?;
 
     let inline = wants_members(query.as_deref())
         && roster.counts.members <= proxy.config.fhir.max_inline_members as i64;
@@ -194,12 +194,7 @@ pub async fn group_read(
         } else {
             group
         };
-        let body = Bytes::from(serde_json::to_vec(&group).unwrap_or_default());
-        header.insert_header("content-length", body.len().to_string())?;
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await?;
+        write_json(session, header, &group).await?;
         return Ok(true);
     }
 
@@ -236,13 +231,7 @@ pub async fn group_version_read(
     let (Some(key), false) = (key, inline_members) else {
         // The legacy server's own version: members inline (from before the
         // migration), or a generation whose roster the proxy never kept.
-        let body = Bytes::from(serde_json::to_vec(&group).unwrap_or_default());
-        let mut header = header;
-        header.insert_header("content-length", body.len().to_string())?;
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await?;
+        write_json(session, header, &group).await?;
         return Ok(true);
     };
     write_streamed_group(proxy, session, header, group, key, Some(version)).await?;
@@ -332,13 +321,7 @@ pub async fn group_history(
             }
         }
     }
-    let body = Bytes::from(serde_json::to_vec(&bundle).unwrap_or_default());
-    let mut header = json_header(&headers, ctx)?;
-    header.insert_header("content-length", body.len().to_string())?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session.write_response_body(Some(body), true).await?;
+    write_json(session, json_header(&headers, ctx)?, &bundle).await?;
     Ok(true)
 }
 
@@ -367,6 +350,16 @@ async fn roster_at(
         }
     }
     Err("the roster stream ended early".into())
+}
+
+/// A whole JSON body with its `Content-Length`, under `header`.
+async fn write_json(session: &mut Session, mut header: ResponseHeader, body: &Value) -> Result<()> {
+    let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+    header.insert_header("content-length", body.len().to_string())?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await
 }
 
 /// The legacy server's response headers for a body the proxy rewrote.
@@ -507,13 +500,7 @@ pub async fn members_page(
         &link(&page.cursor),
         next.as_deref(),
     );
-    let body = Bytes::from(serde_json::to_vec(&bundle).unwrap_or_default());
-    let mut header = json_header(&headers, ctx)?;
-    header.insert_header("content-length", body.len().to_string())?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session.write_response_body(Some(body), true).await?;
+    write_json(session, json_header(&headers, ctx)?, &bundle).await?;
     Ok(true)
 }
 
@@ -641,12 +628,7 @@ async fn write_streamed_group(
                         object.insert("quantity".into(), active_members.into());
                     }
                 }
-                let body = Bytes::from(serde_json::to_vec(&group).unwrap_or_default());
-                header.insert_header("content-length", body.len().to_string())?;
-                session
-                    .write_response_header(Box::new(header), false)
-                    .await?;
-                session.write_response_body(Some(body), true).await?;
+                write_json(session, header, &group).await?;
                 return Ok(());
             }
             Ok(RosterChunk::End { active_members }) => {
