@@ -184,6 +184,14 @@ pub struct FhirSettings {
     /// Canonical base of the proxy's own extension URLs (`members-paged`,
     /// `member-removed` are appended).
     pub extension_base: String,
+    /// Status of a member patch that does not apply (a failed `test`, a
+    /// missing target): the legacy server's. FHIR says 422; the reference
+    /// server (icanbwell/fhir-server) answers 400.
+    pub patch_failure_status: u16,
+    /// The reference server's convention `remove /member/-` with a `value`:
+    /// remove every member with that `entity.reference`. RFC 6902 has no such
+    /// op; off, such a patch fails as RFC 6902 says.
+    pub remove_member_by_reference: bool,
 }
 
 impl Default for FhirSettings {
@@ -195,6 +203,8 @@ impl Default for FhirSettings {
             max_inline_members: 10_000,
             max_json_depth: 64,
             extension_base: crate::fhir::group_read::DEFAULT_EXTENSION_BASE.into(),
+            patch_failure_status: 422,
+            remove_member_by_reference: true,
         }
     }
 }
@@ -380,6 +390,12 @@ pub struct Overrides {
     /// Most JSON Patch operations in one member PATCH [fhir.max_patch_operations]
     #[arg(long, env = "FGP_FHIR_MAX_PATCH_OPERATIONS", global = true)]
     pub fhir_max_patch_operations: Option<usize>,
+    /// Status of a member patch that does not apply, 422 or 400 [fhir.patch_failure_status]
+    #[arg(long, env = "FGP_FHIR_PATCH_FAILURE_STATUS", global = true)]
+    pub fhir_patch_failure_status: Option<u16>,
+    /// Accept `remove /member/-` with a value (remove by reference) [fhir.remove_member_by_reference]
+    #[arg(long, env = "FGP_FHIR_REMOVE_MEMBER_BY_REFERENCE", global = true)]
+    pub fhir_remove_member_by_reference: Option<bool>,
     /// Canonical base of the proxy's extension URLs [fhir.extension_base]
     #[arg(long, env = "FGP_FHIR_EXTENSION_BASE", global = true)]
     pub fhir_extension_base: Option<String>,
@@ -566,6 +582,14 @@ impl Config {
         set(&mut self.fhir.max_json_depth, &o.fhir_max_json_depth);
         set(&mut self.fhir.extension_base, &o.fhir_extension_base);
         set(
+            &mut self.fhir.patch_failure_status,
+            &o.fhir_patch_failure_status,
+        );
+        set(
+            &mut self.fhir.remove_member_by_reference,
+            &o.fhir_remove_member_by_reference,
+        );
+        set(
             &mut self.fhir.max_intercepted_body_bytes,
             &o.fhir_max_intercepted_body_bytes,
         );
@@ -646,6 +670,13 @@ impl Config {
         }
         if self.fhir.max_patch_operations == 0 {
             return Err(invalid("fhir.max_patch_operations", "0", "must be > 0"));
+        }
+        if !matches!(self.fhir.patch_failure_status, 400 | 409 | 422) {
+            return Err(invalid(
+                "fhir.patch_failure_status",
+                &self.fhir.patch_failure_status.to_string(),
+                "must be 400, 409 or 422",
+            ));
         }
         if !matches!(self.members.version_conflict_status, 409 | 412) {
             return Err(invalid(

@@ -90,7 +90,7 @@ async fn bench_compares_both_targets_and_writes_report_and_chart() {
     // The proxy side really went through the member store: the seeding and
     // the measured PATCHes are events, and the clean-up deleted both Groups.
     let events: u64 = fhir_group_proxy::store::clickhouse::connect(&clickhouse)
-        .query("SELECT count() FROM Group_4_0_0_MemberEvents")
+        .query("SELECT count() FROM Group_4_0_0_MemberSlotEvents")
         .fetch_one()
         .await
         .expect("events count");

@@ -332,8 +332,8 @@ async fn killed_stores_lose_no_acknowledged_write_and_show_no_unacknowledged_one
     let events = fhir_group_proxy::store::clickhouse::connect(&settings);
     let doubled: Vec<(String, String, u64)> = events
         .query(
-            "SELECT group_id, entity_reference, count() AS c FROM Group_4_0_0_MemberEvents \
-             GROUP BY group_id, entity_reference HAVING c > 1",
+            "SELECT group_id, match_key, count() AS c FROM Group_4_0_0_MemberSlotEvents \
+             WHERE slot_id != '' GROUP BY group_id, match_key HAVING c > 1",
         )
         .fetch_all()
         .await

@@ -323,10 +323,11 @@ async fn a_failed_verification_leaves_the_group_untouched() {
     let stores = Stores::start().await;
     let proxy = stores.proxy();
     // (fault, what verification sees, events after the repair: the first
-    // run's plus one for the member it got wrong)
+    // run's plus the repair: the missing member, or the wrong element
+    // removed and the right one put)
     for (fault, what, events) in [
         ("drop-member", "ClickHouse 39 members", 39 + 1),
-        ("alter-member", "ClickHouse 40 members", 40 + 1),
+        ("alter-member", "ClickHouse 40 members", 40 + 2),
     ] {
         let id = stores
             .create_inline_group(json!({}), members(fault, 40))
@@ -420,15 +421,16 @@ async fn reverse_writes_the_roster_back_and_a_later_migration_follows_legacy_edi
     );
 
     // Back on the legacy path: member PATCHes go to the legacy server (the
-    // array is in reference order, so member 0 is Patient/added), and the
+    // array is in the order it was kept, so the appended Patient/added is
+    // member 119), and the
     // member search no longer answers from ClickHouse for this Group.
     stores
         .patch(
             &proxy,
             &id,
             json!([
-                {"op": "test", "path": "/member/0/entity/reference", "value": "Patient/added"},
-                {"op": "remove", "path": "/member/0"},
+                {"op": "test", "path": "/member/119/entity/reference", "value": "Patient/added"},
+                {"op": "remove", "path": "/member/119"},
             ]),
         )
         .await

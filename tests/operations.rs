@@ -354,7 +354,7 @@ async fn sigterm_lets_in_flight_member_writes_finish_before_exiting() {
             .and_then(|m| m.get_str("versionId"));
         assert_eq!(version, Ok("2"), "Group/{id} metadata committed");
         let published: u64 = events
-            .query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_id = ? AND entity_reference = ?")
+            .query("SELECT count() FROM Group_4_0_0_MemberSlotEvents WHERE group_id = ? AND match_key = ?")
             .bind(id.as_str())
             .bind(format!("Patient/shutdown-{i}"))
             .fetch_one()

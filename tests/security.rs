@@ -53,8 +53,10 @@ async fn create_as_writer(client: &HttpClient, standin: &Standin) -> String {
             ("content-type", "application/fhir+json"),
             ("authorization", "Bearer writer"),
         ],
-        serde_json::to_vec(&json!({"resourceType": "Group", "type": "person", "actual": true}))
-            .unwrap(),
+        serde_json::to_vec(
+            &json!({"resourceType": "Group", "type": "person", "actual": true, "member": []}),
+        )
+        .unwrap(),
     )
     .await;
     created.assert_status(201);
@@ -524,7 +526,7 @@ async fn hostile_input_is_refused_or_stored_verbatim() {
     }
     let events = fhir_group_proxy::store::clickhouse::connect(&clickhouse);
     let stored: Vec<String> = events
-        .query("SELECT request_id FROM Group_4_0_0_MemberEvents ORDER BY group_version")
+        .query("SELECT request_id FROM Group_4_0_0_MemberSlotEvents ORDER BY group_version")
         .fetch_all()
         .await
         .expect("the events table is still there");

@@ -178,7 +178,7 @@ async fn clickhouse_tables_of_another_shape_are_refused_by_name() {
         .unwrap();
     client
         .query(&format!(
-            "CREATE TABLE {db}.Group_4_0_0_MemberEvents (group_id String, entity_reference String, \
+            "CREATE TABLE {db}.Group_4_0_0_MemberSlotEvents (group_id String, entity_reference String, \
              event_type Enum8('added' = 1, 'removed' = 2), event_id String) \
              ENGINE = MergeTree ORDER BY (group_id, entity_reference)"
         ))
@@ -191,7 +191,7 @@ async fn clickhouse_tables_of_another_shape_are_refused_by_name() {
     let message = refused.to_string();
     assert!(
         message.contains(&format!(
-            "{db}.Group_4_0_0_MemberEvents exists with other columns"
+            "{db}.Group_4_0_0_MemberSlotEvents exists with other columns"
         )),
         "{message}"
     );

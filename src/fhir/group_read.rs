@@ -1,9 +1,7 @@
 //! Shaping a Group read whose members live in ClickHouse. Pure: the members
 //! are streamed between a prefix and a suffix computed here.
 
-use serde_json::{json, Map, Value};
-
-use crate::fhir::member_patch::MemberAttributes;
+use serde_json::{json, Value};
 
 /// The default base of the proxy's own extension URLs (`fhir.extension_base`):
 /// a URN, since no StructureDefinition is published for them. An operator
@@ -31,26 +29,6 @@ pub fn wants_members(query: Option<&str>) -> bool {
         }
     }
     wants
-}
-
-/// One `Group.member` element.
-pub fn member_json(reference: &str, attributes: &MemberAttributes) -> Value {
-    let mut member = Map::new();
-    member.insert("entity".into(), json!({ "reference": reference }));
-    if attributes.period_start.is_some() || attributes.period_end.is_some() {
-        let mut period = Map::new();
-        if let Some(start) = &attributes.period_start {
-            period.insert("start".into(), json!(start));
-        }
-        if let Some(end) = &attributes.period_end {
-            period.insert("end".into(), json!(end));
-        }
-        member.insert("period".into(), Value::Object(period));
-    }
-    if attributes.inactive {
-        member.insert("inactive".into(), json!(true));
-    }
-    Value::Object(member)
 }
 
 /// The Group as read from the legacy server, with the counts from the member
@@ -111,28 +89,39 @@ pub fn members_page(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageRequest {
     pub count: usize,
-    /// The last reference of the previous page ("" for the first page).
+    /// Where the previous page ended ("" for the first page), see [`split_cursor`].
     pub cursor: String,
     /// `_since` as Unix milliseconds: list members changed after it,
     /// removed ones included.
     pub since_ms: Option<u64>,
 }
 
-/// A member removed since `_since`: its last attributes, marked removed.
-pub fn removed_member_json(
-    reference: &str,
-    attributes: &MemberAttributes,
-    extension_base: &str,
-) -> Value {
-    let mut member = member_json(reference, attributes);
+/// A member removed since `_since`: the element it last had, marked
+/// removed (its own extensions kept).
+pub fn removed_member_json(mut member: Value, extension_base: &str) -> Value {
     if let Some(object) = member.as_object_mut() {
-        object.insert(
-            "extension".into(),
-            json!([{ "url": member_removed_extension(extension_base), "valueBoolean": true }]),
-        );
+        let marker =
+            json!({ "url": member_removed_extension(extension_base), "valueBoolean": true });
+        match object.get_mut("extension").and_then(Value::as_array_mut) {
+            Some(extensions) => extensions.push(marker),
+            None => {
+                object.insert("extension".into(), json!([marker]));
+            }
+        }
         object.insert("inactive".into(), json!(true));
     }
     member
+}
+
+/// A `$members` cursor: the order key and slot id of the last member of
+/// the previous page, `key.slot` (neither holds a `.`); `("", "")` first.
+pub fn split_cursor(cursor: &str) -> (&str, &str) {
+    cursor.split_once('.').unwrap_or((cursor, ""))
+}
+
+/// The cursor after a member.
+pub fn cursor_after(order_key: &str, slot_id: &str) -> String {
+    format!("{order_key}.{slot_id}")
 }
 
 pub const MAX_PAGE_SIZE: usize = 1_000;
@@ -202,15 +191,8 @@ mod tests {
             2,
         );
         let (prefix, suffix) = split_around_members(&group);
-        let a = member_json("Patient/1", &MemberAttributes::default());
-        let b = member_json(
-            "Patient/2",
-            &MemberAttributes {
-                period_start: Some("2024".into()),
-                period_end: None,
-                inactive: true,
-            },
-        );
+        let a = json!({"entity": {"reference": "Patient/1"}});
+        let b = json!({"entity": {"reference": "Patient/2"}, "period": {"start": "2024"}, "inactive": true});
         let mut text = prefix;
         text.extend(serde_json::to_vec(&a).unwrap());
         text.push(b',');
@@ -244,6 +226,26 @@ mod tests {
         assert!(page_request(Some("_count=5000"))
             .unwrap_err()
             .contains("between 1 and 1000"));
+    }
+
+    #[test]
+    fn a_removed_member_keeps_its_element_and_gains_the_removed_marker() {
+        let removed = removed_member_json(
+            json!({"entity": {"reference": "Patient/1"}, "extension": [{"url": "x", "valueString": "y"}]}),
+            DEFAULT_EXTENSION_BASE,
+        );
+        assert_eq!(removed["extension"][0]["url"], "x");
+        assert_eq!(
+            removed["extension"][1]["url"],
+            "urn:fhir-group-proxy:extension:member-removed"
+        );
+        assert_eq!(removed["inactive"], true);
+    }
+
+    #[test]
+    fn cursors_carry_order_key_and_slot() {
+        assert_eq!(split_cursor(&cursor_after("a1V", "f00d")), ("a1V", "f00d"));
+        assert_eq!(split_cursor(""), ("", ""));
     }
 
     #[test]

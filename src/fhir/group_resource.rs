@@ -1,17 +1,11 @@
-//! Whole Group resources in `PUT` and `POST` bodies: the roster they carry,
-//! the document the legacy server stores without it, and the diff that turns a
-//! roster replacement into member events.
-
-use std::collections::{HashMap, HashSet};
+//! Whole Group resources in `PUT` and `POST` bodies: the roster they carry
+//! and the document the legacy server stores without it. The roster is kept
+//! as the client sent it, element by element (see `fhir::roster_replace`
+//! for how it replaces the stored one).
 
 use serde_json::{Map, Value};
 
-use crate::fhir::member_patch::{parse_member_value, ChangeKind, MemberAttributes, MemberChange};
 use crate::fhir::outcome::{IssueType, Outcome};
-use crate::fhir::reference::EntityReference;
-
-/// One member of a roster as a whole-resource write states it.
-pub type RosterEntry = (EntityReference, MemberAttributes);
 
 /// A Group body split into what the legacy server stores and what the member
 /// store keeps.
@@ -19,8 +13,9 @@ pub type RosterEntry = (EntityReference, MemberAttributes);
 pub struct GroupBody {
     /// The resource without `member`: what goes upstream.
     pub document: Map<String, Value>,
-    /// `Some` when the body has a `member` element (possibly empty).
-    pub roster: Option<Vec<RosterEntry>>,
+    /// `Some` when the body has a `member` element (possibly empty): its
+    /// elements, verbatim and in order.
+    pub roster: Option<Vec<Value>>,
     /// The `member` array as the client sent it, to answer with.
     pub member_json: Option<Value>,
 }
@@ -88,76 +83,13 @@ pub fn parse_group_body(body: &[u8], expected_id: Option<&str>) -> Result<GroupB
     })
 }
 
-fn parse_roster(members: &Value) -> Result<Vec<RosterEntry>, Outcome> {
-    let items = members.as_array().ok_or_else(|| {
+fn parse_roster(members: &Value) -> Result<Vec<Value>, Outcome> {
+    // Elements are kept as the legacy server keeps them: whatever they hold,
+    // duplicates included.
+    members.as_array().cloned().ok_or_else(|| {
         Outcome::error(400, IssueType::Structure, "Group.member must be an array")
             .at("Group.member")
-    })?;
-    let mut seen: HashMap<EntityReference, usize> = HashMap::with_capacity(items.len());
-    let mut roster = Vec::with_capacity(items.len());
-    for (index, item) in items.iter().enumerate() {
-        let (reference, attributes) =
-            parse_member_value(item).map_err(|outcome| at_member(outcome, index))?;
-        if let Some(first) = seen.insert(reference.clone(), index) {
-            return Err(Outcome::error(
-                422,
-                IssueType::Processing,
-                format!(
-                    "Group.member lists {reference} twice (member[{first}] and member[{index}]); \
-                     this server keeps one entry per member"
-                ),
-            )
-            .at(format!("Group.member[{index}]")));
-        }
-        roster.push((reference, attributes));
-    }
-    Ok(roster)
-}
-
-/// A member error found by the patch parser speaks of "operation 0"; in a
-/// resource body it is about `Group.member[index]`.
-pub(crate) fn at_member(mut outcome: Outcome, index: usize) -> Outcome {
-    let location = format!("Group.member[{index}]");
-    for issue in &mut outcome.issues {
-        let why = issue
-            .diagnostics
-            .strip_prefix("operation 0: ")
-            .unwrap_or(&issue.diagnostics);
-        issue.diagnostics = format!("{location}: {why}");
-        issue.expression = vec![location.clone()];
-    }
-    outcome
-}
-
-/// The member changes that turn `current` into `desired`: a `Put` for every
-/// new or changed member (in `desired` order), a `Remove` for every member not
-/// in `desired` (in reference order, so the result is deterministic).
-/// Unchanged members produce nothing.
-pub fn roster_diff(
-    current: &HashMap<EntityReference, MemberAttributes>,
-    desired: &[RosterEntry],
-) -> Vec<MemberChange> {
-    let mut changes = Vec::new();
-    for (reference, attributes) in desired {
-        if current.get(reference) != Some(attributes) {
-            changes.push(MemberChange {
-                op_index: changes.len(),
-                reference: reference.clone(),
-                kind: ChangeKind::Put(attributes.clone()),
-            });
-        }
-    }
-    let kept: HashSet<&EntityReference> = desired.iter().map(|(r, _)| r).collect();
-    let mut gone: Vec<&EntityReference> = current.keys().filter(|r| !kept.contains(r)).collect();
-    gone.sort();
-    for reference in gone {
-        changes.push(MemberChange {
-            op_index: changes.len(),
-            reference: reference.clone(),
-            kind: ChangeKind::Remove,
-        });
-    }
-    changes
+    })
 }
 
 /// The Group the legacy server answered with, with the roster the client sent
@@ -190,12 +122,7 @@ pub fn with_roster(reply_body: &[u8], member_json: &Value) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fhir::reference::parse_reference;
     use serde_json::json;
-
-    fn reference(text: &str) -> EntityReference {
-        parse_reference(text).unwrap()
-    }
 
     fn body(value: Value) -> Vec<u8> {
         serde_json::to_vec(&value).unwrap()
@@ -216,8 +143,8 @@ mod tests {
         assert_eq!(group.document["type"], "person");
         let roster = group.roster.unwrap();
         assert_eq!(roster.len(), 2);
-        assert_eq!(roster[1].0.as_str(), "Patient/2");
-        assert!(roster[1].1.inactive);
+        assert_eq!(roster[1]["entity"]["reference"], "Patient/2");
+        assert_eq!(roster[1]["inactive"], true);
         assert_eq!(group.member_json.unwrap().as_array().unwrap().len(), 2);
     }
 
@@ -265,22 +192,6 @@ mod tests {
                 400,
                 "must be an array",
             ),
-            (
-                body(
-                    json!({"resourceType": "Group", "member": [{"entity": {"reference": "Patient/1"}}, {"entity": {"reference": "nope"}}]}),
-                ),
-                None,
-                422,
-                "Group.member[1]: ",
-            ),
-            (
-                body(
-                    json!({"resourceType": "Group", "member": [{"entity": {"reference": "Patient/1"}}, {"entity": {"reference": "Patient/1"}}]}),
-                ),
-                None,
-                422,
-                "twice (member[0] and member[1])",
-            ),
         ];
         for (input, id, status, words) in cases {
             let outcome = parse_group_body(&input, id).unwrap_err();
@@ -294,47 +205,17 @@ mod tests {
     }
 
     #[test]
-    fn the_diff_adds_new_and_changed_members_and_removes_missing_ones() {
-        let current: HashMap<_, _> = [
-            (reference("Patient/keep"), MemberAttributes::default()),
-            (reference("Patient/change"), MemberAttributes::default()),
-            (reference("Patient/z-gone"), MemberAttributes::default()),
-            (reference("Patient/a-gone"), MemberAttributes::default()),
-        ]
-        .into_iter()
-        .collect();
-        let inactive = MemberAttributes {
-            inactive: true,
-            ..Default::default()
-        };
-        let desired = vec![
-            (reference("Patient/new"), MemberAttributes::default()),
-            (reference("Patient/keep"), MemberAttributes::default()),
-            (reference("Patient/change"), inactive.clone()),
-        ];
-        let changes = roster_diff(&current, &desired);
-        let summary: Vec<(usize, &str, &ChangeKind)> = changes
-            .iter()
-            .map(|c| (c.op_index, c.reference.as_str(), &c.kind))
-            .collect();
-        assert_eq!(
-            summary,
-            vec![
-                (
-                    0,
-                    "Patient/new",
-                    &ChangeKind::Put(MemberAttributes::default())
-                ),
-                (1, "Patient/change", &ChangeKind::Put(inactive)),
-                (2, "Patient/a-gone", &ChangeKind::Remove),
-                (3, "Patient/z-gone", &ChangeKind::Remove),
-            ]
-        );
-        assert!(roster_diff(&current, &[])
-            .iter()
-            .all(|c| c.kind == ChangeKind::Remove));
-        let same: Vec<RosterEntry> = current.clone().into_iter().collect();
-        assert!(roster_diff(&current, &same).is_empty());
+    fn a_roster_keeps_duplicates_and_every_element_verbatim() {
+        let members = json!([
+            {"entity": {"reference": "Patient/1", "display": "A", "_uuid": "x"}, "extension": [{"url": "u"}]},
+            {"entity": {"reference": "Patient/1"}}
+        ]);
+        let group = parse_group_body(
+            &body(json!({"resourceType": "Group", "member": members.clone()})),
+            None,
+        )
+        .unwrap();
+        assert_eq!(Value::Array(group.roster.unwrap()), members);
     }
 
     #[test]

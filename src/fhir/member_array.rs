@@ -239,6 +239,29 @@ pub fn entity_reference(element: &Value) -> Option<&str> {
     element.get("entity")?.get("reference")?.as_str()
 }
 
+/// What the store indexes an element by: its `entity.reference`, or for
+/// a member named by identifier only `identifier:{system}|{value}`; `""`
+/// when it has neither (such members are kept, just not findable).
+pub fn match_key(element: &Value) -> String {
+    if let Some(reference) = entity_reference(element) {
+        return reference.to_owned();
+    }
+    let identifier = element.get("entity").and_then(|e| e.get("identifier"));
+    match identifier
+        .and_then(|i| i.get("value"))
+        .and_then(Value::as_str)
+    {
+        Some(value) => {
+            let system = identifier
+                .and_then(|i| i.get("system"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            format!("identifier:{system}|{value}")
+        }
+        None => String::new(),
+    }
+}
+
 /// Which pointer of an op failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -2895,5 +2918,20 @@ mod tests {
         fn value_only_patches_ask_for_no_positions((start, ops) in arb_value_only()) {
             check(&start, false, &ops, true)?;
         }
+    }
+
+    #[test]
+    fn members_are_found_by_reference_or_else_by_identifier() {
+        use serde_json::json;
+        assert_eq!(
+            match_key(&json!({"entity": {"reference": "Patient/1"}})),
+            "Patient/1"
+        );
+        assert_eq!(
+            match_key(&json!({"entity": {"identifier": {"system": "s", "value": "v"}}})),
+            "identifier:s|v"
+        );
+        assert_eq!(match_key(&json!({"entity": {"display": "x"}})), "");
+        assert_eq!(match_key(&json!("not an object")), "");
     }
 }

@@ -11,6 +11,7 @@ pub mod member_patch;
 pub mod migration;
 pub mod outcome;
 pub mod reference;
+pub mod roster_replace;
 pub mod written_groups;
 
 /// Media type of FHIR JSON responses.

@@ -5,18 +5,16 @@
 //! the patches before it, gets its own version, history entry and answer, and
 //! a patch that does not apply (or names a stale If-Match) fails alone.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::fhir::member_patch::{plan_changes, MemberAttributes, PlannedEvent};
 use crate::fhir::outcome::{IssueType, Outcome};
-use crate::fhir::reference::EntityReference;
 
+use super::members::{event_rows, EventOrigin, Planning};
 use super::patch::{
-    event_rows, jittered, lease_lost, unique_references, MemberEdit, MemberPatchRequest,
-    MemberPatchResult, Replay,
+    jittered, lease_lost, MemberEdit, MemberPatchRequest, MemberPatchResult, Replay,
 };
 use super::queue::Line;
 use super::{busy, GroupService, WriteError};
@@ -36,16 +34,20 @@ pub struct BatchJob {
 impl BatchJob {
     fn weight(&self) -> usize {
         match &self.request.edit {
-            MemberEdit::Changes(changes) => changes.len().max(1),
-            MemberEdit::ReplaceRoster(roster) => roster.len().max(1),
+            MemberEdit::Patch(members) => members.ops.len().max(1),
+            MemberEdit::ReplaceRoster(roster) => roster.as_ref().map_or(1, |r| r.len().max(1)),
+            MemberEdit::Atr(_, members) => members.len().max(1),
         }
     }
 }
 
-/// Patches that only touch members; split patches and roster replacements
-/// (which go upstream, or read the whole roster) are written alone.
+/// Patches that only append members or remove them by reference: each can
+/// be planned against what the previous patches of the batch left, from
+/// facts fetched once. Positional patches (positions shift under earlier
+/// patches), split patches and roster replacements are written alone.
 pub fn batchable(request: &MemberPatchRequest) -> bool {
-    request.upstream_part.is_none() && matches!(request.edit, MemberEdit::Changes(_))
+    request.upstream_part.is_none()
+        && matches!(&request.edit, MemberEdit::Patch(members) if members.is_value_only())
 }
 
 /// What one patch of a batch comes to before the commit.
@@ -67,6 +69,34 @@ enum BatchAttempt {
 }
 
 impl GroupService {
+    /// Plans one value-only patch of a batch from the facts the batch holds;
+    /// it never fetches, since the store does not know the earlier patches.
+    fn plan_in_batch(
+        &self,
+        members: &crate::fhir::member_patch::MemberOps,
+        planning: &Planning,
+    ) -> Result<crate::fhir::member_array::Plan, WriteError> {
+        use crate::fhir::member_array::{plan, Planned as Outcomes};
+        match plan(
+            &members.ops,
+            &planning.known,
+            &mut super::members::new_slot_id,
+            self.settings.remove_by_reference,
+        ) {
+            Ok(Outcomes::Done(plan)) => Ok(plan),
+            Ok(Outcomes::Need(need)) => Err(WriteError::Outcome(Outcome::error(
+                500,
+                IssueType::Exception,
+                format!("internal error: a batched member patch needs facts the batch did not fetch ({need:?}); nothing was changed"),
+            ))),
+            Err(error) => Err(WriteError::Outcome(crate::fhir::member_patch::patch_failure(
+                &error,
+                &members.indexes,
+                self.settings.patch_failure_status,
+            ))),
+        }
+    }
+
     /// Queues the patch in its Group's line; the first writer in a line
     /// writes everything queued behind it, batch after batch.
     pub(super) async fn apply_in_batch(
@@ -189,15 +219,32 @@ impl GroupService {
     ) -> Result<BatchAttempt, WriteError> {
         let head = self.head_for_writing(id).await?;
 
-        let named: Vec<&EntityReference> = jobs
+        // Every reference any patch of the batch removes, fetched once; the
+        // planning state then follows the batch patch by patch.
+        let named: BTreeSet<&str> = jobs
             .iter()
             .flat_map(|job| match &job.request.edit {
-                MemberEdit::Changes(changes) => unique_references(changes),
-                MemberEdit::ReplaceRoster(_) => Vec::new(),
+                MemberEdit::Patch(members) => members.removed_references(),
+                _ => Vec::new(),
             })
             .collect();
-        let mut live = self.events.current_members(&head.group_key, &named).await?;
-        let label = format!("Group/{id}");
+        let named: Vec<&str> = named.into_iter().collect();
+        let facts = self.array_facts(id, &head.group_key).await?;
+        let mut planning = Planning::from_facts(&facts);
+        let found = self
+            .events
+            .slots_by_match_key(&head.group_key, &named)
+            .await?;
+        for (reference, slots) in found {
+            let slots = slots
+                .into_iter()
+                .map(|slot| crate::fhir::member_array::RefSlot {
+                    slot,
+                    position: None,
+                })
+                .collect();
+            planning.known.by_ref.insert(reference, slots);
+        }
         let mut version = head.version;
         let mut rows = Vec::new();
         let mut planned_jobs = Vec::with_capacity(jobs.len());
@@ -234,7 +281,7 @@ impl GroupService {
                 planned_jobs.push(Planned::Answered(Box::new(Err(refused))));
                 continue;
             }
-            let MemberEdit::Changes(changes) = &request.edit else {
+            let MemberEdit::Patch(members) = &request.edit else {
                 // Never queued (see `batchable`); refused rather than misread.
                 let refusal = WriteError::Outcome(Outcome::error(
                     500,
@@ -244,26 +291,28 @@ impl GroupService {
                 planned_jobs.push(Planned::Answered(Box::new(Err(refusal))));
                 continue;
             };
-            match plan_changes(&label, changes, &live) {
-                Err(outcome) => planned_jobs.push(Planned::Answered(Box::new(Err(
-                    WriteError::Outcome(outcome),
-                )))),
-                Ok(planned) if planned.is_empty() => planned_jobs.push(Planned::Unchanged(version)),
-                Ok(planned) => {
-                    version += 1;
-                    apply(&mut live, &planned);
-                    rows.extend(event_rows(
-                        &head.group_key,
-                        id,
-                        version,
+            let was_absent = planning.known.absent;
+            match self.plan_in_batch(members, &planning) {
+                Err(error) => planned_jobs.push(Planned::Answered(Box::new(Err(error)))),
+                Ok(plan) => {
+                    let origin = EventOrigin {
+                        group_key: &head.group_key,
+                        group_id: id,
                         token,
-                        &request.request_id,
-                        &planned,
-                    ));
+                        request_id: &request.request_id,
+                    };
+                    let written = event_rows(&origin, version + 1, &plan, was_absent);
+                    if written.is_empty() {
+                        planned_jobs.push(Planned::Unchanged(version));
+                        continue;
+                    }
+                    version += 1;
+                    planning.advance(&plan);
                     planned_jobs.push(Planned::Writes {
                         version,
-                        events: planned.len(),
+                        events: written.len(),
                     });
+                    rows.extend(written);
                 }
             }
         }
@@ -326,17 +375,6 @@ impl GroupService {
         }
         self.complete_committed(id, token).await;
         Ok(BatchAttempt::Done(answers(planned_jobs, Some(&document))))
-    }
-}
-
-/// The state after `planned`, for planning the next patch of the batch.
-fn apply(live: &mut HashMap<EntityReference, MemberAttributes>, planned: &[PlannedEvent]) {
-    for event in planned {
-        if event.added {
-            live.insert(event.reference.clone(), event.attributes.clone());
-        } else {
-            live.remove(&event.reference);
-        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::future::Future;
 
 use crate::fhir::outcome::Outcome;
 use crate::group::patch::UpstreamReply;
-use crate::store::events::{event_sequence, EventType, MemberEventRow, RosterRow};
+use crate::store::events::{event_sequence, EventType, MemberEventRow, SlotRow};
 
 use super::{GroupService, WriteError};
 
@@ -108,7 +108,7 @@ pub(super) struct Removals<'a> {
 
 impl Removals<'_> {
     /// The event removing `member` (present, as the roster lists it).
-    pub fn row(&self, member: RosterRow) -> MemberEventRow {
+    pub fn row(&self, member: SlotRow) -> MemberEventRow {
         MemberEventRow {
             group_key: self.group_key.to_string(),
             group_id: self.group_id.to_string(),
@@ -117,17 +117,12 @@ impl Removals<'_> {
             request_id: self.request_id.to_string(),
             op_index: self.op_index as u32,
             sequence: event_sequence(self.version, self.op_index),
-            entity_type: member
-                .entity_reference
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .to_string(),
-            entity_reference: member.entity_reference,
+            slot_id: member.slot_id,
+            order_key: member.order_key,
+            match_key: member.match_key,
             event_type: EventType::Removed,
-            period_start: String::new(),
-            period_end: String::new(),
-            inactive: 0,
+            element: member.element,
+            inactive: member.inactive,
             member_delta: -1,
             active_delta: if member.inactive == 1 { 0 } else { -1 },
             event_time_ms: self.event_time_ms,

@@ -2,9 +2,9 @@
 //! Groups into ClickHouse member events, and back (`--reverse`).
 //!
 //! Forward, per Group, under its write lock (like any member write):
-//! 1. read the stored document; check every inline member before writing
-//!    anything (a member the proxy cannot store, or one listed twice, fails
-//!    the Group);
+//! 1. read the stored document's `member` array, element by element as
+//!    stored (the legacy server's enrichment keys included: they are the
+//!    Group's data);
 //! 2. stage the roster in chunks, as events of the Group's *current* version
 //!    (no version bump: the roster does not change, so clients' ETags stay
 //!    valid and the legacy history entry of that version already holds the
@@ -18,39 +18,38 @@
 //!
 //! Resuming: a Group is marked migrated only at step 5, so a run that stops
 //! earlier leaves it on the legacy path with its inline array. Events are
-//! planned against what ClickHouse already holds for the Group (point lookups
-//! per chunk, plus `removed` events for members ClickHouse holds but the array
-//! does not): a rerun after a publish writes nothing twice, and a rerun after a
-//! failed or outdated attempt writes only the difference. Staged events of a
-//! stopped run are never published (each run stages under its own token).
-//! A Group marked migrated that still holds an inline array (a run stopped
-//! between marking and removing) only gets the array removed.
+//! planned against the slots ClickHouse already holds for the Group, as a
+//! roster replacement (`fhir::roster_replace`): a rerun after a publish
+//! writes nothing twice, and a rerun after a failed or outdated attempt
+//! writes only the difference. Staged events of a stopped run are never
+//! published (each run stages under its own token). A Group marked migrated
+//! that still holds an inline array (a run stopped between marking and
+//! removing) only gets the array removed.
 //!
-//! Ordering: all events of one run share one `sequence`, placed after every
-//! event the Group already has (op index 0 at its version, or the next one
-//! when events of that version exist), since each member appears once per run.
+//! The array is at most one MongoDB document (16 MiB), so it is read whole.
+//!
+//! Ordering: the events of one run follow every event the Group already has
+//! at its version (see [`op_index_after`]).
 //!
 //! Reverse: the roster is streamed from ClickHouse into the document's
 //! `member` array (refused when it would not fit in a 16 MiB document), read
 //! back and verified, then the Group is marked not migrated. Its events stay in
 //! ClickHouse as history; the member search ignores Groups not migrated.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::str::FromStr;
 
 use mongodb::bson::{Bson, Document, RawArrayBuf, RawDocumentBuf};
+use serde_json::Value;
 
-use crate::fhir::group_read::member_json;
-use crate::fhir::group_resource::{roster_diff, RosterEntry};
-use crate::fhir::member_patch::plan_changes;
-use crate::fhir::migration::{inline_member, GroupOutcome, InlineRoster, RosterChecksum};
-use crate::fhir::reference::{parse_reference, EntityReference};
+use crate::fhir::member_array::Plan;
+use crate::fhir::migration::{GroupOutcome, RosterChecksum};
+use crate::fhir::roster_replace::replace_all;
 use crate::store::events::{event_sequence, EventStoreError, MemberEventRow};
 use crate::store::group_documents::{GroupHead, MemberState, StoredGroup};
 use crate::store::schema::MAX_OPS_PER_VERSION;
 
-use super::delete::Removals;
-use super::patch::event_rows;
+use super::members::{event_rows, new_slot_id, EventOrigin};
 use super::{GroupService, WriteError};
 
 /// Members staged per ClickHouse insert unless told otherwise.
@@ -87,7 +86,7 @@ pub enum MigrationFault {
     ExitAfter(MigrationStep),
     /// The first member's event is left out: verification sees one member too few.
     DropMember,
-    /// The first member is stored with `inactive` flipped: same count, other checksum.
+    /// The first member is stored with `inactive` changed: same count, other checksum.
     AlterMember,
 }
 
@@ -149,10 +148,6 @@ struct MigrationTarget<'a> {
     head: &'a GroupHead,
     token: &'a str,
     op_index: usize,
-    /// ClickHouse already holds events of this Group: plan against them.
-    has_events: bool,
-    /// Folding drift: add what the array has, remove nothing.
-    fold: bool,
 }
 
 impl GroupService {
@@ -272,10 +267,22 @@ impl GroupService {
                     head: &head,
                     token,
                     op_index,
-                    has_events: true,
-                    fold: true,
                 };
-                self.stage_inline_members(&target, &stored, &inline, options, progress)
+                // Folding appends the inline elements the roster lacks and
+                // removes nothing: both writers' members are kept.
+                let facts = self.events.array_facts(&head.group_key).await?;
+                let slots = self.events.all_slots(&head.group_key).await?;
+                let held_texts: HashSet<String> =
+                    slots.iter().map(|s| s.element.to_string()).collect();
+                let mut desired: Vec<Value> = slots.iter().map(|s| s.element.clone()).collect();
+                desired.extend(
+                    inline
+                        .into_iter()
+                        .filter(|e| !held_texts.contains(&e.to_string())),
+                );
+                let plan = replace_all(&slots, &facts.floor, Some(&desired), &mut new_slot_id)
+                    .map_err(|e| internal(&e.to_string()))?;
+                self.stage_plan(&target, &plan, facts.absent, options, progress)
                     .await?;
                 self.events.publish(token).await?;
             }
@@ -296,10 +303,7 @@ impl GroupService {
             ));
         }
 
-        let inline = match read_inline_roster(&stored)? {
-            Ok(inline) => inline,
-            Err(why) => return Ok(GroupOutcome::Failed(why)),
-        };
+        let inline = read_inline(&stored)?;
         let last_sequence = self.events.last_sequence(&head.group_key).await?;
         let op_index = match op_index_after(head.version, last_sequence) {
             Ok(op_index) => op_index,
@@ -310,21 +314,27 @@ impl GroupService {
             head: &head,
             token,
             op_index,
-            has_events: last_sequence.is_some(),
-            fold: false,
         };
-        self.stage_inline_members(&target, &stored, &inline, options, progress)
+        let facts = self.events.array_facts(&head.group_key).await?;
+        let slots = match last_sequence {
+            Some(_) => self.events.all_slots(&head.group_key).await?,
+            None => Vec::new(),
+        };
+        let plan = replace_all(&slots, &facts.floor, Some(&inline), &mut new_slot_id)
+            .map_err(|e| internal(&e.to_string()))?;
+        self.stage_plan(&target, &plan, facts.absent, options, progress)
             .await?;
         options.stop_after(MigrationStep::Staging);
         self.events.publish(token).await?;
         options.stop_after(MigrationStep::Publish);
 
+        let inline = checksum_of(&inline);
         let stored_roster = self.roster_checksum(&head.group_key).await?;
-        if stored_roster != inline.checksum {
+        if stored_roster != inline {
             return Ok(GroupOutcome::Failed(format!(
                 "verification failed: the inline array has {}, ClickHouse {}; the Group keeps \
                  its inline members and stays on the legacy path",
-                inline.checksum, stored_roster
+                inline, stored_roster
             )));
         }
         self.documents.set_migrated(id, Some(&version_id)).await?;
@@ -334,112 +344,53 @@ impl GroupService {
             return Ok(changed_meanwhile(head.version));
         }
         Ok(GroupOutcome::Moved {
-            members: inline.checksum.members(),
+            members: inline.members(),
         })
     }
 
-    /// Stages the inline members in chunks, then (when ClickHouse already
-    /// held members of the Group) the removal of those the array lacks.
-    async fn stage_inline_members(
+    /// Stages a run's events in chunks, at the Group's current version
+    /// after every event it already has, keeping the lock alive between.
+    async fn stage_plan(
         &self,
         target: &MigrationTarget<'_>,
-        stored: &StoredGroup,
-        inline: &InlineRoster,
+        plan: &Plan,
+        was_absent: bool,
         options: &MigrateOptions,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<(), WriteError> {
-        let chunk_size = options.chunk_size.max(1);
-        let mut chunk: Vec<RosterEntry> = Vec::with_capacity(chunk_size);
-        let mut first = true;
-        let mut members = stored.members()?.enumerate().peekable();
-        while let Some((index, member)) = members.next() {
-            // Pass 1 already checked every member.
-            let entry = inline_member(&member?, index).map_err(invalid_after_check)?;
-            chunk.push(entry);
-            if chunk.len() == chunk_size || members.peek().is_none() {
-                let mut rows = self.planned_rows(target, &chunk).await?;
-                if first {
-                    inject_row_fault(options.fault, &mut rows);
-                }
-                self.events.stage(rows).await?;
-                progress(chunk.len() as u64);
-                chunk.clear();
-                if first {
-                    options.stop_after(MigrationStep::FirstChunk);
-                    first = false;
-                }
-                self.keep_lease(target).await?;
-            }
-        }
-        if target.has_events && !target.fold {
-            self.stage_removals_of_absent(target, inline, chunk_size)
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// The events that make ClickHouse hold `chunk` as inline: all of it for
-    /// a Group new to ClickHouse, else only what differs from its current state.
-    async fn planned_rows(
-        &self,
-        target: &MigrationTarget<'_>,
-        chunk: &[RosterEntry],
-    ) -> Result<Vec<MemberEventRow>, WriteError> {
-        let current = if target.has_events {
-            let references: Vec<&EntityReference> = chunk.iter().map(|(r, _)| r).collect();
-            self.events
-                .current_members(&target.head.group_key, &references)
-                .await?
-        } else {
-            HashMap::new()
-        };
-        let planned = plan_changes(
-            &format!("Group/{}", target.id),
-            &roster_diff(&current, chunk),
-            &current,
-        )
-        .map_err(WriteError::Outcome)?;
-        let rows = event_rows(
-            &target.head.group_key,
-            target.id,
-            target.head.version,
-            target.token,
-            MIGRATION_REQUEST_ID,
-            &planned,
-        );
-        Ok(at_one_position(rows, target.head.version, target.op_index))
-    }
-
-    async fn stage_removals_of_absent(
-        &self,
-        target: &MigrationTarget<'_>,
-        inline: &InlineRoster,
-        chunk_size: usize,
-    ) -> Result<(), WriteError> {
-        let removals = Removals {
+        let origin = EventOrigin {
             group_key: &target.head.group_key,
             group_id: target.id,
-            version: target.head.version,
-            op_index: target.op_index,
             token: target.token,
             request_id: MIGRATION_REQUEST_ID,
-            event_time_ms: chrono::Utc::now().timestamp_millis().max(0) as u64,
         };
-        let mut roster = self.events.roster(&target.head.group_key, None)?;
-        let mut rows = Vec::new();
-        while let Some(member) = roster.next().await.map_err(EventStoreError::from)? {
-            let absent = parse_reference(&member.entity_reference)
-                .map(|reference| !inline.contains(&reference))
-                .unwrap_or(true);
-            if absent {
-                rows.push(removals.row(member));
-            }
-            if rows.len() == chunk_size {
-                self.events.stage(std::mem::take(&mut rows)).await?;
-                self.keep_lease(target).await?;
-            }
+        let mut rows = event_rows(&origin, target.head.version, plan, was_absent);
+        if target.op_index + rows.len() >= MAX_OPS_PER_VERSION {
+            return Err(internal(&format!(
+                "version {} has no room for {} more events in ClickHouse",
+                target.head.version,
+                rows.len()
+            )));
         }
-        self.events.stage(rows).await?;
+        for (i, row) in rows.iter_mut().enumerate() {
+            row.op_index = (target.op_index + i) as u32;
+            row.sequence = event_sequence(target.head.version, target.op_index + i);
+        }
+        inject_row_fault(options.fault, &mut rows);
+        let chunk_size = options.chunk_size.max(1);
+        let mut first = true;
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<MemberEventRow> = rows.by_ref().take(chunk_size).collect();
+            let staged = chunk.len() as u64;
+            self.events.stage(chunk).await?;
+            progress(staged);
+            if first {
+                options.stop_after(MigrationStep::FirstChunk);
+                first = false;
+            }
+            self.keep_lease(target).await?;
+        }
         Ok(())
     }
 
@@ -496,18 +447,10 @@ impl GroupService {
         &self,
         stored: &StoredGroup,
         head: &GroupHead,
-    ) -> Result<Result<Option<(InlineRoster, RosterChecksum)>, String>, WriteError> {
-        let inline = match read_inline_roster(stored)? {
-            Ok(inline) => inline,
-            Err(why) => {
-                return Ok(Err(format!(
-                    "drift: the Group is managed by the proxy but its document holds inline \
-                     members it cannot read ({why}); fix them by hand"
-                )))
-            }
-        };
+    ) -> Result<Result<Option<(Vec<Value>, RosterChecksum)>, String>, WriteError> {
+        let inline = read_inline(stored)?;
         let held = self.roster_checksum(&head.group_key).await?;
-        Ok(Ok((held != inline.checksum).then_some((inline, held))))
+        Ok(Ok((held != checksum_of(&inline)).then_some((inline, held))))
     }
 
     /// Count and checksum of the Group's current roster in ClickHouse, streamed.
@@ -515,7 +458,7 @@ impl GroupService {
         let mut roster = self.events.roster(group_key, None)?;
         let mut checksum = RosterChecksum::default();
         while let Some(member) = roster.next().await.map_err(EventStoreError::from)? {
-            checksum.add(&member.entity_reference, &member.attributes());
+            checksum.add(&member.element);
         }
         Ok(checksum)
     }
@@ -543,11 +486,9 @@ impl GroupService {
         let mut members = RawArrayBuf::new();
         let mut checksum = RosterChecksum::default();
         while let Some(member) = roster.next().await.map_err(EventStoreError::from)? {
-            let attributes = member.attributes();
-            members.push(member_document(&member_json(
-                &member.entity_reference,
-                &attributes,
-            ))?);
+            let element: Value = serde_json::from_str(&member.element)
+                .map_err(|e| internal(&format!("a stored member is not JSON: {e}")))?;
+            members.push(member_document(&element)?);
             if members.as_bytes().len() > room {
                 return Ok(GroupOutcome::Failed(format!(
                     "the roster has more than {} members, which do not fit in one MongoDB \
@@ -555,7 +496,7 @@ impl GroupService {
                     checksum.members()
                 )));
             }
-            checksum.add(&member.entity_reference, &attributes);
+            checksum.add(&member.element);
         }
         let count = checksum.members();
         if !self
@@ -571,10 +512,7 @@ impl GroupService {
                 "the Group disappeared while its members were written back".into(),
             ));
         };
-        let read_back = match read_inline_roster(&written)? {
-            Ok(inline) => inline.checksum,
-            Err(why) => return Ok(GroupOutcome::Failed(format!("reading back: {why}"))),
-        };
+        let read_back = checksum_of(&read_inline(&written)?);
         if read_back != checksum {
             return Ok(GroupOutcome::Failed(format!(
                 "verification failed: ClickHouse has {checksum}, the written array {read_back}; \
@@ -587,28 +525,32 @@ impl GroupService {
     }
 }
 
-fn drift_report(inline: &InlineRoster, held: &RosterChecksum) -> String {
+fn drift_report(inline: &[Value], held: &RosterChecksum) -> String {
     format!(
         "drift: the Group is managed by the proxy (member store: {held}) but its document \
          also holds an inline array ({}) written around the proxy; nothing was changed: \
-         `migrate --fold` adds the inline members to the member store and removes the array",
-        inline.checksum
+         `migrate --fold` appends the inline members the member store lacks and removes the \
+         array",
+        checksum_of(inline)
     )
 }
 
-/// First pass over a stored member array: every member readable, none twice.
-fn read_inline_roster(stored: &StoredGroup) -> Result<Result<InlineRoster, String>, WriteError> {
-    let mut inline = InlineRoster::default();
-    for (index, member) in stored.members()?.enumerate() {
-        let entry = match inline_member(&member?, index) {
-            Ok(entry) => entry,
-            Err(why) => return Ok(Err(why)),
-        };
-        if let Err(why) = inline.add(index, &entry) {
-            return Ok(Err(why));
-        }
+/// The stored `member` array, element by element.
+fn read_inline(stored: &StoredGroup) -> Result<Vec<Value>, WriteError> {
+    let mut inline = Vec::new();
+    for member in stored.members()? {
+        inline.push(member?);
     }
-    Ok(Ok(inline))
+    Ok(inline)
+}
+
+/// The checksum of elements as the proxy stores them (their JSON text).
+fn checksum_of(elements: &[Value]) -> RosterChecksum {
+    let mut checksum = RosterChecksum::default();
+    for element in elements {
+        checksum.add(&element.to_string());
+    }
+    checksum
 }
 
 /// The op index of a run's events at `version`: 0, or past the events that
@@ -631,29 +573,19 @@ pub fn op_index_after(version: u64, last_sequence: Option<u64>) -> Result<usize,
     }
 }
 
-/// Puts every row at one position of `version`: each member appears once in
-/// a run, so they never tie, and the op index stays in range for any roster.
-pub fn at_one_position(
-    mut rows: Vec<MemberEventRow>,
-    version: u64,
-    op_index: usize,
-) -> Vec<MemberEventRow> {
-    for row in &mut rows {
-        row.op_index = op_index as u32;
-        row.sequence = event_sequence(version, op_index);
-    }
-    rows
-}
-
 fn inject_row_fault(fault: Option<MigrationFault>, rows: &mut Vec<MemberEventRow>) {
     match fault {
-        Some(MigrationFault::DropMember) if !rows.is_empty() => {
-            rows.remove(0);
+        Some(MigrationFault::DropMember) => {
+            if let Some(first) = rows.iter().position(|r| !r.slot_id.is_empty()) {
+                rows.remove(first);
+            }
         }
         Some(MigrationFault::AlterMember) => {
-            if let Some(row) = rows.first_mut() {
-                row.inactive ^= 1;
-                row.active_delta += if row.inactive == 1 { -1 } else { 1 };
+            if let Some(row) = rows.iter_mut().find(|r| !r.slot_id.is_empty()) {
+                if let Ok(Value::Object(mut element)) = serde_json::from_str(&row.element) {
+                    element.insert("inactive".into(), Value::Bool(row.inactive == 0));
+                    row.element = Value::Object(element).to_string();
+                }
             }
         }
         _ => {}
@@ -677,10 +609,6 @@ fn internal(what: &str) -> WriteError {
     ))
 }
 
-fn invalid_after_check(why: String) -> WriteError {
-    internal(&format!("a member changed between two reads: {why}"))
-}
-
 fn changed_meanwhile(version: u64) -> GroupOutcome {
     GroupOutcome::Failed(format!(
         "the Group changed during the migration (it was at version {version}); it was left \
@@ -698,7 +626,6 @@ fn failed(error: WriteError) -> GroupOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fhir::member_patch::PlannedEvent;
 
     #[test]
     fn faults_are_named_for_tests() {
@@ -727,38 +654,42 @@ mod tests {
     }
 
     fn rows(references: &[&str]) -> Vec<MemberEventRow> {
-        let planned: Vec<PlannedEvent> = references
-            .iter()
-            .enumerate()
-            .map(|(op_index, reference)| PlannedEvent {
-                op_index,
-                reference: parse_reference(reference).unwrap(),
-                added: true,
-                attributes: Default::default(),
-                member_delta: 1,
-                active_delta: 1,
-            })
-            .collect();
-        event_rows("k", "g", 3, "t", MIGRATION_REQUEST_ID, &planned)
-    }
-
-    #[test]
-    fn every_row_of_a_run_shares_one_position() {
-        let rows = at_one_position(rows(&["Patient/a", "Patient/b", "Patient/c"]), 3, 2);
-        assert_eq!(rows.len(), 3);
-        assert!(rows
-            .iter()
-            .all(|r| r.op_index == 2 && r.sequence == event_sequence(3, 2)));
+        use crate::fhir::member_array::SlotEvent;
+        let plan = Plan {
+            events: references
+                .iter()
+                .enumerate()
+                .map(|(i, reference)| SlotEvent::Put {
+                    id: format!("s{i}"),
+                    key: format!("a{i}"),
+                    before: None,
+                    after: serde_json::json!({"entity": {"reference": reference}}),
+                })
+                .collect(),
+            len: references.len(),
+            present: true,
+            floor: None,
+        };
+        let origin = EventOrigin {
+            group_key: "k",
+            group_id: "g",
+            token: "t",
+            request_id: MIGRATION_REQUEST_ID,
+        };
+        event_rows(&origin, 3, &plan, false)
     }
 
     #[test]
     fn row_faults_drop_or_alter_the_first_member() {
         let mut rows = rows(&["Patient/a", "Patient/b"]);
         inject_row_fault(Some(MigrationFault::AlterMember), &mut rows);
-        assert_eq!((rows[0].inactive, rows[0].active_delta), (1, 0));
+        assert_eq!(
+            rows[0].element,
+            r#"{"entity":{"reference":"Patient/a"},"inactive":true}"#
+        );
         inject_row_fault(Some(MigrationFault::DropMember), &mut rows);
         assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].entity_reference, "Patient/b");
+        assert_eq!(rows[0].match_key, "Patient/b");
         inject_row_fault(None, &mut rows);
         assert_eq!(rows.len(), 1);
     }

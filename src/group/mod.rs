@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod create;
 pub mod delete;
+pub mod members;
 pub mod migrate;
 pub mod patch;
 pub mod queue;
@@ -152,6 +153,10 @@ pub struct WriteSettings {
     pub write_wait: Duration,
     /// 412 (FHIR R4) or 409 (HAPI's choice) for a stale If-Match.
     pub version_conflict_status: u16,
+    /// See `fhir.patch_failure_status`.
+    pub patch_failure_status: u16,
+    /// See `fhir.remove_member_by_reference`.
+    pub remove_by_reference: bool,
 }
 
 #[derive(Clone)]
@@ -188,6 +193,8 @@ impl GroupService {
                 lease_ttl: Duration::from_millis(config.members.lease_ttl_ms),
                 write_wait: Duration::from_millis(config.members.write_wait_ms),
                 version_conflict_status: config.members.version_conflict_status,
+                patch_failure_status: config.fhir.patch_failure_status,
+                remove_by_reference: config.fhir.remove_member_by_reference,
             },
             queues: Arc::default(),
             upstream_elsewhere: Arc::default(),

@@ -20,13 +20,15 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use mongodb::bson::Document;
 
-use crate::fhir::group_resource::{roster_diff, RosterEntry};
-use crate::fhir::member_patch::{plan_changes, MemberChange, PlannedEvent};
+use crate::fhir::atr::{atr_plan, AtrMember, AtrOperation};
+use crate::fhir::member_array::Plan;
+use crate::fhir::member_patch::MemberOps;
 use crate::fhir::outcome::{IssueType, Outcome};
-use crate::fhir::reference::EntityReference;
-use crate::store::events::{event_sequence, EventType, MemberCounts, MemberEventRow};
+use crate::fhir::roster_replace::replace_all;
+use crate::store::events::MemberCounts;
 use crate::store::group_documents::GroupHead;
 
+use super::members::{event_rows, new_slot_id, EventOrigin, Planning};
 use super::{GroupService, WriteError};
 
 pub struct MemberPatchRequest {
@@ -49,11 +51,14 @@ pub struct MemberPatchRequest {
 
 /// What a member write does to the roster.
 pub enum MemberEdit {
-    /// Changes named one by one (PATCH, ATR operations): cost follows their number.
-    Changes(Vec<MemberChange>),
-    /// The whole roster as a `PUT` states it: diffed against the current
-    /// roster under the write lock, so concurrent writes cannot slip between.
-    ReplaceRoster(Vec<RosterEntry>),
+    /// The member ops of a JSON Patch, with RFC 6902's meaning on the array.
+    Patch(MemberOps),
+    /// The whole roster as a `PUT` states it (`None`: no `member` key):
+    /// diffed against the stored slots under the write lock, so concurrent
+    /// writes cannot slip between.
+    ReplaceRoster(Option<Vec<serde_json::Value>>),
+    /// A Da Vinci ATR `$member-add` / `$member-remove`.
+    Atr(AtrOperation, Vec<AtrMember>),
 }
 
 /// Sends the non-member half of a mixed patch to the legacy server as its own
@@ -339,8 +344,16 @@ impl GroupService {
         }
         self.check_if_match(id, request.if_match, head.version)?;
 
-        let planned = self.plan_edit(id, &head.group_key, &request.edit).await?;
-        if planned.is_empty() && request.upstream_part.is_none() {
+        let (plan, was_absent) = self.plan_edit(id, &head.group_key, &request.edit).await?;
+        let new_version = head.version + 1;
+        let origin = EventOrigin {
+            group_key: &head.group_key,
+            group_id: id,
+            token,
+            request_id: &request.request_id,
+        };
+        let rows = event_rows(&origin, new_version, &plan, was_absent);
+        if rows.is_empty() && request.upstream_part.is_none() {
             // Only `test` ops: nothing changes, so no new version either.
             self.documents.finish(id, token, false).await?;
             return Ok(Attempt::Done(Box::new(MemberPatchResult {
@@ -353,15 +366,6 @@ impl GroupService {
             })));
         }
 
-        let new_version = head.version + 1;
-        let rows = event_rows(
-            &head.group_key,
-            id,
-            new_version,
-            token,
-            &request.request_id,
-            &planned,
-        );
         let events_written = rows.len();
         self.events.stage(rows).await?;
         let committed_at = mongodb::bson::DateTime::now();
@@ -542,27 +546,59 @@ impl GroupService {
         })))
     }
 
-    async fn plan_edit(
+    /// The plan of `edit` against the stored slots, and whether the
+    /// `member` key was absent before it.
+    pub(super) async fn plan_edit(
         &self,
         id: &str,
         group_key: &str,
         edit: &MemberEdit,
-    ) -> Result<Vec<PlannedEvent>, WriteError> {
-        let label = format!("Group/{id}");
-        let planned = match edit {
-            MemberEdit::Changes(changes) => {
-                let named: Vec<&EntityReference> = unique_references(changes);
-                let current = self.events.current_members(group_key, &named).await?;
-                plan_changes(&label, changes, &current)
+    ) -> Result<(Plan, bool), WriteError> {
+        let facts = self.array_facts(id, group_key).await?;
+        let plan = match edit {
+            MemberEdit::Patch(members) => {
+                let mut planning = Planning::from_facts(&facts);
+                self.plan_member_ops(group_key, members, &mut planning)
+                    .await?
             }
             MemberEdit::ReplaceRoster(desired) => {
-                // Each member appears once in a diff, so op indexes past the
-                // per-version range (they wrap in `sequence`) never tie.
-                let current = self.events.current_roster(group_key).await?;
-                plan_changes(&label, &roster_diff(&current, desired), &current)
+                let stored = self.events.all_slots(group_key).await?;
+                replace_all(&stored, &facts.floor, desired.as_deref(), &mut new_slot_id)
+                    .map_err(|e| WriteError::Outcome(roster_failure(&e)))?
+            }
+            MemberEdit::Atr(operation, members) => {
+                let keys: Vec<&str> = members.iter().map(|m| m.match_key.as_str()).collect();
+                let found = self.events.slots_by_match_key(group_key, &keys).await?;
+                let len = facts.counts.members.max(0) as usize;
+                atr_plan(
+                    *operation,
+                    members,
+                    &found,
+                    len,
+                    &facts.floor,
+                    &mut new_slot_id,
+                )
+                .map_err(WriteError::Outcome)?
             }
         };
-        planned.map_err(WriteError::Outcome)
+        Ok((plan, facts.absent))
+    }
+
+    /// The member store's facts of a Group; for a Group it does not manage
+    /// yet (its first member write), whether the `member` key exists comes
+    /// from the document, where the legacy server kept it.
+    pub(super) async fn array_facts(
+        &self,
+        id: &str,
+        group_key: &str,
+    ) -> Result<crate::store::events::ArrayFacts, WriteError> {
+        let mut facts = self.events.array_facts(group_key).await?;
+        // Before its first member write (or after a delete and re-create)
+        // the member store's marker is not this Group's.
+        if !self.documents.member_state(id).await?.in_clickhouse {
+            facts.absent = facts.counts.members == 0 && !self.documents.has_member_key(id).await?;
+        }
+        Ok(facts)
     }
 
     /// After the commit point: publish the events and end the write. Nothing
@@ -639,49 +675,14 @@ pub(super) fn lease_lost(id: &str) -> WriteError {
     ))
 }
 
-pub(super) fn unique_references(changes: &[MemberChange]) -> Vec<&EntityReference> {
-    let mut seen = std::collections::HashSet::new();
-    changes
-        .iter()
-        .map(|c| &c.reference)
-        .filter(|r| seen.insert(*r))
-        .collect()
-}
-
-pub(super) fn event_rows(
-    group_key: &str,
-    group_id: &str,
-    version: u64,
-    token: &str,
-    request_id: &str,
-    planned: &[PlannedEvent],
-) -> Vec<MemberEventRow> {
-    let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
-    planned
-        .iter()
-        .map(|event| MemberEventRow {
-            group_key: group_key.to_string(),
-            group_id: group_id.to_string(),
-            group_version: version,
-            token: token.to_string(),
-            request_id: request_id.to_string(),
-            op_index: event.op_index as u32,
-            sequence: event_sequence(version, event.op_index),
-            entity_reference: event.reference.as_str().to_string(),
-            entity_type: event.reference.resource_type().to_string(),
-            event_type: if event.added {
-                EventType::Added
-            } else {
-                EventType::Removed
-            },
-            period_start: event.attributes.period_start.clone().unwrap_or_default(),
-            period_end: event.attributes.period_end.clone().unwrap_or_default(),
-            inactive: u8::from(event.attributes.inactive),
-            member_delta: event.member_delta,
-            active_delta: event.active_delta,
-            event_time_ms: now_ms,
-        })
-        .collect()
+/// A roster the planner cannot store (its order keys ran out): refused,
+/// nothing written.
+fn roster_failure(error: &crate::fhir::member_array::PatchError) -> Outcome {
+    Outcome::error(
+        500,
+        IssueType::Exception,
+        format!("the member store cannot store this roster, nothing was changed: {error}"),
+    )
 }
 
 pub(super) fn jittered(base: Duration) -> Duration {

@@ -247,11 +247,11 @@ fn member(index: usize) -> Value {
 }
 
 /// A Group with members `0..size` inline, as the legacy server stores it.
+/// With no members it still has the (empty) array: RFC 6902 appends
+/// (`add /member/-`) only to an array that exists.
 pub fn group_with_members(size: usize) -> Value {
     let mut group = json!({"resourceType": "Group", "type": "person", "actual": true});
-    if size > 0 {
-        group["member"] = (0..size).map(member).collect();
-    }
+    group["member"] = (0..size).map(member).collect();
     group
 }
 

@@ -87,6 +87,22 @@ pub async fn group_patch(
             .at(format!("/{op_index}"));
             return answer(session, ctx, &outcome).await;
         }
+        Ok(PatchClass::WholeDocument { .. } | PatchClass::CrossesMember { .. }) if !managed => {
+            return Ok(forward(body))
+        }
+        Ok(PatchClass::CrossesMember { op_index }) => {
+            let outcome = Outcome::error(
+                422,
+                IssueType::NotSupported,
+                format!(
+                    "operation {op_index} moves or copies between Group.member and the rest of \
+                     the Group, which this server keeps in two stores; send the value itself \
+                     (add/replace) instead"
+                ),
+            )
+            .at(format!("/{op_index}"));
+            return answer(session, ctx, &outcome).await;
+        }
         Ok(PatchClass::WholeDocument { .. }) => return Ok(forward(body)),
         Err(_) if !managed => return Ok(forward(body)),
         Err(outcome) => return answer(session, ctx, &outcome).await,
@@ -102,10 +118,7 @@ pub async fn group_patch(
             );
             return answer(session, ctx, &outcome).await;
         }
-        Ok(PatchClass::Mixed {
-            member_changes,
-            other_ops,
-        }) => (member_changes, Some(other_ops)),
+        Ok(PatchClass::Mixed { members, other_ops }) => (members, Some(other_ops)),
     };
     let upstream_part = match other_ops {
         Some(ops) => {
@@ -114,7 +127,7 @@ pub async fn group_patch(
         }
         None => None,
     };
-    let edit = MemberEdit::Changes(changes);
+    let edit = MemberEdit::Patch(changes);
     let Some(next) = write_members(
         proxy,
         session,
@@ -147,11 +160,11 @@ pub async fn atr_operation(
         Ok(body) => body,
         Err(next) => return Ok(next),
     };
-    let changes = match parse_atr_parameters(operation, &body) {
-        Ok(changes) => changes,
+    let members = match parse_atr_parameters(operation, &body) {
+        Ok(members) => members,
         Err(outcome) => return answer(session, ctx, &outcome).await,
     };
-    let edit = MemberEdit::Changes(changes);
+    let edit = MemberEdit::Atr(operation, members);
     match write_members(proxy, session, ctx, base, group_id, &body, edit, None, None).await? {
         Some(next) => Ok(next),
         None => Ok(forward(body)),

@@ -10,8 +10,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::fhir::group_read::{
-    member_json, page_request, removed_member_json, split_around_members, wants_members,
-    with_paging_link, with_quantity,
+    cursor_after, page_request, removed_member_json, split_around_members, split_cursor,
+    wants_members, with_paging_link, with_quantity,
 };
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
@@ -444,7 +444,7 @@ pub async fn members_page(
         .on_stores(async move {
             service
                 .events
-                .roster_page(&key, &cursor, since, limit)
+                .roster_page(&key, split_cursor(&cursor), since, limit)
                 .await
         })
         .await;
@@ -479,19 +479,33 @@ pub async fn members_page(
         )
     };
     let next = has_next
-        .then(|| rows.last().map(|row| link(&row.entity_reference)))
-        .flatten();
-    let members = rows
-        .iter()
-        .map(|row| match row.present {
-            1 => member_json(&row.entity_reference, &row.attributes()),
-            _ => removed_member_json(
-                &row.entity_reference,
-                &row.attributes(),
-                &proxy.config.fhir.extension_base,
-            ),
+        .then(|| {
+            rows.last()
+                .map(|row| link(&cursor_after(&row.order_key, &row.slot_id)))
         })
-        .collect();
+        .flatten();
+    let mut members = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let element: Value = match serde_json::from_str(&row.element) {
+            Ok(element) => element,
+            Err(error) => {
+                let outcome = Outcome::error(
+                    500,
+                    IssueType::Exception,
+                    format!(
+                        "the member store holds a damaged element in slot {}: {error}",
+                        row.slot_id
+                    ),
+                );
+                send_outcome(session, &outcome, &ctx.request_id).await?;
+                return Ok(true);
+            }
+        };
+        members.push(match row.present {
+            1 => element,
+            _ => removed_member_json(element, &proxy.config.fhir.extension_base),
+        });
+    }
     let group = with_quantity(group, roster.counts.active_members);
     let bundle = crate::fhir::group_read::members_page(
         group,
@@ -541,12 +555,11 @@ fn stream_members(
                         chunk.push(b',');
                     }
                     first = false;
-                    let attributes = row.attributes();
-                    if !attributes.inactive {
+                    if row.inactive == 0 {
                         active_members += 1;
                     }
-                    let member = member_json(&row.entity_reference, &attributes);
-                    chunk.extend(serde_json::to_vec(&member).unwrap_or_default());
+                    // Stored verbatim as the JSON text written: spliced as is.
+                    chunk.extend_from_slice(row.element.as_bytes());
                     in_chunk += 1;
                     if in_chunk == MEMBERS_PER_CHUNK {
                         let full = std::mem::replace(&mut chunk, Vec::with_capacity(64 * 1024));

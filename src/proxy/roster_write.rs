@@ -54,12 +54,15 @@ pub async fn group_update(
     };
     let has_members = group.roster.as_ref().is_some_and(|r| !r.is_empty());
     let (roster, member_json) = match (group.roster, group.member_json) {
-        (Some(roster), Some(json)) if home == RosterHome::Events || has_members => (roster, json),
+        (Some(roster), Some(json)) if home == RosterHome::Events || has_members => {
+            (Some(roster), json)
+        }
         (None, _)
             if home == RosterHome::Events
                 && settings.put_without_member == PutWithoutMember::Empty =>
         {
-            (Vec::new(), serde_json::Value::Array(Vec::new()))
+            // As the legacy server reads a PUT: the Group has no `member`.
+            (None, serde_json::Value::Array(Vec::new()))
         }
         _ => return Ok(forward(body)),
     };

@@ -1,8 +1,9 @@
-//! Member events in ClickHouse: staging, publishing, and the point lookups a
-//! member PATCH needs. Every value travels as RowBinary or as a bound literal
-//! escaped by the crate; no SQL is built from request text.
+//! Member events in ClickHouse (schema version 2, see [`schema`]): staging,
+//! publishing, and the lookups that plan a member patch. Every value travels
+//! as RowBinary or as a bound literal escaped by the crate; no SQL is built
+//! from request text.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use clickhouse::Row;
@@ -10,10 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_repr::{Deserialize_repr, Serialize_repr};
 
 use crate::config::ClickHouseSettings;
-use crate::fhir::member_patch::MemberAttributes;
-use crate::fhir::reference::{parse_reference, EntityReference};
+use crate::fhir::member_array::Slot;
 use crate::store::group_commit::{BatchError, BatchSettings, GroupCommit};
-use crate::store::schema::{self, COMMITS, COUNTS, CURRENT, EVENTS, EVENTS_STAGED, GROUPS};
+use crate::store::schema::{self, COMMITS, COUNTS, CURRENT, EVENTS, EVENTS_STAGED, INDEX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventStoreError {
@@ -23,8 +23,14 @@ pub enum EventStoreError {
     Batch(#[from] BatchError),
     #[error("ClickHouse schema: {0}")]
     ForeignSchema(String),
+    /// A stored element is not JSON: the store was written by something else.
+    #[error("ClickHouse member store holds a damaged element in slot {slot}: {reason}")]
+    Damaged { slot: String, reason: String },
 }
 
+/// `added` puts a slot (new, moved or changed); `removed` ends it. On the
+/// array marker row (empty `slot_id`) they say the `member` key appeared or
+/// went away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize_repr, Deserialize_repr)]
 #[repr(i8)]
 pub enum EventType {
@@ -42,35 +48,38 @@ pub struct MemberEventRow {
     pub request_id: String,
     pub op_index: u32,
     pub sequence: u64,
-    pub entity_reference: String,
-    pub entity_type: String,
+    pub slot_id: String,
+    pub order_key: String,
+    pub match_key: String,
     pub event_type: EventType,
-    pub period_start: String,
-    pub period_end: String,
+    /// The element JSON; on a removal the element it had, so a change feed
+    /// can say what left.
+    pub element: String,
     pub inactive: u8,
     pub member_delta: i8,
     pub active_delta: i8,
     pub event_time_ms: u64,
 }
 
-/// `sequence` orders events of a group: by version, then by op within it.
+/// `sequence` orders events of a group: by version, then by event within it.
 pub fn event_sequence(group_version: u64, op_index: usize) -> u64 {
     (group_version << 20) | (op_index as u64 & (schema::MAX_OPS_PER_VERSION as u64 - 1))
 }
 
-#[derive(Debug, Row, Deserialize)]
-struct CurrentStateRow {
-    entity_reference: String,
-    present: u8,
-    inactive: u8,
-    period_start: String,
-    period_end: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Row, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemberCounts {
     pub members: i64,
     pub active_members: i64,
+}
+
+/// What every member patch needs before it looks at any element.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ArrayFacts {
+    pub counts: MemberCounts,
+    /// The largest order key ever assigned in the group (`""`: none).
+    pub floor: String,
+    /// The document has no `member` key (rather than an empty array).
+    pub absent: bool,
 }
 
 /// A committed write found by request id (for idempotent retries).
@@ -136,79 +145,203 @@ impl EventStore {
         Ok(self.publishing.submit(vec![token.to_string()]).await?)
     }
 
-    /// The current state of the named members of a group; absent members are
-    /// left out. Cost follows the number of names, not the group size.
-    pub async fn current_members(
-        &self,
-        group_key: &str,
-        references: &[&EntityReference],
-    ) -> Result<HashMap<EntityReference, MemberAttributes>, EventStoreError> {
-        let names: Vec<&str> = references.iter().map(|r| r.as_str()).collect();
-        let mut rows = Vec::new();
-        // Bound values are sent inside the SQL text: chunks keep every query
-        // well under ClickHouse's default max_query_size (256 KiB) whatever
-        // the number and length of the references.
-        for chunk in chunks_of_text(&names, MAX_BOUND_TEXT_BYTES) {
-            rows.extend(
-                self.client
-                    .query(&format!(
-                        "SELECT entity_reference, argMaxMerge(present) AS present, \
-                                argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
-                                argMaxMerge(period_end) AS period_end \
-                         FROM {CURRENT} \
-                         WHERE group_key = ? AND entity_reference IN (SELECT arrayJoin(?)) \
-                         GROUP BY entity_reference"
-                    ))
-                    .bind(group_key)
-                    .bind(chunk)
-                    .fetch_all::<CurrentStateRow>()
-                    .await?,
-            );
+    /// Member counts, append floor and whether the `member` key exists:
+    /// one point lookup, whatever the group's size.
+    pub async fn array_facts(&self, group_key: &str) -> Result<ArrayFacts, EventStoreError> {
+        #[derive(Row, Deserialize)]
+        struct Facts {
+            members: i64,
+            active_members: i64,
+            floor: String,
+            marker: u8,
         }
-        Ok(rows
-            .into_iter()
-            .filter(|row| row.present == 1)
-            .filter_map(|row| {
-                let reference = parse_reference(&row.entity_reference).ok()?;
-                Some((
-                    reference,
-                    MemberAttributes {
-                        period_start: non_empty(row.period_start),
-                        period_end: non_empty(row.period_end),
-                        inactive: row.inactive == 1,
-                    },
-                ))
-            })
-            .collect())
-    }
-
-    /// Every current member of a group with its attributes (for a whole-roster
-    /// `PUT`, whose cost follows the roster size by nature).
-    pub async fn current_roster(
-        &self,
-        group_key: &str,
-    ) -> Result<HashMap<EntityReference, MemberAttributes>, EventStoreError> {
-        let mut cursor = self.roster(group_key, None)?;
-        let mut members = HashMap::new();
-        while let Some(row) = cursor.next().await? {
-            if let Ok(reference) = parse_reference(&row.entity_reference) {
-                let attributes = row.attributes();
-                members.insert(reference, attributes);
-            }
-        }
-        Ok(members)
-    }
-
-    pub async fn counts(&self, group_key: &str) -> Result<MemberCounts, EventStoreError> {
-        Ok(self
+        let facts = self
             .client
             .query(&format!(
-                "SELECT toInt64(sum(members)) AS members, toInt64(sum(active_members)) AS active_members \
+                "SELECT toInt64(sumMerge(members)) AS members, \
+                        toInt64(sumMerge(active_members)) AS active_members, \
+                        maxMerge(floor) AS floor, \
+                        (SELECT argMaxMerge(present) FROM {CURRENT} \
+                         WHERE group_key = ? AND slot_id = '') AS marker \
                  FROM {COUNTS} WHERE group_key = ?"
             ))
             .bind(group_key)
-            .fetch_one::<MemberCounts>()
-            .await?)
+            .bind(group_key)
+            .fetch_one::<Facts>()
+            .await?;
+        Ok(ArrayFacts {
+            counts: MemberCounts {
+                members: facts.members,
+                active_members: facts.active_members,
+            },
+            floor: facts.floor,
+            absent: facts.members == 0 && facts.marker != 1,
+        })
+    }
+
+    /// The current slots whose match key (`entity.reference`) is one of
+    /// `keys`, in key order, by match key; every key asked is in the map.
+    /// Cost follows the number of keys and their matches, not the group.
+    pub async fn slots_by_match_key(
+        &self,
+        group_key: &str,
+        keys: &[&str],
+    ) -> Result<HashMap<String, Vec<Slot>>, EventStoreError> {
+        let mut found: HashMap<String, Vec<Slot>> =
+            keys.iter().map(|k| (k.to_string(), Vec::new())).collect();
+        // Bound values are sent inside the SQL text: chunks keep every query
+        // well under ClickHouse's default max_query_size (256 KiB) whatever
+        // the number and length of the keys.
+        for chunk in chunks_of_text(keys, MAX_BOUND_TEXT_BYTES) {
+            let rows = self
+                .client
+                .query(&format!(
+                    "SELECT slot_id, order_key, match_key, element, inactive FROM ( \
+                       SELECT slot_id, {SLOT_STATE} FROM {CURRENT} \
+                       WHERE group_key = ? AND slot_id IN ( \
+                         SELECT slot_id FROM {INDEX} \
+                         WHERE match_key IN (SELECT arrayJoin(?)) AND group_key = ?) \
+                       GROUP BY slot_id) \
+                     WHERE present = 1 ORDER BY order_key"
+                ))
+                .bind(group_key)
+                .bind(chunk)
+                .bind(group_key)
+                .fetch_all::<SlotRow>()
+                .await?;
+            for row in rows {
+                // The index keeps rows of references a slot no longer has.
+                if let Some(list) = found.get_mut(&row.match_key) {
+                    list.push(row.into_slot()?);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The slots at `positions` (0-based ranks in key order; past the end
+    /// left out) and the positions of the slots `ids`. Ranks need the
+    /// group's ordering: this scans the group's keys (not its elements).
+    pub async fn slots_at(
+        &self,
+        group_key: &str,
+        positions: &[usize],
+        ids: &[&str],
+    ) -> Result<(BTreeMap<usize, Slot>, HashMap<String, usize>), EventStoreError> {
+        #[derive(Row, Deserialize)]
+        struct Ranked {
+            slot_id: String,
+            rank: u64,
+        }
+        let ranks: Vec<u64> = positions.iter().map(|p| *p as u64 + 1).collect();
+        let mut ranked = Vec::new();
+        // Positions are short numbers; ids are chunked like any bound text.
+        let id_chunks = chunks_of_text(ids, MAX_BOUND_TEXT_BYTES);
+        let empty: &[&str] = &[];
+        let id_chunks = if id_chunks.is_empty() {
+            vec![empty]
+        } else {
+            id_chunks
+        };
+        for (i, id_chunk) in id_chunks.into_iter().enumerate() {
+            let rank_chunk: &[u64] = if i == 0 { &ranks } else { &[] };
+            // An empty bound array has no element type: its test is left out.
+            let mut wanted = Vec::new();
+            if !rank_chunk.is_empty() {
+                wanted.push("has(?, toUInt64(ordinal))");
+            }
+            if !id_chunk.is_empty() {
+                wanted.push("has(?, tupleElement(entry, 2))");
+            }
+            if wanted.is_empty() {
+                continue;
+            }
+            let mut query = self
+                .client
+                .query(&format!(
+                    "SELECT tupleElement(entry, 2) AS slot_id, toUInt64(ordinal) AS rank FROM ( \
+                       SELECT arraySort(groupArray((order_key, slot_id))) AS sorted FROM ( \
+                         SELECT slot_id, argMaxMerge(present) AS present, \
+                                argMaxMerge(order_key) AS order_key \
+                         FROM {CURRENT} WHERE group_key = ? AND slot_id != '' \
+                         GROUP BY slot_id) \
+                       WHERE present = 1) \
+                     ARRAY JOIN sorted AS entry, arrayEnumerate(sorted) AS ordinal \
+                     WHERE {}",
+                    wanted.join(" OR ")
+                ))
+                .bind(group_key);
+            if !rank_chunk.is_empty() {
+                query = query.bind(rank_chunk);
+            }
+            if !id_chunk.is_empty() {
+                query = query.bind(id_chunk);
+            }
+            ranked.extend(query.fetch_all::<Ranked>().await?);
+        }
+        let wanted: HashSet<u64> = ranks.iter().copied().collect();
+        let slot_ids: Vec<&str> = ranked
+            .iter()
+            .filter(|r| wanted.contains(&r.rank))
+            .map(|r| r.slot_id.as_str())
+            .collect();
+        let slots = self.slots_by_id(group_key, &slot_ids).await?;
+        let mut at = BTreeMap::new();
+        let mut of_ids = HashMap::new();
+        for row in &ranked {
+            let position = (row.rank - 1) as usize;
+            if wanted.contains(&row.rank) {
+                if let Some(slot) = slots.get(&row.slot_id) {
+                    at.insert(position, slot.clone());
+                }
+            }
+            of_ids.insert(row.slot_id.clone(), position);
+        }
+        Ok((at, of_ids))
+    }
+
+    /// The current slots with these ids.
+    async fn slots_by_id(
+        &self,
+        group_key: &str,
+        ids: &[&str],
+    ) -> Result<HashMap<String, Slot>, EventStoreError> {
+        let mut found = HashMap::new();
+        for chunk in chunks_of_text(ids, MAX_BOUND_TEXT_BYTES) {
+            let rows = self
+                .client
+                .query(&format!(
+                    "SELECT slot_id, order_key, match_key, element, inactive FROM ( \
+                       SELECT slot_id, {SLOT_STATE} FROM {CURRENT} \
+                       WHERE group_key = ? AND slot_id IN (SELECT arrayJoin(?)) \
+                       GROUP BY slot_id) \
+                     WHERE present = 1"
+                ))
+                .bind(group_key)
+                .bind(chunk)
+                .fetch_all::<SlotRow>()
+                .await?;
+            for row in rows {
+                let slot = row.into_slot()?;
+                found.insert(slot.id.clone(), slot);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Every current slot of a group in key order (whole-array ops and
+    /// roster PUTs, whose cost follows the roster size by nature).
+    pub async fn all_slots(&self, group_key: &str) -> Result<Vec<Slot>, EventStoreError> {
+        let mut cursor = self.roster(group_key, None)?;
+        let mut slots = Vec::new();
+        while let Some(row) = cursor.next().await? {
+            slots.push(row.into_slot()?);
+        }
+        Ok(slots)
+    }
+
+    pub async fn counts(&self, group_key: &str) -> Result<MemberCounts, EventStoreError> {
+        Ok(self.array_facts(group_key).await?.counts)
     }
 
     /// The request id of each version a staged write carries.
@@ -331,55 +464,56 @@ struct SequenceRange {
     last_sequence: u64,
 }
 
-/// One current member, as a Group read lists it.
+/// The columns of one slot's latest state, merged from `Slots`.
+const SLOT_STATE: &str = "argMaxMerge(present) AS present, argMaxMerge(order_key) AS order_key, \
+     argMaxMerge(match_key) AS match_key, argMaxMerge(element) AS element, \
+     argMaxMerge(inactive) AS inactive";
+
+/// One stored slot, as reads and lookups list it.
 #[derive(Debug, Row, Deserialize)]
-pub struct RosterRow {
-    pub entity_reference: String,
+pub struct SlotRow {
+    pub slot_id: String,
+    pub order_key: String,
+    pub match_key: String,
+    /// The element JSON, verbatim.
+    pub element: String,
     pub inactive: u8,
-    pub period_start: String,
-    pub period_end: String,
 }
 
-impl RosterRow {
-    pub fn attributes(&self) -> MemberAttributes {
-        attributes(self.inactive, &self.period_start, &self.period_end)
+impl SlotRow {
+    pub fn into_slot(self) -> Result<Slot, EventStoreError> {
+        let element =
+            serde_json::from_str(&self.element).map_err(|e| EventStoreError::Damaged {
+                slot: self.slot_id.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Slot {
+            id: self.slot_id,
+            key: self.order_key,
+            element,
+        })
     }
 }
 
-/// One member of a `$members` page; `present == 0` marks a removed member
-/// (only listed when asking for changes).
+/// One slot of a `$members` page; `present == 0` marks a removed member
+/// (only listed when asking for changes), with the element it last had.
 #[derive(Debug, Row, Deserialize)]
 pub struct PageRow {
-    pub entity_reference: String,
+    pub slot_id: String,
+    pub order_key: String,
     pub present: u8,
-    pub inactive: u8,
-    pub period_start: String,
-    pub period_end: String,
-}
-
-impl PageRow {
-    pub fn attributes(&self) -> MemberAttributes {
-        attributes(self.inactive, &self.period_start, &self.period_end)
-    }
-}
-
-fn attributes(inactive: u8, period_start: &str, period_end: &str) -> MemberAttributes {
-    MemberAttributes {
-        period_start: non_empty(period_start.to_string()),
-        period_end: non_empty(period_end.to_string()),
-        inactive: inactive == 1,
-    }
+    pub element: String,
 }
 
 impl EventStore {
-    /// Up to `limit` members with a reference after `after`, in reference
-    /// order (seek pagination: stable under concurrent writes). Without
-    /// `changed_since_ms`: the current members; with it: every member whose
-    /// last event is newer, removed ones included (`present == 0`).
+    /// Up to `limit` slots after `after` (an order key and slot id), in
+    /// array order (seek pagination: stable under concurrent writes).
+    /// Without `changed_since_ms`: the current members; with it: every slot
+    /// whose last event is newer, removed ones included (`present == 0`).
     pub async fn roster_page(
         &self,
         group_key: &str,
-        after: &str,
+        after: (&str, &str),
         changed_since_ms: Option<u64>,
         limit: usize,
     ) -> Result<Vec<PageRow>, EventStoreError> {
@@ -390,62 +524,61 @@ impl EventStore {
         let mut query = self
             .client
             .query(&format!(
-                "SELECT entity_reference, present, inactive, period_start, period_end FROM ( \
-                   SELECT entity_reference, argMaxMerge(present) AS present, \
-                          argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
-                          argMaxMerge(period_end) AS period_end, maxMerge(last_event_time_ms) AS last_event_time_ms \
-                   FROM {CURRENT} WHERE group_key = ? AND entity_reference > ? GROUP BY entity_reference) \
-                 WHERE {filter} ORDER BY entity_reference LIMIT ?"
+                "SELECT slot_id, order_key, present, element FROM ( \
+                   SELECT slot_id, argMaxMerge(present) AS present, \
+                          argMaxMerge(order_key) AS order_key, argMaxMerge(element) AS element, \
+                          maxMerge(last_event_time_ms) AS last_event_time_ms \
+                   FROM {CURRENT} WHERE group_key = ? AND slot_id != '' GROUP BY slot_id) \
+                 WHERE {filter} AND (order_key > ? OR (order_key = ? AND slot_id > ?)) \
+                 ORDER BY order_key, slot_id LIMIT ?"
             ))
-            .bind(group_key)
-            .bind(after);
+            .bind(group_key);
         if let Some(since) = changed_since_ms {
             query = query.bind(since);
         }
-        Ok(query.bind(limit as u64).fetch_all::<PageRow>().await?)
+        Ok(query
+            .bind(after.0)
+            .bind(after.0)
+            .bind(after.1)
+            .bind(limit as u64)
+            .fetch_all::<PageRow>()
+            .await?)
     }
 
-    /// All current members of a group (or, with `at_version`, the members as
-    /// of that version, rebuilt from the events), ordered by reference, as a stream.
+    /// All current slots of a group (or, with `at_version`, the slots as of
+    /// that version, rebuilt from the events), in array order, as a stream.
     pub fn roster(
         &self,
         group_key: &str,
         at_version: Option<u64>,
-    ) -> Result<clickhouse::query::RowCursor<RosterRow>, EventStoreError> {
+    ) -> Result<clickhouse::query::RowCursor<SlotRow>, EventStoreError> {
         let query = match at_version {
             None => self
                 .client
                 .query(&format!(
-                    "SELECT entity_reference, inactive, period_start, period_end FROM ( \
-                       SELECT entity_reference, argMaxMerge(present) AS present, \
-                              argMaxMerge(inactive) AS inactive, argMaxMerge(period_start) AS period_start, \
-                              argMaxMerge(period_end) AS period_end \
-                       FROM {CURRENT} WHERE group_key = ? GROUP BY entity_reference) \
-                     WHERE present = 1 ORDER BY entity_reference"
+                    "SELECT slot_id, order_key, match_key, element, inactive FROM ( \
+                       SELECT slot_id, {SLOT_STATE} FROM {CURRENT} \
+                       WHERE group_key = ? AND slot_id != '' GROUP BY slot_id) \
+                     WHERE present = 1 ORDER BY order_key"
                 ))
                 .bind(group_key),
             Some(version) => self
                 .client
                 .query(&format!(
-                    "SELECT entity_reference, inactive, period_start, period_end FROM ( \
-                       SELECT entity_reference, argMax(toUInt8(event_type = 'added'), sequence) AS present, \
-                              argMax(inactive, sequence) AS inactive, argMax(period_start, sequence) AS period_start, \
-                              argMax(period_end, sequence) AS period_end \
-                       FROM {EVENTS} WHERE group_key = ? AND group_version <= ? GROUP BY entity_reference) \
-                     WHERE present = 1 ORDER BY entity_reference"
+                    "SELECT slot_id, order_key, match_key, element, inactive FROM ( \
+                       SELECT slot_id, argMax(toUInt8(event_type = 'added'), sequence) AS present, \
+                              argMax(order_key, sequence) AS order_key, \
+                              argMax(match_key, sequence) AS match_key, \
+                              argMax(element, sequence) AS element, \
+                              argMax(inactive, sequence) AS inactive \
+                       FROM {EVENTS} WHERE group_key = ? AND group_version <= ? AND slot_id != '' \
+                       GROUP BY slot_id) \
+                     WHERE present = 1 ORDER BY order_key"
                 ))
                 .bind(group_key)
                 .bind(version),
         };
-        Ok(query.fetch::<RosterRow>()?)
-    }
-}
-
-fn non_empty(s: String) -> Option<String> {
-    if s.is_empty() {
-        None
-    } else {
-        Some(s)
+        Ok(query.fetch::<SlotRow>()?)
     }
 }
 
@@ -714,7 +847,7 @@ impl EventStoreError {
             }
             EventStoreError::ClickHouse(_) => false,
             EventStoreError::Batch(_) => true,
-            EventStoreError::ForeignSchema(_) => false,
+            EventStoreError::ForeignSchema(_) | EventStoreError::Damaged { .. } => false,
         }
     }
 }
@@ -751,16 +884,21 @@ impl EventStore {
         references: &[&str],
         limit: usize,
     ) -> Result<Vec<GroupWithMember>, EventStoreError> {
+        // The index names candidates; `Slots` says which still hold them.
         Ok(self
             .client
             .query(&format!(
                 "SELECT group_key, any(group_id) AS group_id FROM ( \
-                   SELECT entity_reference, group_key, argMaxMerge(group_id) AS group_id, \
-                          argMaxMerge(present) AS present \
-                   FROM {GROUPS} WHERE entity_reference IN (SELECT arrayJoin(?)) \
-                   GROUP BY entity_reference, group_key) \
-                 WHERE present = 1 GROUP BY group_key ORDER BY group_id LIMIT ?"
+                   SELECT group_key, slot_id, argMaxMerge(group_id) AS group_id, \
+                          argMaxMerge(present) AS present, argMaxMerge(match_key) AS match_key \
+                   FROM {CURRENT} WHERE (group_key, slot_id) IN ( \
+                     SELECT group_key, slot_id FROM {INDEX} \
+                     WHERE match_key IN (SELECT arrayJoin(?))) \
+                   GROUP BY group_key, slot_id) \
+                 WHERE present = 1 AND has(?, match_key) \
+                 GROUP BY group_key ORDER BY group_id LIMIT ?"
             ))
+            .bind(references)
             .bind(references)
             .bind(limit as u64)
             .fetch_all::<GroupWithMember>()
@@ -775,8 +913,8 @@ impl EventStore {
         let rows = self
             .client
             .query(&format!(
-                "SELECT group_key, toInt64(sum(members)) AS members, \
-                        toInt64(sum(active_members)) AS active_members \
+                "SELECT group_key, toInt64(sumMerge(members)) AS members, \
+                        toInt64(sumMerge(active_members)) AS active_members \
                  FROM {COUNTS} WHERE group_key IN (SELECT arrayJoin(?)) GROUP BY group_key"
             ))
             .bind(group_keys)

@@ -216,6 +216,17 @@ impl GroupDocuments {
         Ok(count > 0)
     }
 
+    /// Whether the Group document has a `member` key at all (an empty array
+    /// counts): RFC 6902 lets `add /member/-` extend an empty array but not
+    /// a missing one.
+    pub async fn has_member_key(&self, id: &str) -> Result<bool, DocumentStoreError> {
+        let count = self
+            .groups
+            .count_documents(doc! { "id": id, "member": { "$exists": true } })
+            .await?;
+        Ok(count > 0)
+    }
+
     /// The token of the lock on Group `id` when that lock has expired.
     pub async fn expired_lease_holder(
         &self,

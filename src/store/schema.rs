@@ -4,29 +4,55 @@
 //! Written for both ClickHouse 18.16 and current releases: no DateTime64, no
 //! LowCardinality, `AggregateFunction` columns fed by `MATERIALIZED VIEW ... TO`.
 //!
-//! Tables (prefix `Group_4_0_0_Member`):
+//! # Schema version 2: the member array as slots
+//!
+//! The legacy server keeps `Group.member` as a JSON array, so the proxy stores
+//! exactly that, one *slot* per array element (see `fhir::member_array`): a
+//! stable slot id, an order key (the array is the slots sorted bytewise by
+//! key) and the element JSON verbatim. An event puts a slot (new, moved or
+//! changed) or removes it. Tables (prefix `Group_4_0_0_MemberSlot`):
 //! - `EventsStaged`: events of a write before it commits, keyed by its token.
-//! - `Events`: committed events, append-only; feeds the views below.
-//! - `Current`: per (group, member) the latest state, by `sequence`.
-//! - `Groups`: the reverse index, per (member, group) the latest state.
-//! - `Counts`: per group, sums of member and active-member deltas.
+//! - `Events`: committed events, append-only; feeds the views below. A row
+//!   with an empty `slot_id` records that the `member` key itself appeared
+//!   (`added`) or went away (`removed`): RFC 6902 tells an absent array from
+//!   an empty one.
+//! - `Slots` (no `Event` in the name): per (group, slot) the latest state.
+//! - `Index`: per (match key, group, slot), the reverse index; the match key
+//!   is `entity.reference` (or `identifier:{system}|{value}` for members
+//!   named by identifier only). A slot whose reference changed keeps its old
+//!   index row, so every lookup checks candidates against `Slots`.
+//! - `Counts`: per group, member and active-member sums and the *floor* (the
+//!   largest order key ever assigned), so appends need no scan.
 //! - `Commits`: one row per committed write, for idempotent retries.
 //!
-//! `sequence` is `group_version << 20 | op_index`: versions increase strictly per
-//! group and ops keep their patch order, so ties never occur and never need a
-//! random tie-break.
+//! `sequence` is `group_version << 20 | event_index`: versions increase
+//! strictly per group and events keep their plan order, so ties never occur.
+//!
+//! Version 1 (`Group_4_0_0_Member*`, members keyed by reference) is upgraded
+//! by [`crate::store::upgrade`]; `Schema` records which versions are in place.
 
 use crate::config::ClickHouseSettings;
 
-/// Op indexes must fit below this to keep `sequence` ordered.
+/// Event indexes must fit below this to keep `sequence` ordered.
 pub const MAX_OPS_PER_VERSION: usize = 1 << 20;
 
-pub const EVENTS_STAGED: &str = "Group_4_0_0_MemberEventsStaged";
-pub const EVENTS: &str = "Group_4_0_0_MemberEvents";
-pub const CURRENT: &str = "Group_4_0_0_MemberCurrent";
-pub const GROUPS: &str = "Group_4_0_0_MemberGroups";
-pub const COUNTS: &str = "Group_4_0_0_MemberCounts";
-pub const COMMITS: &str = "Group_4_0_0_MemberCommits";
+/// The schema version this release reads and writes.
+pub const SCHEMA_VERSION: u32 = 2;
+
+pub const EVENTS_STAGED: &str = "Group_4_0_0_MemberSlotEventsStaged";
+pub const EVENTS: &str = "Group_4_0_0_MemberSlotEvents";
+pub const CURRENT: &str = "Group_4_0_0_MemberSlots";
+pub const INDEX: &str = "Group_4_0_0_MemberSlotIndex";
+pub const COUNTS: &str = "Group_4_0_0_MemberSlotCounts";
+pub const COMMITS: &str = "Group_4_0_0_MemberSlotCommits";
+/// One row per schema version applied (and upgrade finished).
+pub const SCHEMA: &str = "Group_4_0_0_MemberSchema";
+
+/// Tables of schema version 1, read once by the upgrade.
+pub mod v1 {
+    pub const EVENTS: &str = "Group_4_0_0_MemberEvents";
+    pub const COMMITS: &str = "Group_4_0_0_MemberCommits";
+}
 
 const EVENT_COLUMNS: &str = "
     group_key String,
@@ -36,11 +62,11 @@ const EVENT_COLUMNS: &str = "
     request_id String,
     op_index UInt32,
     sequence UInt64,
-    entity_reference String,
-    entity_type String,
+    slot_id String,
+    order_key String,
+    match_key String,
     event_type Enum8('added' = 1, 'removed' = 2),
-    period_start String,
-    period_end String,
+    element String,
     inactive UInt8,
     member_delta Int8,
     active_delta Int8,
@@ -103,6 +129,8 @@ struct View {
     target: &'static str,
     /// From `AS` up to `FROM`, with the line breaks around it.
     select: &'static str,
+    /// ` WHERE ...` after `FROM`, or empty.
+    filter: &'static str,
     group_by: &'static str,
 }
 
@@ -118,48 +146,48 @@ fn tables() -> Vec<Table> {
             name: EVENTS,
             columns: EVENT_COLUMNS.to_string(),
             engine: "MergeTree",
-            layout: " PARTITION BY toYYYYMM(event_date) \
-                     ORDER BY (group_key, entity_reference, sequence)",
+            layout: " PARTITION BY toYYYYMM(event_date) ORDER BY (group_key, slot_id, sequence)",
         },
         Table {
             name: CURRENT,
             columns: "
                 group_key String,
-                entity_reference String,
+                slot_id String,
                 group_id AggregateFunction(argMax, String, UInt64),
                 present AggregateFunction(argMax, UInt8, UInt64),
+                order_key AggregateFunction(argMax, String, UInt64),
+                match_key AggregateFunction(argMax, String, UInt64),
+                element AggregateFunction(argMax, String, UInt64),
                 inactive AggregateFunction(argMax, UInt8, UInt64),
-                period_start AggregateFunction(argMax, String, UInt64),
-                period_end AggregateFunction(argMax, String, UInt64),
                 last_sequence AggregateFunction(max, UInt64),
                 last_event_time_ms AggregateFunction(max, UInt64)
              "
             .to_string(),
             engine: "AggregatingMergeTree",
-            layout: " ORDER BY (group_key, entity_reference)",
+            layout: " ORDER BY (group_key, slot_id)",
         },
         Table {
-            name: GROUPS,
+            name: INDEX,
             columns: "
-                entity_reference String,
+                match_key String,
                 group_key String,
-                group_id AggregateFunction(argMax, String, UInt64),
-                present AggregateFunction(argMax, UInt8, UInt64),
-                inactive AggregateFunction(argMax, UInt8, UInt64)
+                slot_id String,
+                group_id AggregateFunction(argMax, String, UInt64)
              "
             .to_string(),
             engine: "AggregatingMergeTree",
-            layout: " ORDER BY (entity_reference, group_key)",
+            layout: " ORDER BY (match_key, group_key, slot_id)",
         },
         Table {
             name: COUNTS,
             columns: "
                 group_key String,
-                members Int64,
-                active_members Int64
+                members AggregateFunction(sum, Int64),
+                active_members AggregateFunction(sum, Int64),
+                floor AggregateFunction(max, String)
              "
             .to_string(),
-            engine: "SummingMergeTree",
+            engine: "AggregatingMergeTree",
             layout: " ORDER BY group_key",
         },
         Table {
@@ -176,6 +204,17 @@ fn tables() -> Vec<Table> {
             engine: "MergeTree",
             layout: " ORDER BY (group_key, request_id, token)",
         },
+        Table {
+            name: SCHEMA,
+            columns: "
+                version UInt32,
+                applied_at_ms UInt64,
+                note String
+             "
+            .to_string(),
+            engine: "MergeTree",
+            layout: " ORDER BY version",
+        },
     ]
 }
 
@@ -184,33 +223,36 @@ fn views() -> [View; 4] {
         View {
             target: CURRENT,
             select: "
-             SELECT group_key, entity_reference,
+             SELECT group_key, slot_id,
                     argMaxState(group_id, sequence) AS group_id,
                     argMaxState(toUInt8(event_type = 'added'), sequence) AS present,
+                    argMaxState(order_key, sequence) AS order_key,
+                    argMaxState(match_key, sequence) AS match_key,
+                    argMaxState(element, sequence) AS element,
                     argMaxState(inactive, sequence) AS inactive,
-                    argMaxState(period_start, sequence) AS period_start,
-                    argMaxState(period_end, sequence) AS period_end,
                     maxState(sequence) AS last_sequence,
                     maxState(event_time_ms) AS last_event_time_ms
              ",
-            group_by: "group_key, entity_reference",
+            filter: "",
+            group_by: "group_key, slot_id",
         },
         View {
-            target: GROUPS,
+            target: INDEX,
             select: "
-             SELECT entity_reference, group_key,
-                    argMaxState(group_id, sequence) AS group_id,
-                    argMaxState(toUInt8(event_type = 'added'), sequence) AS present,
-                    argMaxState(inactive, sequence) AS inactive
+             SELECT match_key, group_key, slot_id,
+                    argMaxState(group_id, sequence) AS group_id
              ",
-            group_by: "entity_reference, group_key",
+            filter: " WHERE match_key != '' AND event_type = 'added'",
+            group_by: "match_key, group_key, slot_id",
         },
         View {
             target: COUNTS,
             select: "
-             SELECT group_key, sum(toInt64(member_delta)) AS members,
-                    sum(toInt64(active_delta)) AS active_members
+             SELECT group_key, sumState(toInt64(member_delta)) AS members,
+                    sumState(toInt64(active_delta)) AS active_members,
+                    maxState(order_key) AS floor
              ",
+            filter: "",
             group_by: "group_key",
         },
         View {
@@ -219,6 +261,7 @@ fn views() -> [View; 4] {
              SELECT group_key, request_id, token, max(group_version) AS group_version,
                     count() AS events, max(event_time_ms) AS committed_at_ms
              ",
+            filter: "",
             group_by: "group_key, request_id, token",
         },
     ]
@@ -272,8 +315,8 @@ pub fn statements_in(database: &str, topology: Topology<'_>) -> Vec<String> {
         if let Some(view) = views.iter().find(|v| v.target == name) {
             statements.push(format!(
                 "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{name}_MV{on_cluster} \
-                 TO {db}.{name}{local} AS{}FROM {db}.{EVENTS}{local} GROUP BY {}",
-                view.select, view.group_by
+                 TO {db}.{name}{local} AS{}FROM {db}.{EVENTS}{local}{} GROUP BY {}",
+                view.select, view.filter, view.group_by
             ));
         }
     }
@@ -427,7 +470,7 @@ mod tests {
             "group_id".to_string(),
             "AggregateFunction(argMax, String, UInt64)".to_string()
         )));
-        assert_eq!(shape.tables.len(), 6);
+        assert_eq!(shape.tables.len(), 7);
         assert!(shape
             .views
             .contains(&(format!("{CURRENT}_MV"), CURRENT.to_string())));
@@ -436,7 +479,7 @@ mod tests {
             replication_path: "/p",
             replica_name: "r",
         });
-        assert_eq!(cluster.tables.len(), 12);
+        assert_eq!(cluster.tables.len(), 14);
         assert!(cluster
             .views
             .contains(&(format!("{CURRENT}_MV"), format!("{CURRENT}_local"))));
@@ -534,8 +577,8 @@ mod tests {
         let statements = cluster();
         assert_eq!(
             statements.len(),
-            17,
-            "database, 6 local + 6 distributed tables, 4 views"
+            19,
+            "database, 7 local + 7 distributed tables, 4 views"
         );
         assert_eq!(
             statements[0],
@@ -565,8 +608,9 @@ mod tests {
             (EVENTS_STAGED, "ReplicatedMergeTree"),
             (EVENTS, "ReplicatedMergeTree"),
             (CURRENT, "ReplicatedAggregatingMergeTree"),
-            (GROUPS, "ReplicatedAggregatingMergeTree"),
-            (COUNTS, "ReplicatedSummingMergeTree"),
+            (INDEX, "ReplicatedAggregatingMergeTree"),
+            (COUNTS, "ReplicatedAggregatingMergeTree"),
+            (SCHEMA, "ReplicatedMergeTree"),
             (COMMITS, "ReplicatedMergeTree"),
         ];
         for (table, engine) in engines {
@@ -576,15 +620,23 @@ mod tests {
             assert!(local(table).contains(&expected), "{}", local(table));
         }
         assert!(local(EVENTS).ends_with(
-            "('/clickhouse/tables/{shard}/fhir/Group_4_0_0_MemberEvents_local', '{replica}') \
-             PARTITION BY toYYYYMM(event_date) ORDER BY (group_key, entity_reference, sequence)"
+            "('/clickhouse/tables/{shard}/fhir/Group_4_0_0_MemberSlotEvents_local', '{replica}') \
+             PARTITION BY toYYYYMM(event_date) ORDER BY (group_key, slot_id, sequence)"
         ));
     }
 
     #[test]
     fn cluster_distributed_tables_keep_the_names_and_shard_by_group() {
         let statements = cluster();
-        for table in [EVENTS_STAGED, EVENTS, CURRENT, GROUPS, COUNTS, COMMITS] {
+        for table in [
+            EVENTS_STAGED,
+            EVENTS,
+            CURRENT,
+            INDEX,
+            COUNTS,
+            COMMITS,
+            SCHEMA,
+        ] {
             let expected = format!(
                 "CREATE TABLE IF NOT EXISTS fhir.{table} ON CLUSTER 'events' AS fhir.{table}_local \
                  ENGINE = Distributed('events', 'fhir', '{table}_local', cityHash64(group_key))"
@@ -612,7 +664,7 @@ mod tests {
             assert!(view.contains("_MV ON CLUSTER 'events' TO fhir."), "{view}");
             assert!(view.contains("_local AS\n"), "{view}");
             assert!(
-                view.contains("FROM fhir.Group_4_0_0_MemberEvents_local GROUP BY"),
+                view.contains("FROM fhir.Group_4_0_0_MemberSlotEvents_local"),
                 "{view}"
             );
         }

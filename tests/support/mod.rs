@@ -171,7 +171,7 @@ pub async fn group_document(mongo: &mongodb::Database, id: &str) -> mongodb::bso
 /// Published member events of the Group with member key `group_key`.
 pub async fn published_event_count(clickhouse: &clickhouse::Client, group_key: &str) -> u64 {
     clickhouse
-        .query("SELECT count() FROM Group_4_0_0_MemberEvents WHERE group_key = ?")
+        .query("SELECT count() FROM Group_4_0_0_MemberSlotEvents WHERE group_key = ? AND slot_id != ''")
         .bind(group_key)
         .fetch_one::<u64>()
         .await
@@ -501,12 +501,11 @@ pub fn seed_reference(i: usize) -> String {
 /// POSTs a Group with `members` inline members (`seed_reference`) to
 /// `{base}/Group`; the legacy server's or the proxy's reply.
 pub async fn post_group(client: &HttpClient, base: &str, members: usize) -> Reply {
+    // `member: []` when empty: RFC 6902 appends only to an array that exists.
     let mut group = serde_json::json!({"resourceType": "Group", "type": "person", "actual": true});
-    if members > 0 {
-        group["member"] = (0..members)
-            .map(|i| serde_json::json!({"entity": {"reference": seed_reference(i)}}))
-            .collect();
-    }
+    group["member"] = (0..members)
+        .map(|i| serde_json::json!({"entity": {"reference": seed_reference(i)}}))
+        .collect();
     send(
         client,
         "POST",

@@ -68,10 +68,10 @@ impl Stack {
     }
 
     pub async fn create_group_at(&self, server: &str, members: Value) -> String {
+        // `member: []` stays: RFC 6902 appends (`add /member/-`) only to an
+        // array that exists, on the legacy server and through the proxy.
         let mut group = json!({"resourceType": "Group", "type": "person", "actual": true});
-        if members.as_array().is_some_and(|m| !m.is_empty()) {
-            group["member"] = members;
-        }
+        group["member"] = members;
         let reply = send(
             &self.client,
             "POST",
@@ -121,23 +121,32 @@ impl Stack {
             .to_string()
     }
 
-    /// Current members as ClickHouse's views see them: reference -> (inactive, period start).
+    /// Current members as ClickHouse's views see them, by reference:
+    /// (inactive, period start) of the last slot with that reference.
     pub async fn members(&self, id: &str) -> BTreeMap<String, (bool, String)> {
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct Row {
-            entity_reference: String,
+            match_key: String,
             present: u8,
-            inactive: u8,
-            period_start: String,
+            element: String,
         }
         let rows = self.clickhouse
-            .query("SELECT entity_reference, argMaxMerge(present) AS present, argMaxMerge(inactive) AS inactive, \
-                    argMaxMerge(period_start) AS period_start FROM Group_4_0_0_MemberCurrent WHERE group_key = ? GROUP BY entity_reference")
+            .query("SELECT match_key, present, element FROM (SELECT slot_id, argMaxMerge(match_key) AS match_key, \
+                    argMaxMerge(present) AS present, argMaxMerge(element) AS element, argMaxMerge(order_key) AS order_key \
+                    FROM Group_4_0_0_MemberSlots WHERE group_key = ? AND slot_id != '' GROUP BY slot_id) ORDER BY order_key")
             .bind(self.group_key(id).await)
             .fetch_all::<Row>().await.unwrap();
         rows.into_iter()
             .filter(|r| r.present == 1)
-            .map(|r| (r.entity_reference, (r.inactive == 1, r.period_start)))
+            .map(|r| {
+                let element: Value = serde_json::from_str(&r.element).unwrap();
+                let inactive = element["inactive"] == json!(true);
+                let start = element["period"]["start"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                (r.match_key, (inactive, start))
+            })
             .collect()
     }
 
@@ -182,13 +191,14 @@ impl Stack {
     /// then given `members` by member PATCH (version 2).
     pub async fn managed_group(&self, members: &[&str]) -> String {
         let id = self.create_group(json!([])).await;
-        let ops: Vec<Value> = members
+        let elements: Vec<Value> = members
             .iter()
-            .map(|r| json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": r}}}))
+            .map(|r| json!({"entity": {"reference": r}}))
             .collect();
-        self.patch(&id, Value::Array(ops), &[])
-            .await
-            .assert_status(200);
+        // The Group was created without `member`: RFC 6902 adds the array
+        // itself (`add /member/-` would find no array to extend).
+        let ops = json!([{"op": "add", "path": "/member", "value": elements}]);
+        self.patch(&id, ops, &[]).await.assert_status(200);
         assert!(
             !self.members(&id).await.is_empty(),
             "the roster is in ClickHouse"
