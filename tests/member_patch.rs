@@ -1349,7 +1349,7 @@ async fn atr_member_add_and_remove() {
         .json();
     assert_eq!(
         group["member"][1]["extension"][0]["url"],
-        fhir_group_proxy::fhir::atr::ATTRIBUTED_PROVIDER
+        fhir_group_proxy::fhir::atr::ATTRIBUTED_PROVIDER_URL
     );
     assert_eq!(group["member"][2]["entity"]["identifier"]["value"], "M7");
     assert_eq!(group["member"][2]["period"]["start"], "2027-01-01");
@@ -1360,7 +1360,7 @@ async fn atr_member_add_and_remove() {
         ]),
     )
     .await;
-    assert_outcome(&missing, 422, "processing");
+    assert_outcome(&missing, 422, "not-found");
 }
 
 /// Deleting a migrated Group tombstones its roster: a Group created again
