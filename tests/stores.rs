@@ -217,3 +217,137 @@ async fn clickhouse_tables_of_another_shape_are_refused_by_name() {
             .unwrap();
     }
 }
+
+/// A database written by the previous release (schema version 1: members as
+/// a set keyed by reference) is upgraded by `schema-apply` once: every
+/// Group reads back as version 1 answered it, its history included, and a
+/// second run changes nothing.
+#[tokio::test]
+async fn a_database_of_schema_version_one_is_upgraded_once_and_reads_back_the_same() {
+    let db = support::unique_name("upgrade");
+    let settings = ClickHouseSettings {
+        url: support::clickhouse_url(),
+        database: db.clone(),
+        ..Default::default()
+    };
+    let client = store::clickhouse::connect_server(&settings);
+    let v1 = include_str!("fixtures/schema_v1_single_node.sql").replace("fhir_group_proxy", &db);
+    for statement in v1.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        client
+            .query(statement)
+            .execute()
+            .await
+            .expect("version 1 DDL");
+    }
+    // Version 1 events: b added (v1), a added inactive with a period (v2),
+    // b removed and c added (v3); another Group with d.
+    let rows = [
+        ("k1", "g1", 1, 0, "Patient/b", "added", "", "", 0, 1, 1),
+        (
+            "k1",
+            "g1",
+            2,
+            0,
+            "Patient/a",
+            "added",
+            "2026-01-01",
+            "",
+            1,
+            1,
+            0,
+        ),
+        ("k1", "g1", 3, 0, "Patient/b", "removed", "", "", 0, -1, -1),
+        ("k1", "g1", 3, 1, "Patient/c", "added", "", "", 0, 1, 1),
+        ("k2", "g2", 1, 0, "Patient/d", "added", "", "", 0, 1, 1),
+    ];
+    for (key, id, version, op, reference, kind, start, end, inactive, delta, active) in rows {
+        client
+            .query(&format!(
+                "INSERT INTO {db}.Group_4_0_0_MemberEvents (group_key, group_id, group_version, \
+                 token, request_id, op_index, sequence, entity_reference, entity_type, event_type, \
+                 period_start, period_end, inactive, member_delta, active_delta, event_time_ms) \
+                 VALUES (?, ?, ?, ?, 'req', ?, ?, ?, 'Patient', ?, ?, ?, ?, ?, ?, 1000)"
+            ))
+            .bind(key)
+            .bind(id)
+            .bind(version as u64)
+            .bind(format!("token-{key}-{version}"))
+            .bind(op as u32)
+            .bind(store::events::event_sequence(version, op))
+            .bind(reference)
+            .bind(kind)
+            .bind(start)
+            .bind(end)
+            .bind(inactive as u8)
+            .bind(delta as i8)
+            .bind(active as i8)
+            .execute()
+            .await
+            .expect("version 1 event");
+    }
+
+    store::events::apply_schema(&settings)
+        .await
+        .expect("the upgrade runs");
+    store::events::apply_schema(&settings)
+        .await
+        .expect("a second run is a no-op");
+
+    let events = store::events::EventStore::start(
+        &settings,
+        store::group_commit::BatchSettings {
+            max_rows: 100,
+            max_delay: std::time::Duration::from_millis(1),
+        },
+    );
+    let read = |version: Option<u64>| {
+        let events = events.clone();
+        async move {
+            let mut cursor = events.roster("k1", version).unwrap();
+            let mut elements = Vec::new();
+            while let Some(row) = cursor.next().await.unwrap() {
+                elements.push(row.element);
+            }
+            elements
+        }
+    };
+    assert_eq!(
+        read(None).await,
+        vec![
+            r#"{"entity":{"reference":"Patient/a"},"period":{"start":"2026-01-01"},"inactive":true}"#,
+            r#"{"entity":{"reference":"Patient/c"}}"#,
+        ],
+        "reference order, as version 1 answered"
+    );
+    assert_eq!(
+        read(Some(1)).await,
+        vec![r#"{"entity":{"reference":"Patient/b"}}"#]
+    );
+    let facts = events.array_facts("k1").await.unwrap();
+    assert_eq!(
+        (
+            facts.counts.members,
+            facts.counts.active_members,
+            facts.absent
+        ),
+        (2, 1, false)
+    );
+    assert!(
+        !facts.floor.is_empty(),
+        "appends go after the upgraded keys"
+    );
+    assert_eq!(events.counts("k2").await.unwrap().members, 1);
+    let upgraded: u64 = client
+        .query(&format!(
+            "SELECT count() FROM {db}.Group_4_0_0_MemberSlotEvents WHERE slot_id != ''"
+        ))
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(upgraded, 5, "each version 1 event once, not twice");
+    let replay = events.find_commit("k1", "req").await.unwrap();
+    assert!(
+        replay.is_some(),
+        "retries of upgraded writes are still recognised"
+    );
+}

@@ -622,6 +622,7 @@ pub async fn apply_schema(settings: &ClickHouseSettings) -> Result<(), EventStor
     for statement in schema::statements_for(settings) {
         client.query(&statement).execute().await?;
     }
+    crate::store::upgrade::upgrade_v1(&client, &settings.database).await?;
     Ok(())
 }
 
@@ -644,15 +645,18 @@ async fn check_existing_objects(
             problems.join("; ")
         )));
     }
-    if found.0.is_empty() && database != OLD_DEFAULT_DATABASE {
-        let (earlier, _) = existing_objects(client, OLD_DEFAULT_DATABASE, &shape).await?;
-        let ours = shape.tables.iter().find(|(t, _)| t == EVENTS);
-        if ours.is_some_and(|(t, columns)| earlier.get(t) == Some(columns)) {
+    if found.0.is_empty()
+        && database != OLD_DEFAULT_DATABASE
+        && !crate::store::upgrade::holds_v1_events(client, database).await?
+    {
+        if crate::store::upgrade::holds_v1_events(client, OLD_DEFAULT_DATABASE).await? {
             return Err(EventStoreError::ForeignSchema(format!(
                 "ClickHouse database {database} holds no member events, but \
-                 {OLD_DEFAULT_DATABASE}.{EVENTS} holds those of an earlier release of this proxy \
+                 {OLD_DEFAULT_DATABASE}.{} holds those of an earlier release of this proxy \
                  (its default database was {OLD_DEFAULT_DATABASE}); set clickhouse.database = \
-                 \"{OLD_DEFAULT_DATABASE}\" to keep using them"
+                 \"{OLD_DEFAULT_DATABASE}\" to keep using them (they are upgraded to the \
+                 current schema at start)",
+                crate::store::schema::v1::EVENTS
             )));
         }
     }

@@ -7,3 +7,4 @@ pub mod group_commit;
 pub mod group_documents;
 pub mod mongo;
 pub mod schema;
+pub mod upgrade;
