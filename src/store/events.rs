@@ -648,17 +648,16 @@ async fn check_existing_objects(
     if found.0.is_empty()
         && database != OLD_DEFAULT_DATABASE
         && !crate::store::upgrade::holds_v1_events(client, database).await?
+        && crate::store::upgrade::holds_v1_events(client, OLD_DEFAULT_DATABASE).await?
     {
-        if crate::store::upgrade::holds_v1_events(client, OLD_DEFAULT_DATABASE).await? {
-            return Err(EventStoreError::ForeignSchema(format!(
-                "ClickHouse database {database} holds no member events, but \
-                 {OLD_DEFAULT_DATABASE}.{} holds those of an earlier release of this proxy \
-                 (its default database was {OLD_DEFAULT_DATABASE}); set clickhouse.database = \
-                 \"{OLD_DEFAULT_DATABASE}\" to keep using them (they are upgraded to the \
-                 current schema at start)",
-                crate::store::schema::v1::EVENTS
-            )));
-        }
+        return Err(EventStoreError::ForeignSchema(format!(
+            "ClickHouse database {database} holds no member events, but \
+             {OLD_DEFAULT_DATABASE}.{} holds those of an earlier release of this proxy \
+             (its default database was {OLD_DEFAULT_DATABASE}); set clickhouse.database = \
+             \"{OLD_DEFAULT_DATABASE}\" to keep using them (they are upgraded to the \
+             current schema at start)",
+            crate::store::schema::v1::EVENTS
+        )));
     }
     Ok(())
 }
