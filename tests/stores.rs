@@ -270,7 +270,7 @@ async fn a_database_of_schema_version_one_is_upgraded_once_and_reads_back_the_sa
             ))
             .bind(key)
             .bind(id)
-            .bind(version as u64)
+            .bind(version)
             .bind(format!("token-{key}-{version}"))
             .bind(op as u32)
             .bind(store::events::event_sequence(version, op))
