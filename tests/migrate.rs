@@ -451,3 +451,54 @@ async fn reverse_writes_the_roster_back_and_a_later_migration_follows_legacy_edi
     assert!(stores.is_migrated(&id).await);
     assert_eq!(stores.roster(&proxy, &id).await, legacy_roster);
 }
+
+/// Members with every kind of content — extensions, identifiers, display,
+/// ids, modifier extensions, duplicates and the reference server's own
+/// enrichment keys — migrate and read back exactly as the legacy server
+/// served them, in their order.
+#[tokio::test]
+async fn enriched_members_migrate_and_read_back_identical() {
+    let stores = Stores::start().await;
+    let proxy = stores.proxy();
+    let members = vec![
+        json!({"id": "m1", "entity": {"reference": "Patient/e-2", "display": "Two",
+               "_sourceId": "e-2", "_uuid": "7c1e2b4a-0000-5000-8000-000000000002",
+               "_sourceAssigningAuthority": "acme"},
+               "extension": [{"url": "http://example.org/attribution", "valueString": "pcp"}]}),
+        json!({"entity": {"reference": "Patient/e-1", "type": "Patient",
+               "identifier": {"system": "urn:mrn", "value": "123"},
+               "extension": [{"url": "http://example.org/source", "valueCode": "claims"}]},
+               "period": {"start": "2026-01-01"}, "inactive": false}),
+        json!({"modifierExtension": [{"url": "http://example.org/excluded", "valueBoolean": true}],
+               "entity": {"identifier": {"system": "urn:payer", "value": "M-9"}}}),
+        json!({"entity": {"reference": "Patient/e-2", "display": "Two"}}),
+    ];
+    let id = stores.create_inline_group(json!({}), members).await;
+    let direct = send(
+        &stores.client,
+        "GET",
+        &format!("{}/4_0_0/Group/{id}", stores.standin.url()),
+        &[],
+        "",
+    )
+    .await;
+    direct.assert_status(200);
+    let before = serde_json::to_string(&direct.json()["member"]).unwrap();
+
+    assert_exit(&stores.migrate(&["--id", &id], None), 0);
+    assert!(stores.is_migrated(&id).await);
+    assert_eq!(stores.inline_member_count(&id).await, 0);
+    let read = send(
+        &stores.client,
+        "GET",
+        &format!("{}/4_0_0/Group/{id}", proxy.url()),
+        &[],
+        "",
+    )
+    .await;
+    read.assert_status(200);
+    assert_eq!(
+        serde_json::to_string(&read.json()["member"]).unwrap(),
+        before
+    );
+}
