@@ -30,12 +30,23 @@ impl GroupService {
             {
                 tracing::warn!(group = id, token = %pending.token, "publishing the events of a committed write whose writer stopped");
                 self.events.publish(&pending.token).await?;
-            } else if self
-                .events
-                .repair_commit_records(&head.group_key, &pending.token)
-                .await?
-            {
-                tracing::warn!(group = id, token = %pending.token, "commit records of a published write rewritten (its insert was cut off)");
+            } else {
+                // Published, but the insert may have been cut off between
+                // the events table and its views.
+                if self
+                    .events
+                    .repair_commit_records(&head.group_key, &pending.token)
+                    .await?
+                {
+                    tracing::warn!(group = id, token = %pending.token, "commit records of a published write rewritten (its insert was cut off)");
+                }
+                if self
+                    .events
+                    .repair_views(&head.group_key, &pending.token)
+                    .await?
+                {
+                    tracing::warn!(group = id, token = %pending.token, "member counts corrected after a cut-off publication");
+                }
             }
             if !pending.upstream_committed {
                 self.complete_history(id, pending).await?;

@@ -425,6 +425,89 @@ impl EventStore {
         Ok(found > 0)
     }
 
+    /// Feeds the views again from the events of a published write whose
+    /// insert was cut off (a kill can leave `Events` written and some views
+    /// not). Slots, index and floor are `argMax`/`max` states: feeding them
+    /// twice changes nothing. The counts are sums, so they are reconciled
+    /// instead: compared with the slots (a scan of the Group, only on this
+    /// rare path) and corrected by the difference. Runs under the Group's
+    /// write lock, so no other write moves the counts meanwhile. Returns
+    /// whether the counts needed a correction.
+    pub async fn repair_views(
+        &self,
+        group_key: &str,
+        token: &str,
+    ) -> Result<bool, EventStoreError> {
+        self.client
+            .query(&format!(
+                "INSERT INTO {CURRENT} SELECT group_key, slot_id, \
+                        argMaxState(group_id, sequence), \
+                        argMaxState(toUInt8(event_type = 'added'), sequence), \
+                        argMaxState(order_key, sequence), argMaxState(match_key, sequence), \
+                        argMaxState(element, sequence), argMaxState(inactive, sequence), \
+                        maxState(sequence), maxState(event_time_ms) \
+                 FROM {EVENTS} WHERE group_key = ? AND token = ? GROUP BY group_key, slot_id"
+            ))
+            .bind(group_key)
+            .bind(token)
+            .execute()
+            .await?;
+        self.client
+            .query(&format!(
+                "INSERT INTO {INDEX} SELECT match_key, group_key, slot_id, \
+                        argMaxState(group_id, sequence) \
+                 FROM {EVENTS} WHERE group_key = ? AND token = ? AND match_key != '' \
+                   AND event_type = 'added' GROUP BY match_key, group_key, slot_id"
+            ))
+            .bind(group_key)
+            .bind(token)
+            .execute()
+            .await?;
+        self.client
+            .query(&format!(
+                "INSERT INTO {COUNTS} SELECT group_key, sumState(toInt64(0)), \
+                        sumState(toInt64(0)), maxState(order_key) \
+                 FROM {EVENTS} WHERE group_key = ? AND token = ? GROUP BY group_key"
+            ))
+            .bind(group_key)
+            .bind(token)
+            .execute()
+            .await?;
+        #[derive(Row, Deserialize)]
+        struct Held {
+            members: u64,
+            active_members: u64,
+        }
+        let held = self
+            .client
+            .query(&format!(
+                "SELECT count() AS members, countIf(inactive = 0) AS active_members FROM ( \
+                   SELECT argMaxMerge(present) AS present, argMaxMerge(inactive) AS inactive \
+                   FROM {CURRENT} WHERE group_key = ? AND slot_id != '' GROUP BY slot_id) \
+                 WHERE present = 1"
+            ))
+            .bind(group_key)
+            .fetch_one::<Held>()
+            .await?;
+        let counted = self.counts(group_key).await?;
+        let members = held.members as i64 - counted.members;
+        let active = held.active_members as i64 - counted.active_members;
+        if members == 0 && active == 0 {
+            return Ok(false);
+        }
+        self.client
+            .query(&format!(
+                "INSERT INTO {COUNTS} SELECT ? AS group_key, sumState(toInt64(?)), \
+                        sumState(toInt64(?)), maxState('')"
+            ))
+            .bind(group_key)
+            .bind(members)
+            .bind(active)
+            .execute()
+            .await?;
+        Ok(true)
+    }
+
     /// Writes the commit records of a published write again when a crash cut
     /// its insert off before the commit view (retries are answered from them).
     pub async fn repair_commit_records(
