@@ -108,17 +108,8 @@ pub struct AtrMember {
 /// only by identifier (ATR's `memberId`). `None` for an element that no ATR
 /// operation can name.
 pub fn match_key(element: &Value) -> Option<String> {
-    let entity = element.get("entity")?;
-    if let Some(reference) = entity.get("reference") {
-        return reference.as_str().map(str::to_owned);
-    }
-    identifier_key(entity.get("identifier")?)
-}
-
-fn identifier_key(identifier: &Value) -> Option<String> {
-    let system = identifier.get("system")?.as_str()?;
-    let value = identifier.get("value")?.as_str()?;
-    Some(format!("identifier:{system}|{value}"))
+    let key = crate::fhir::member_array::match_key(element);
+    (!key.is_empty()).then_some(key)
 }
 
 /// The Group's ATR attribution list status (`draft`, `open`, `final`), which
@@ -717,10 +708,8 @@ fn extension_reference_key(element: &Value, url: &str) -> Option<String> {
         .iter()
         .find(|e| is_extension(e, url))?
         .get("valueReference")?;
-    match value.get("reference") {
-        Some(reference) => reference.as_str().map(str::to_owned),
-        None => identifier_key(value.get("identifier")?),
-    }
+    let key = crate::fhir::member_array::reference_key(value);
+    (!key.is_empty()).then_some(key)
 }
 
 fn not_listed(member: &AtrMember, provider: Option<&str>, coverage: Option<&str>) -> Outcome {

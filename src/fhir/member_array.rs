@@ -240,25 +240,25 @@ pub fn entity_reference(element: &Value) -> Option<&str> {
 }
 
 /// What the store indexes an element by: its `entity.reference`, or for
-/// a member named by identifier only `identifier:{system}|{value}`; `""`
-/// when it has neither (such members are kept, just not findable).
+/// a member named by identifier only (no `reference` key)
+/// `identifier:{system}|{value}`; `""` when it has neither, or an
+/// identifier without system or value (such members are kept, just not
+/// findable). The one rule for the store and the ATR operations alike.
 pub fn match_key(element: &Value) -> String {
-    if let Some(reference) = entity_reference(element) {
-        return reference.to_owned();
+    element.get("entity").map(reference_key).unwrap_or_default()
+}
+
+/// [`match_key`]'s rule on any FHIR Reference (a member's `entity`, an
+/// extension's `valueReference`).
+pub fn reference_key(reference: &Value) -> String {
+    if let Some(literal) = reference.get("reference") {
+        return literal.as_str().unwrap_or_default().to_owned();
     }
-    let identifier = element.get("entity").and_then(|e| e.get("identifier"));
-    match identifier
-        .and_then(|i| i.get("value"))
-        .and_then(Value::as_str)
-    {
-        Some(value) => {
-            let system = identifier
-                .and_then(|i| i.get("system"))
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            format!("identifier:{system}|{value}")
-        }
-        None => String::new(),
+    let identifier = reference.get("identifier");
+    let part = |name: &str| identifier.and_then(|i| i.get(name)).and_then(Value::as_str);
+    match (part("system"), part("value")) {
+        (Some(system), Some(value)) => format!("identifier:{system}|{value}"),
+        _ => String::new(),
     }
 }
 
