@@ -29,23 +29,24 @@ use crate::store::schema::{self, v1};
 /// the tokens of the writes they come from).
 const UPGRADE_TOKEN: &str = "schema-upgrade-v1";
 
+/// One row of version 1's events table (the columns the upgrade reads).
 #[derive(Debug, Row, Deserialize)]
-struct V1Event {
-    group_key: String,
-    group_id: String,
-    group_version: u64,
-    token: String,
-    request_id: String,
-    op_index: u32,
-    sequence: u64,
-    entity_reference: String,
-    event_type: EventType,
-    period_start: String,
-    period_end: String,
-    inactive: u8,
-    member_delta: i8,
-    active_delta: i8,
-    event_time_ms: u64,
+pub struct V1Event {
+    pub group_key: String,
+    pub group_id: String,
+    pub group_version: u64,
+    pub token: String,
+    pub request_id: String,
+    pub op_index: u32,
+    pub sequence: u64,
+    pub entity_reference: String,
+    pub event_type: EventType,
+    pub period_start: String,
+    pub period_end: String,
+    pub inactive: u8,
+    pub member_delta: i8,
+    pub active_delta: i8,
+    pub event_time_ms: u64,
 }
 
 /// The element version 1 answered reads with for a member.
@@ -69,8 +70,8 @@ pub fn v1_element(reference: &str, period_start: &str, period_end: &str, inactiv
 }
 
 /// The version 2 rows of one Group's version 1 events (in sequence order).
-pub fn upgraded_rows(events: &[V1EventView<'_>]) -> Result<Vec<MemberEventRow>, EventStoreError> {
-    let mut references: Vec<&str> = events.iter().map(|e| e.entity_reference).collect();
+pub fn upgraded_rows(events: &[V1Event]) -> Result<Vec<MemberEventRow>, EventStoreError> {
+    let mut references: Vec<&str> = events.iter().map(|e| e.entity_reference.as_str()).collect();
     references.sort_unstable();
     references.dedup();
     let mut keys = HashMap::with_capacity(references.len());
@@ -103,9 +104,9 @@ pub fn upgraded_rows(events: &[V1EventView<'_>]) -> Result<Vec<MemberEventRow>, 
     }
     for event in events {
         let element = v1_element(
-            event.entity_reference,
-            event.period_start,
-            event.period_end,
+            &event.entity_reference,
+            &event.period_start,
+            &event.period_end,
             event.inactive == 1,
         );
         rows.push(MemberEventRow {
@@ -118,7 +119,7 @@ pub fn upgraded_rows(events: &[V1EventView<'_>]) -> Result<Vec<MemberEventRow>, 
             sequence: event.sequence,
             slot_id: format!("v1:{}", event.entity_reference),
             order_key: keys
-                .get(event.entity_reference)
+                .get(event.entity_reference.as_str())
                 .cloned()
                 .unwrap_or_default(),
             match_key: event.entity_reference.to_string(),
@@ -131,47 +132,6 @@ pub fn upgraded_rows(events: &[V1EventView<'_>]) -> Result<Vec<MemberEventRow>, 
         });
     }
     Ok(rows)
-}
-
-/// A borrowed version 1 event (what [`upgraded_rows`] reads).
-pub struct V1EventView<'a> {
-    pub group_key: &'a str,
-    pub group_id: &'a str,
-    pub group_version: u64,
-    pub token: &'a str,
-    pub request_id: &'a str,
-    pub op_index: u32,
-    pub sequence: u64,
-    pub entity_reference: &'a str,
-    pub event_type: EventType,
-    pub period_start: &'a str,
-    pub period_end: &'a str,
-    pub inactive: u8,
-    pub member_delta: i8,
-    pub active_delta: i8,
-    pub event_time_ms: u64,
-}
-
-impl V1Event {
-    fn view(&self) -> V1EventView<'_> {
-        V1EventView {
-            group_key: &self.group_key,
-            group_id: &self.group_id,
-            group_version: self.group_version,
-            token: &self.token,
-            request_id: &self.request_id,
-            op_index: self.op_index,
-            sequence: self.sequence,
-            entity_reference: &self.entity_reference,
-            event_type: self.event_type,
-            period_start: &self.period_start,
-            period_end: &self.period_end,
-            inactive: self.inactive,
-            member_delta: self.member_delta,
-            active_delta: self.active_delta,
-            event_time_ms: self.event_time_ms,
-        }
-    }
 }
 
 /// Whether `database` holds this proxy's version 1 events table (the
@@ -249,8 +209,7 @@ pub async fn upgrade_v1(
             .bind(group_key)
             .fetch_all()
             .await?;
-        let views: Vec<V1EventView<'_>> = events.iter().map(V1Event::view).collect();
-        let rows = upgraded_rows(&views)?;
+        let rows = upgraded_rows(&events)?;
         let mut insert = client
             .clone()
             .with_database(db)
@@ -283,19 +242,19 @@ pub async fn upgrade_v1(
 mod tests {
     use super::*;
 
-    fn event<'a>(reference: &'a str, sequence: u64, kind: EventType) -> V1EventView<'a> {
-        V1EventView {
-            group_key: "k",
-            group_id: "g",
+    fn event(reference: &str, sequence: u64, kind: EventType) -> V1Event {
+        V1Event {
+            group_key: "k".into(),
+            group_id: "g".into(),
             group_version: sequence >> 20,
-            token: "t",
-            request_id: "r",
+            token: "t".into(),
+            request_id: "r".into(),
             op_index: 0,
             sequence,
-            entity_reference: reference,
+            entity_reference: reference.into(),
             event_type: kind,
-            period_start: "",
-            period_end: "2026-12-31",
+            period_start: String::new(),
+            period_end: "2026-12-31".into(),
             inactive: 0,
             member_delta: 1,
             active_delta: 1,
