@@ -217,7 +217,7 @@ impl GroupService {
         jobs: &[BatchJob],
         token: &str,
     ) -> Result<BatchAttempt, WriteError> {
-        let head = self.head_for_writing(id).await?;
+        let (head, managed) = self.head_for_writing(id).await?;
 
         // Every reference any patch of the batch removes, fetched once; the
         // planning state then follows the batch patch by patch.
@@ -229,7 +229,7 @@ impl GroupService {
             })
             .collect();
         let named: Vec<&str> = named.into_iter().collect();
-        let facts = self.array_facts(id, &head.group_key).await?;
+        let facts = self.array_facts(id, &head.group_key, managed).await?;
         let mut planning = Planning::from_facts(&facts);
         let found = self
             .events

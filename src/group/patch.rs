@@ -243,8 +243,10 @@ impl GroupService {
     /// Under the lock: the Group's head after finishing what a stopped writer
     /// left pending; `NotMigrated` when its members are still inline or the
     /// Group is not in this MongoDB at all (the legacy server answers);
-    /// `Drift` when a managed Group's document gained inline members.
-    pub(super) async fn head_for_writing(&self, id: &str) -> Result<GroupHead, WriteError> {
+    /// `Drift` when a managed Group's document gained inline members. With
+    /// the head: whether the member store manages the Group already (false
+    /// before its first member write).
+    pub(super) async fn head_for_writing(&self, id: &str) -> Result<(GroupHead, bool), WriteError> {
         let state = self.documents.member_state(id).await?;
         let Some(head) = self.documents.head(id).await? else {
             return Err(WriteError::NotMigrated);
@@ -268,9 +270,10 @@ impl GroupService {
             Some(pending) => {
                 // Finish what a stopped writer left behind, then look again.
                 self.recover_pending(id, &head, pending).await?;
-                self.head_or_404(id).await
+                let managed = self.documents.member_state(id).await?.in_clickhouse;
+                Ok((self.head_or_404(id).await?, managed))
             }
-            None => Ok(head),
+            None => Ok((head, state.in_clickhouse)),
         }
     }
 
@@ -333,7 +336,7 @@ impl GroupService {
         token: &str,
     ) -> Result<Attempt, WriteError> {
         let id = request.group_id.as_str();
-        let head = self.head_for_writing(id).await?;
+        let (head, managed) = self.head_for_writing(id).await?;
         match self.replay(request, &head.group_key).await? {
             Replay::New => {}
             Replay::Same(replayed) => {
@@ -344,7 +347,9 @@ impl GroupService {
         }
         self.check_if_match(id, request.if_match, head.version)?;
 
-        let (plan, was_absent) = self.plan_edit(id, &head.group_key, &request.edit).await?;
+        let (plan, was_absent) = self
+            .plan_edit(id, &head.group_key, managed, &request.edit)
+            .await?;
         let new_version = head.version + 1;
         let origin = EventOrigin {
             group_key: &head.group_key,
@@ -552,9 +557,10 @@ impl GroupService {
         &self,
         id: &str,
         group_key: &str,
+        managed: bool,
         edit: &MemberEdit,
     ) -> Result<(Plan, bool), WriteError> {
-        let facts = self.array_facts(id, group_key).await?;
+        let facts = self.array_facts(id, group_key, managed).await?;
         let plan = match edit {
             MemberEdit::Patch(members) => {
                 let mut planning = Planning::from_facts(&facts);
@@ -585,17 +591,18 @@ impl GroupService {
     }
 
     /// The member store's facts of a Group; for a Group it does not manage
-    /// yet (its first member write), whether the `member` key exists comes
-    /// from the document, where the legacy server kept it.
+    /// yet (`managed` false: its first member write), whether the `member`
+    /// key exists comes from the document, where the legacy server kept it.
     pub(super) async fn array_facts(
         &self,
         id: &str,
         group_key: &str,
+        managed: bool,
     ) -> Result<crate::store::events::ArrayFacts, WriteError> {
         let mut facts = self.events.array_facts(group_key).await?;
         // Before its first member write (or after a delete and re-create)
         // the member store's marker is not this Group's.
-        if !self.documents.member_state(id).await?.in_clickhouse {
+        if !managed {
             facts.absent = facts.counts.members == 0 && !self.documents.has_member_key(id).await?;
         }
         Ok(facts)
