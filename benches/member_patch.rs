@@ -2,8 +2,9 @@
 //! legacy path (the stand-in legacy server rewriting the whole Group document),
 //! measured in the same run on the same machine. Run with `bash scripts/bench.sh`.
 //!
-//! Reported: latency of a PATCH adding one member to groups of 1k, 100k and 1M
-//! members, and member-add throughput with 64 concurrent clients.
+//! Reported: latency of a value op (add one member) and of a positional op
+//! (pin member N, set its `inactive`) on groups of 1k, 100k and 1M members,
+//! and member-add throughput with 64 concurrent clients.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -30,15 +31,19 @@ async fn main() {
     let client = http_client();
     let proxy_base = format!("{}/4_0_0", proxy.url());
 
-    println!("\n## Member PATCH: add 1 member (ms, {SAMPLES} sequential samples each)\n");
-    println!("| members in group | legacy p50 | legacy p90 | proxy p50 | proxy p90 | legacy/proxy (p50) | proxy seeding |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\n## Member PATCH: one value op and one positional op (ms, {SAMPLES} sequential samples each)\n");
+    println!("value op = `add /member/-` of a new member (O(ops) on the proxy); positional op = `test /member/N/entity/reference` + `add /member/N/inactive` at N spread over the array (the proxy ranks the Group's order keys in ClickHouse)\n");
+    println!("| members in group | op | legacy p50 | legacy p90 | proxy p50 | proxy p90 | legacy/proxy (p50) | proxy seeding |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     for &size in &sizes {
         let seeding = Instant::now();
         let proxy_group = create_group(&client, &proxy_base).await;
         seed_members(&client, &proxy_base, &proxy_group, size).await;
         let seeded_in = seeding.elapsed();
-        let proxy_ms = single_add_latencies(&client, &proxy_base, &proxy_group).await;
+        let proxy_ms = [
+            latencies(&client, &proxy_base, &proxy_group, Op::Value, size).await,
+            latencies(&client, &proxy_base, &proxy_group, Op::Positional, size).await,
+        ];
 
         // Each legacy measurement gets its own database: FerretDB's SQLite
         // backend scans a collection for every query, so big legacy documents
@@ -46,25 +51,35 @@ async fn main() {
         let legacy_standin = Standin::start().await;
         let legacy_base = format!("{}/4_0_0", legacy_standin.url());
         let legacy = match create_legacy_group(&client, &legacy_base, size).await {
-            Ok(id) => Ok(single_add_latencies(&client, &legacy_base, &id).await),
+            Ok(id) => Ok([
+                latencies(&client, &legacy_base, &id, Op::Value, size).await,
+                latencies(&client, &legacy_base, &id, Op::Positional, size).await,
+            ]),
             Err(why) => Err(why),
         };
-        let (lp50, lp90, ratio) = match &legacy {
-            Ok(ms) => (
-                format!("{:.1}", pct(ms, 50)),
-                format!("{:.1}", pct(ms, 90)),
-                format!("{:.1}x", pct(ms, 50) / pct(&proxy_ms, 50)),
-            ),
-            Err(why) => (why.clone(), "-".into(), "legacy cannot".into()),
-        };
-        println!(
-            "| {size} | {lp50} | {lp90} | {:.1} | {:.1} | {ratio} | {:.1} s |",
-            pct(&proxy_ms, 50),
-            pct(&proxy_ms, 90),
-            seeded_in.as_secs_f64()
-        );
+        for (kind, op) in [Op::Value, Op::Positional].into_iter().enumerate() {
+            let proxy_ms = &proxy_ms[kind];
+            let (lp50, lp90, ratio) = match &legacy {
+                Ok(ms) => (
+                    format!("{:.1}", pct(&ms[kind], 50)),
+                    format!("{:.1}", pct(&ms[kind], 90)),
+                    format!("{:.1}x", pct(&ms[kind], 50) / pct(proxy_ms, 50)),
+                ),
+                Err(why) => (why.clone(), "-".into(), "legacy cannot".into()),
+            };
+            println!(
+                "| {size} | {} | {lp50} | {lp90} | {:.1} | {:.1} | {ratio} | {:.1} s |",
+                op.name(),
+                pct(proxy_ms, 50),
+                pct(proxy_ms, 90),
+                seeded_in.as_secs_f64()
+            );
+        }
     }
 
+    if std::env::var("FGP_BENCH_THROUGHPUT").as_deref() == Ok("0") {
+        return;
+    }
     println!("\n## Member-add throughput, {CLIENTS} concurrent clients x {PATCHES_PER_CLIENT} PATCHes (1 add each)\n");
     println!("| target | groups | PATCHes/s | p50 ms | p99 ms | failed |");
     println!("|---|---|---:|---:|---:|---:|");
@@ -133,12 +148,16 @@ async fn create_legacy_group(
     if reply.status == 201 {
         Ok(reply.json()["id"].as_str().expect("id").to_string())
     } else {
-        Err(format!("fails ({})", reply.status))
+        Err(format!("cannot store it ({})", reply.status))
     }
 }
 
 async fn patch_one(client: &HttpClient, base: &str, id: &str, reference: String) -> (u16, f64) {
-    let body = serde_json::to_vec(&json!([add(reference)])).expect("json");
+    send_patch(client, base, id, &json!([add(reference)])).await
+}
+
+async fn send_patch(client: &HttpClient, base: &str, id: &str, patch: &Value) -> (u16, f64) {
+    let body = serde_json::to_vec(patch).expect("json");
     let started = Instant::now();
     let reply = send(
         client,
@@ -154,17 +173,46 @@ async fn patch_one(client: &HttpClient, base: &str, id: &str, reference: String)
     (reply.status, started.elapsed().as_secs_f64() * 1e3)
 }
 
-async fn single_add_latencies(client: &HttpClient, base: &str, id: &str) -> Vec<f64> {
+#[derive(Clone, Copy)]
+enum Op {
+    /// Names the member by value: the proxy's cost is O(ops).
+    Value,
+    /// Names the member by position: the proxy ranks the Group's order keys.
+    Positional,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Value => "value: add /member/-",
+            Op::Positional => "positional: test+add /member/N",
+        }
+    }
+}
+
+/// The positional patch of sample `i` on a Group seeded with `size` members:
+/// pins member N (spread over the array, so positions far from both ends are
+/// measured) and toggles its `inactive`, so every sample changes the Group.
+fn positional_patch(i: usize, size: usize) -> Value {
+    let n = (i * size / SAMPLES + size / (2 * SAMPLES)).min(size.saturating_sub(1));
+    json!([
+        {"op": "test", "path": format!("/member/{n}/entity/reference"), "value": seed_reference(n)},
+        {"op": "add", "path": format!("/member/{n}/inactive"), "value": i % 2 == 0}
+    ])
+}
+
+async fn latencies(client: &HttpClient, base: &str, id: &str, op: Op, size: usize) -> Vec<f64> {
     let mut samples = Vec::with_capacity(SAMPLES);
     for i in 0..SAMPLES {
-        let (status, ms) = patch_one(
-            client,
-            base,
-            id,
-            format!("Patient/bench-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .await;
-        assert_eq!(status, 200, "sample {i}");
+        let patch = match op {
+            Op::Value => json!([add(format!(
+                "Patient/bench-{}",
+                uuid::Uuid::new_v4().simple()
+            ))]),
+            Op::Positional => positional_patch(i, size),
+        };
+        let (status, ms) = send_patch(client, base, id, &patch).await;
+        assert_eq!(status, 200, "{} sample {i}", op.name());
         samples.push(ms);
     }
     samples
