@@ -197,7 +197,7 @@ fn positional_patch(i: usize, size: usize) -> Value {
     let n = (i * size / SAMPLES + size / (2 * SAMPLES)).min(size.saturating_sub(1));
     json!([
         {"op": "test", "path": format!("/member/{n}/entity/reference"), "value": seed_reference(n)},
-        {"op": "add", "path": format!("/member/{n}/inactive"), "value": i % 2 == 0}
+        {"op": "add", "path": format!("/member/{n}/inactive"), "value": i.is_multiple_of(2)}
     ])
 }
 
