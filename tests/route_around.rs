@@ -745,6 +745,109 @@ async fn a_legacy_half_that_changes_nothing_still_gives_one_true_version() {
     assert_eq!(stack.roster_read(&id).await.len(), 3);
 }
 
+/// Mixed patches through the proxy racing direct PATCHes to a legacy server
+/// that ignores If-Match on PATCH (as the reference server does): the proxy
+/// sends the non-member half as a PUT with If-Match, which that server
+/// guards, so every mixed patch is applied whole (its member and its other
+/// change, in one version) or not at all, and no direct write is lost.
+#[tokio::test]
+async fn mixed_patches_racing_direct_legacy_writes_apply_whole_or_not_at_all() {
+    let mut fidelity = standin_legacy_fhir::Fidelity::simple();
+    fidelity.real_patch = true;
+    fidelity.patch_ignores_if_match = true;
+    let standin = Standin::start_with_fidelity(fidelity).await;
+    let direct_base = format!("{}/4_0_0", standin.url());
+    let stack = Stack::start_behind(standin, &[]).await;
+    let id = stack.managed_group(&["Patient/a"]).await;
+    stack
+        .patch(
+            &id,
+            json!([{"op": "add", "path": "/extension", "value": []}]),
+            &[],
+        )
+        .await
+        .assert_status(200);
+    const EACH: usize = 10;
+    let extension = |who: String| json!({"url": "https://example.org/race", "valueString": who});
+    let proxied = futures_util::future::join_all((0..EACH).map(|i| {
+        stack.patch(
+            &id,
+            json!([
+                {"op": "add", "path": "/member/-", "value": {"entity": {"reference": format!("Patient/m{i}")}}},
+                {"op": "add", "path": "/extension/-", "value": extension(format!("m{i}"))}
+            ]),
+            &[],
+        )
+    }));
+    let direct = futures_util::future::join_all((0..EACH).map(|i| {
+        let body = serde_json::to_vec(&json!([
+            {"op": "add", "path": "/extension/-", "value": extension(format!("d{i}"))}
+        ]))
+        .unwrap();
+        let url = format!("{direct_base}/Group/{id}");
+        let client = &stack.client;
+        async move {
+            send(
+                client,
+                "PATCH",
+                &url,
+                &[("content-type", "application/json-patch+json")],
+                body,
+            )
+            .await
+        }
+    }));
+    let (proxied, direct) = tokio::join!(proxied, direct);
+
+    let group = stack.read_group(&id).await;
+    let written: Vec<String> = group["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["valueString"].as_str().unwrap().to_string())
+        .collect();
+    let roster = stack.roster_read(&id).await;
+    let count = |list: &[String], item: &str| list.iter().filter(|x| *x == item).count();
+    for (i, reply) in direct.iter().enumerate() {
+        reply.assert_status(200);
+        assert_eq!(
+            count(&written, &format!("d{i}")),
+            1,
+            "direct write {i} lost or doubled"
+        );
+    }
+    let mut applied = 0;
+    for (i, reply) in proxied.iter().enumerate() {
+        let member = count(&roster, &format!("Patient/m{i}"));
+        let other = count(&written, &format!("m{i}"));
+        if reply.status == 200 {
+            applied += 1;
+            assert_eq!(
+                (member, other),
+                (1, 1),
+                "mixed patch {i} answered 200 but not applied whole"
+            );
+        } else {
+            assert_eq!(
+                (member, other),
+                (0, 0),
+                "mixed patch {i} answered {} but partly applied: {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body)
+            );
+        }
+    }
+    assert!(applied > 0, "no mixed patch got through");
+    // One version per applied write: the managed Group's first patch, the
+    // extension array, every direct write and every applied mixed patch.
+    let version: usize = group["meta"]["versionId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(version, 1 + 1 + 1 + EACH + applied, "versions: {group}");
+}
+
 /// A managed Group deleted, then created again with the same id: each
 /// version reads the roster it had, before and after, never the other
 /// generation's.

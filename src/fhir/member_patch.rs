@@ -12,6 +12,7 @@
 
 use serde_json::Value;
 
+use crate::fhir::document_patch::OtherOps;
 use crate::fhir::member_array::PatchError;
 use crate::fhir::outcome::{IssueType, Outcome};
 
@@ -60,7 +61,7 @@ pub enum PatchClass {
     /// Both kinds; `other_ops` keep their order and content.
     Mixed {
         members: MemberOps,
-        other_ops: Vec<Value>,
+        other_ops: OtherOps,
     },
 }
 
@@ -108,7 +109,7 @@ pub fn parse_patch(body: &[u8], limits: PatchLimits) -> Result<PatchClass, Outco
         ops: Vec::new(),
         indexes: Vec::new(),
     };
-    let mut other_ops = Vec::new();
+    let mut other_ops = OtherOps::default();
     let mut whole_document = None;
     let mut crossing = None;
     for (index, op) in ops.into_iter().enumerate() {
@@ -136,7 +137,10 @@ pub fn parse_patch(body: &[u8], limits: PatchLimits) -> Result<PatchClass, Outco
                 members.ops.push(op);
                 members.indexes.push(index);
             }
-            _ => other_ops.push(op),
+            _ => {
+                other_ops.ops.push(op);
+                other_ops.indexes.push(index);
+            }
         }
     }
     if let Some(op_index) = whole_document {
@@ -148,7 +152,7 @@ pub fn parse_patch(body: &[u8], limits: PatchLimits) -> Result<PatchClass, Outco
     if members.ops.is_empty() {
         return Ok(PatchClass::NotMembers);
     }
-    if other_ops.is_empty() {
+    if other_ops.ops.is_empty() {
         Ok(PatchClass::Members(members))
     } else {
         Ok(PatchClass::Mixed { members, other_ops })
@@ -258,7 +262,7 @@ mod tests {
         ])) else {
             panic!("mixed")
         };
-        assert_eq!((members.indexes, other_ops.len()), (vec![1], 1));
+        assert_eq!((members.indexes, other_ops.indexes), (vec![1], vec![0]));
     }
 
     #[test]

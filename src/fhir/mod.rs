@@ -2,6 +2,7 @@
 //! so everything in this module is unit-tested without servers.
 
 pub mod atr;
+pub mod document_patch;
 pub mod group_read;
 pub mod group_resource;
 pub mod group_search;

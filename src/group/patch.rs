@@ -21,12 +21,13 @@ use futures_util::future::BoxFuture;
 use mongodb::bson::Document;
 
 use crate::fhir::atr::{atr_plan, AtrMember, AtrOperation};
+use crate::fhir::document_patch::{apply_other_ops, without_reference_internals, OtherOps};
 use crate::fhir::member_array::Plan;
 use crate::fhir::member_patch::MemberOps;
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::roster_replace::replace_all;
 use crate::store::events::MemberCounts;
-use crate::store::group_documents::GroupHead;
+use crate::store::group_documents::{to_fhir_json, version_of, GroupHead};
 
 use super::members::{event_rows, new_slot_id, EventOrigin, Planning};
 use super::{GroupService, WriteError};
@@ -61,11 +62,29 @@ pub enum MemberEdit {
     Atr(AtrOperation, Vec<AtrMember>),
 }
 
-/// Sends the non-member half of a mixed patch to the legacy server as its own
-/// PATCH, with `If-Match` on the given version. The legacy server's new version
-/// is the only version increment of the whole request.
+/// The legacy server's half of a split write: what it is, and how it is sent.
+/// It is always a `PUT` with `If-Match` on the version the member half was
+/// planned against, never a PATCH: the reference server ignores `If-Match`
+/// on PATCH but honours it on PUT, and only a guarded write lets exactly one
+/// version result. Its new version is the only version increment of the
+/// whole request.
 pub struct UpstreamPart {
-    pub send: Box<dyn Fn(u64) -> BoxFuture<'static, Result<UpstreamReply, Outcome>> + Send + Sync>,
+    pub document: UpstreamDocument,
+    /// PUTs the given Group body with `If-Match: W/"<version>"`.
+    pub put: PutUpstream,
+}
+
+/// Sends a `PUT` of the Group to the legacy server, guarded by the version.
+pub type PutUpstream =
+    Box<dyn Fn(u64, Bytes) -> BoxFuture<'static, Result<UpstreamReply, Outcome>> + Send + Sync>;
+
+/// What the legacy server's half of a split write stores.
+pub enum UpstreamDocument {
+    /// A roster PUT: the client's Group without its roster.
+    Given(Bytes),
+    /// The other ops of a mixed patch: applied by the proxy to the stored
+    /// Group under the write lock (see [`crate::fhir::document_patch`]).
+    Patched(OtherOps),
 }
 
 #[derive(Debug, Clone)]
@@ -330,6 +349,43 @@ impl GroupService {
         })))
     }
 
+    /// The body of the legacy server's half of a split write, on the version
+    /// being written. `Ok(None)`: that half changes nothing, so only the
+    /// member half is written. `Err(Some)`: the other ops do not apply (the
+    /// whole request fails, as on the legacy server); `Err(None)`: the stored
+    /// document moved on meanwhile (a write that bypassed the proxy), so the
+    /// attempt starts over.
+    async fn upstream_body(
+        &self,
+        id: &str,
+        version: u64,
+        document: &UpstreamDocument,
+    ) -> Result<Result<Option<Bytes>, Option<Outcome>>, WriteError> {
+        let ops = match document {
+            UpstreamDocument::Given(body) => return Ok(Ok(Some(body.clone()))),
+            UpstreamDocument::Patched(ops) => ops,
+        };
+        let Some(stored) = self.documents.document(id).await? else {
+            return Err(WriteError::NotMigrated);
+        };
+        if version_of(&stored) != Some(version) {
+            return Ok(Err(None));
+        }
+        let mut resource = to_fhir_json(&stored);
+        // `member` stays as stored (absent once the member store keeps the
+        // roster): the other ops never touch it, and a PUT without it would
+        // make the legacy server drop what it holds.
+        without_reference_internals(&mut resource);
+        Ok(
+            match apply_other_ops(&resource, ops, self.settings.patch_failure_status) {
+                Ok(patched) => {
+                    Ok(patched.map(|r| Bytes::from(serde_json::to_vec(&r).unwrap_or_default())))
+                }
+                Err(outcome) => Err(Some(outcome)),
+            },
+        )
+    }
+
     async fn write_under_lease(
         &self,
         request: &MemberPatchRequest,
@@ -347,6 +403,19 @@ impl GroupService {
         }
         self.check_if_match(id, request.if_match, head.version)?;
 
+        let upstream_body = match &request.upstream_part {
+            Some(part) => match self.upstream_body(id, head.version, &part.document).await? {
+                Ok(body) => body,
+                Err(outcome) => {
+                    self.documents.finish(id, token, false).await?;
+                    return match outcome {
+                        Some(outcome) => Err(WriteError::Outcome(outcome)),
+                        None => Ok(Attempt::Busy),
+                    };
+                }
+            },
+            None => None,
+        };
         let (plan, was_absent) = self
             .plan_edit(id, &head.group_key, managed, &request.edit)
             .await?;
@@ -358,7 +427,7 @@ impl GroupService {
             request_id: &request.request_id,
         };
         let rows = event_rows(&origin, new_version, &plan, was_absent);
-        if rows.is_empty() && request.upstream_part.is_none() {
+        if rows.is_empty() && upstream_body.is_none() {
             // Only `test` ops: nothing changes, so no new version either.
             self.documents.finish(id, token, false).await?;
             return Ok(Attempt::Done(Box::new(MemberPatchResult {
@@ -390,11 +459,12 @@ impl GroupService {
             return Err(lease_lost(id));
         }
         self.record_request(&head.group_key, request).await?;
-        if let Some(part) = &request.upstream_part {
+        if let (Some(part), Some(body)) = (&request.upstream_part, upstream_body) {
             return self
                 .commit_through_upstream(
                     request,
                     part,
+                    body,
                     head.version,
                     token,
                     events_written,
@@ -411,7 +481,7 @@ impl GroupService {
     /// - the next version: the member events belong to it;
     /// - none (its half changed nothing, say a PUT whose only change is the
     ///   roster): the member half commits on its own, like a member-only write;
-    /// - a later one (a server that ignores `If-Match` on PATCH let another
+    /// - a later one (a server that ignores `If-Match` even on PUT let another
     ///   write in between): the events cannot belong to that version; the
     ///   client is told exactly what was applied and what was not.
     #[allow(clippy::too_many_arguments)]
@@ -419,13 +489,14 @@ impl GroupService {
         &self,
         request: &MemberPatchRequest,
         part: &UpstreamPart,
+        body: Bytes,
         base_version: u64,
         token: &str,
         events_written: usize,
         committed_at: mongodb::bson::DateTime,
     ) -> Result<Attempt, WriteError> {
         let id = request.group_id.as_str();
-        let reply = (part.send)(base_version)
+        let reply = (part.put)(base_version, body)
             .await
             .map_err(WriteError::Outcome)?;
         if !(200..300).contains(&reply.status) {
@@ -466,7 +537,7 @@ impl GroupService {
                     format!(
                         "Group/{id}: the legacy server applied this request's other changes, \
                          but as version {} instead of {new_version} (another write came \
-                         between; this legacy server does not honour If-Match on PATCH), so \
+                         between; this legacy server did not honour If-Match on PUT), so \
                          its member operations were NOT applied; read the Group and send the \
                          member operations again",
                         made.map_or("unknown".to_string(), |v| v.to_string())

@@ -13,7 +13,8 @@ use crate::fhir::member_patch::{parse_patch, PatchClass, PatchLimits};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
 use crate::group::patch::{
-    MemberEdit, MemberPatchRequest, MemberPatchResult, UpstreamPart, UpstreamReply,
+    MemberEdit, MemberPatchRequest, MemberPatchResult, UpstreamDocument, UpstreamPart,
+    UpstreamReply,
 };
 use crate::group::{RosterHome, WriteError};
 use crate::proxy::forwarding::X_REQUEST_ID;
@@ -122,8 +123,7 @@ pub async fn group_patch(
     };
     let upstream_part = match other_ops {
         Some(ops) => {
-            let body = Bytes::from(serde_json::to_vec(&ops).unwrap_or_default());
-            Some(proxy.conditional_upstream_write(session, ctx, body)?)
+            Some(proxy.conditional_upstream_write(session, ctx, UpstreamDocument::Patched(ops))?)
         }
         None => None,
     };

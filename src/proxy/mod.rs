@@ -423,21 +423,26 @@ impl FhirGroupProxy {
     /// credentials) with `body` instead (the non-member ops of a split patch,
     /// or a PUT's Group without `member`), conditional on the version the
     /// member half was planned against.
+    /// The legacy server's half of a split write (see
+    /// [`crate::group::patch::UpstreamPart`]): always a `PUT` of the Group
+    /// with `If-Match`, with the client's credentials and the usual rewrite.
     pub(crate) fn conditional_upstream_write(
         &self,
         session: &Session,
         ctx: &RequestContext,
-        body: bytes::Bytes,
+        document: crate::group::patch::UpstreamDocument,
     ) -> Result<crate::group::patch::UpstreamPart> {
         let mut request = session.req_header().clone();
         self.rewrite_for_upstream(session, &mut request, ctx)?;
         request.remove_header(&http::header::EXPECT);
+        request.set_method(http::Method::PUT);
+        request.insert_header(http::header::CONTENT_TYPE, "application/fhir+json")?;
         let client = self.upstream_client.clone();
         Ok(crate::group::patch::UpstreamPart {
-            send: Box::new(move |version: u64| {
+            document,
+            put: Box::new(move |version: u64, body: bytes::Bytes| {
                 let mut request = request.clone();
                 let client = client.clone();
-                let body = body.clone();
                 Box::pin(async move {
                     request
                         .insert_header(http::header::IF_MATCH, format!("W/\"{version}\""))

@@ -71,7 +71,11 @@ pub async fn group_update(
     let mut document = group.document;
     document.remove("quantity");
     let upstream_body = Bytes::from(serde_json::to_vec(&document).unwrap_or_default());
-    let part = proxy.conditional_upstream_write(session, ctx, upstream_body)?;
+    let part = proxy.conditional_upstream_write(
+        session,
+        ctx,
+        crate::group::patch::UpstreamDocument::Given(upstream_body),
+    )?;
     let edit = MemberEdit::ReplaceRoster(roster);
     let written = crate::proxy::intercept::write_members(
         proxy,
