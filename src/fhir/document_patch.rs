@@ -7,19 +7,17 @@
 //! as a `PUT` with `If-Match`, which that server does guard: exactly one
 //! version results, or nothing changes.
 //!
-//! "As the legacy server would apply them": the real server patches the
-//! stored document without its internal fields (the top-level `_` fields and
-//! the `_uuid`/`_sourceId`/`_sourceAssigningAuthority` it keeps on
-//! references), and computes those again when it stores the result.
+//! "As the legacy server would apply them": the reference server patches the
+//! stored document without its top-level `_` fields but with the
+//! `_uuid`/`_sourceId`/`_sourceAssigningAuthority` it keeps on references
+//! (seen in the trees its failed patches print, 2026-12-02), so a `test` of a
+//! whole reference object sees them too. A PUT recomputes those reference
+//! fields, whatever the body says, so the patched Group is sent as it is.
 
 use json_patch::{Patch, PatchErrorKind};
 use serde_json::Value;
 
 use super::outcome::{IssueType, Outcome};
-
-/// The fields the reference server keeps on every reference it stores.
-pub const REFERENCE_INTERNAL_FIELDS: [&str; 3] =
-    ["_uuid", "_sourceId", "_sourceAssigningAuthority"];
 
 /// The ops of a patch that do not target `/member`, in their order, with
 /// their indexes in the client's patch (for the error a client reads).
@@ -27,23 +25,6 @@ pub const REFERENCE_INTERNAL_FIELDS: [&str; 3] =
 pub struct OtherOps {
     pub ops: Vec<Value>,
     pub indexes: Vec<usize>,
-}
-
-/// Removes the internal fields the legacy server keeps on stored references:
-/// what is left is the document its patches are applied to.
-pub fn without_reference_internals(value: &mut Value) {
-    match value {
-        Value::Object(fields) => {
-            if fields.contains_key("reference") {
-                for field in REFERENCE_INTERNAL_FIELDS {
-                    fields.remove(field);
-                }
-            }
-            fields.values_mut().for_each(without_reference_internals);
-        }
-        Value::Array(items) => items.iter_mut().for_each(without_reference_internals),
-        _ => {}
-    }
 }
 
 /// Applies `other` to `document` (the stored Group as its patches see it).
@@ -155,23 +136,5 @@ mod tests {
         let group = json!({"resourceType": "Group"});
         let ops = other(json!([{"op": "frobnicate", "path": "/name"}]), vec![0]);
         assert_eq!(apply_other_ops(&group, &ops, 422).unwrap_err().status, 400);
-    }
-
-    #[test]
-    fn reference_internals_are_removed_everywhere_and_other_underscore_keys_kept() {
-        let mut group = json!({
-            "managingEntity": {"reference": "Practitioner/1", "_uuid": "Practitioner/u", "_sourceId": "Practitioner/1", "_sourceAssigningAuthority": "bwell"},
-            "characteristic": [{"valueReference": {"reference": "Location/2", "_uuid": "Location/u"}}],
-            "_name": {"extension": []}
-        });
-        without_reference_internals(&mut group);
-        assert_eq!(
-            group,
-            json!({
-                "managingEntity": {"reference": "Practitioner/1"},
-                "characteristic": [{"valueReference": {"reference": "Location/2"}}],
-                "_name": {"extension": []}
-            })
-        );
     }
 }

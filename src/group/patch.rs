@@ -21,7 +21,7 @@ use futures_util::future::BoxFuture;
 use mongodb::bson::Document;
 
 use crate::fhir::atr::{atr_plan, AtrMember, AtrOperation};
-use crate::fhir::document_patch::{apply_other_ops, without_reference_internals, OtherOps};
+use crate::fhir::document_patch::{apply_other_ops, OtherOps};
 use crate::fhir::member_array::Plan;
 use crate::fhir::member_patch::MemberOps;
 use crate::fhir::outcome::{IssueType, Outcome};
@@ -371,11 +371,10 @@ impl GroupService {
         if version_of(&stored) != Some(version) {
             return Ok(Err(None));
         }
-        let mut resource = to_fhir_json(&stored);
         // `member` stays as stored (absent once the member store keeps the
         // roster): the other ops never touch it, and a PUT without it would
         // make the legacy server drop what it holds.
-        without_reference_internals(&mut resource);
+        let resource = to_fhir_json(&stored);
         Ok(
             match apply_other_ops(&resource, ops, self.settings.patch_failure_status) {
                 Ok(patched) => {
