@@ -192,6 +192,13 @@ pub struct FhirSettings {
     /// remove every member with that `entity.reference`. RFC 6902 has no such
     /// op; off, such a patch fails as RFC 6902 says.
     pub remove_member_by_reference: bool,
+    /// Members are stored and shown as the reference server (icanbwell/
+    /// fhir-server) stores and shows them: `_uuid`, `_sourceId` and
+    /// `_sourceAssigningAuthority` on every reference, shown as
+    /// `extension`s. Only for Groups whose stored document has
+    /// `_sourceAssigningAuthority` (that server's field); off, members are
+    /// stored and shown exactly as sent.
+    pub reference_fields: bool,
 }
 
 impl Default for FhirSettings {
@@ -205,6 +212,7 @@ impl Default for FhirSettings {
             extension_base: crate::fhir::group_read::DEFAULT_EXTENSION_BASE.into(),
             patch_failure_status: 422,
             remove_member_by_reference: true,
+            reference_fields: true,
         }
     }
 }
@@ -396,6 +404,9 @@ pub struct Overrides {
     /// Accept `remove /member/-` with a value (remove by reference) [fhir.remove_member_by_reference]
     #[arg(long, env = "FGP_FHIR_REMOVE_MEMBER_BY_REFERENCE", global = true)]
     pub fhir_remove_member_by_reference: Option<bool>,
+    /// Store and show members' references as icanbwell/fhir-server does [fhir.reference_fields]
+    #[arg(long, env = "FGP_FHIR_REFERENCE_FIELDS", global = true)]
+    pub fhir_reference_fields: Option<bool>,
     /// Canonical base of the proxy's extension URLs [fhir.extension_base]
     #[arg(long, env = "FGP_FHIR_EXTENSION_BASE", global = true)]
     pub fhir_extension_base: Option<String>,
@@ -589,6 +600,7 @@ impl Config {
             &mut self.fhir.remove_member_by_reference,
             &o.fhir_remove_member_by_reference,
         );
+        set(&mut self.fhir.reference_fields, &o.fhir_reference_fields);
         set(
             &mut self.fhir.max_intercepted_body_bytes,
             &o.fhir_max_intercepted_body_bytes,

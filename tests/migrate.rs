@@ -49,7 +49,9 @@ impl Stores {
 
     fn proxy(&self) -> ProxyProcess {
         let settings = self.store_settings();
-        let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut settings: Vec<(&str, &str)> =
+            settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        settings.extend(self.standin.dialect_settings());
         ProxyProcess::start(&self.standin.url(), &settings)
     }
 

@@ -113,6 +113,24 @@ pub fn removed_member_json(mut member: Value, extension_base: &str) -> Value {
     member
 }
 
+/// A stored member element (JSON text) as the legacy server shows it: for
+/// servers of the reference server's kind, the internal fields it keeps on
+/// references become `extension`s; every other element is returned as
+/// stored, byte for byte, without being parsed.
+pub fn presented_member(stored: &str) -> std::borrow::Cow<'_, str> {
+    if !icanbwell_conventions::has_reference_fields(stored) {
+        return std::borrow::Cow::Borrowed(stored);
+    }
+    match serde_json::from_str::<Value>(stored) {
+        Ok(mut element) => {
+            icanbwell_conventions::present_references(&mut element);
+            std::borrow::Cow::Owned(element.to_string())
+        }
+        // Not ours to repair here: a read shows what is stored.
+        Err(_) => std::borrow::Cow::Borrowed(stored),
+    }
+}
+
 /// A `$members` cursor: the order key and slot id of the last member of
 /// the previous page, `key.slot` (neither holds a `.`); `("", "")` first.
 pub fn split_cursor(cursor: &str) -> (&str, &str) {
@@ -172,6 +190,26 @@ pub fn split_around_members(group: &Value) -> (Vec<u8>, Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_stored_with_reference_fields_are_shown_with_extensions_instead() {
+        let stored = r#"{"entity":{"reference":"Patient/1","_sourceAssigningAuthority":"bwell","_uuid":"Patient/u1","_sourceId":"Patient/1"},"inactive":false}"#;
+        let shown: Value = serde_json::from_str(&presented_member(stored)).unwrap();
+        assert_eq!(
+            shown,
+            json!({"entity": {"reference": "Patient/1", "extension": [
+                {"id": "sourceId", "url": "https://www.icanbwell.com/sourceId", "valueString": "Patient/1"},
+                {"id": "uuid", "url": "https://www.icanbwell.com/uuid", "valueString": "Patient/u1"},
+                {"id": "sourceAssigningAuthority", "url": "https://www.icanbwell.com/sourceAssigningAuthority", "valueString": "bwell"}
+            ]}, "inactive": false})
+        );
+    }
+
+    #[test]
+    fn members_without_reference_fields_are_shown_byte_for_byte() {
+        let stored = r#"{"entity": {"reference":"Patient/1"} , "id":"x"}"#;
+        assert!(matches!(presented_member(stored), std::borrow::Cow::Borrowed(s) if s == stored));
+    }
 
     #[test]
     fn summary_and_elements_decide_the_roster() {

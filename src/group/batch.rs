@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use crate::fhir::outcome::{IssueType, Outcome};
 
-use super::members::{event_rows, EventOrigin, Planning};
+use super::members::{event_rows, plan_stored_as_legacy, EventOrigin, Planning};
 use super::patch::{
     jittered, lease_lost, MemberEdit, MemberPatchRequest, MemberPatchResult, Replay,
 };
@@ -294,7 +294,8 @@ impl GroupService {
             let was_absent = planning.known.absent;
             match self.plan_in_batch(members, &planning) {
                 Err(error) => planned_jobs.push(Planned::Answered(Box::new(Err(error)))),
-                Ok(plan) => {
+                Ok(mut plan) => {
+                    plan_stored_as_legacy(&mut plan, self.legacy_authority(&head));
                     let origin = EventOrigin {
                         group_key: &head.group_key,
                         group_id: id,

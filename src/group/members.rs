@@ -189,6 +189,30 @@ impl GroupService {
     }
 }
 
+/// A member element as the legacy server would store it. Servers of the
+/// reference server's kind (their Groups carry `_sourceAssigningAuthority`)
+/// keep `_uuid`/`_sourceId`/`_sourceAssigningAuthority` on every reference
+/// and drop the extensions their responses show instead; the proxy stores
+/// what they would, so a Group reads the same through the proxy and direct,
+/// and can be moved back. Other servers' members are stored as sent.
+pub(super) fn stored_as_legacy(element: &mut Value, authority: Option<&str>) {
+    if let Some(authority) = authority {
+        icanbwell_conventions::presave_references(element, authority);
+    }
+}
+
+/// [`stored_as_legacy`] for every element a plan writes.
+pub(super) fn plan_stored_as_legacy(plan: &mut Plan, authority: Option<&str>) {
+    if authority.is_none() {
+        return;
+    }
+    for event in &mut plan.events {
+        if let SlotEvent::Put { after, .. } = event {
+            stored_as_legacy(after, authority);
+        }
+    }
+}
+
 /// Who writes a version's events.
 pub(super) struct EventOrigin<'a> {
     pub group_key: &'a str,

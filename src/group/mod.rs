@@ -157,6 +157,8 @@ pub struct WriteSettings {
     pub patch_failure_status: u16,
     /// See `fhir.remove_member_by_reference`.
     pub remove_by_reference: bool,
+    /// See `fhir.reference_fields`.
+    pub reference_fields: bool,
 }
 
 #[derive(Clone)]
@@ -172,6 +174,15 @@ pub struct GroupService {
 }
 
 impl GroupService {
+    /// The authority members of this Group are stored under, when they are
+    /// stored as the reference server stores them (`fhir.reference_fields`).
+    pub(crate) fn legacy_authority<'h>(&self, head: &'h GroupHead) -> Option<&'h str> {
+        self.settings
+            .reference_fields
+            .then_some(head.authority.as_deref())
+            .flatten()
+    }
+
     /// Connects both stores (lazily: nothing is contacted yet). Must run on the
     /// runtime that will serve the use cases (the batch writers live there).
     pub async fn connect(config: &Config, holder: LeaseHolder) -> Result<Self, WriteError> {
@@ -195,6 +206,7 @@ impl GroupService {
                 version_conflict_status: config.members.version_conflict_status,
                 patch_failure_status: config.fhir.patch_failure_status,
                 remove_by_reference: config.fhir.remove_member_by_reference,
+                reference_fields: config.fhir.reference_fields,
             },
             queues: Arc::default(),
             upstream_elsewhere: Arc::default(),

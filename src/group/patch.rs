@@ -29,7 +29,9 @@ use crate::fhir::roster_replace::replace_all;
 use crate::store::events::MemberCounts;
 use crate::store::group_documents::{to_fhir_json, version_of, GroupHead};
 
-use super::members::{event_rows, new_slot_id, EventOrigin, Planning};
+use super::members::{
+    event_rows, new_slot_id, plan_stored_as_legacy, stored_as_legacy, EventOrigin, Planning,
+};
 use super::{GroupService, WriteError};
 
 pub struct MemberPatchRequest {
@@ -416,7 +418,13 @@ impl GroupService {
             None => None,
         };
         let (plan, was_absent) = self
-            .plan_edit(id, &head.group_key, managed, &request.edit)
+            .plan_edit(
+                id,
+                &head.group_key,
+                managed,
+                self.legacy_authority(&head),
+                &request.edit,
+            )
             .await?;
         let new_version = head.version + 1;
         let origin = EventOrigin {
@@ -628,10 +636,11 @@ impl GroupService {
         id: &str,
         group_key: &str,
         managed: bool,
+        authority: Option<&str>,
         edit: &MemberEdit,
     ) -> Result<(Plan, bool), WriteError> {
         let facts = self.array_facts(id, group_key, managed).await?;
-        let plan = match edit {
+        let mut plan = match edit {
             MemberEdit::Patch(members) => {
                 let mut planning = Planning::from_facts(&facts);
                 self.plan_member_ops(group_key, members, &mut planning)
@@ -639,6 +648,14 @@ impl GroupService {
             }
             MemberEdit::ReplaceRoster(desired) => {
                 let stored = self.events.all_slots(group_key).await?;
+                // Compared as the legacy server would store them, so members
+                // sent back as a read showed them keep their slots.
+                let desired = desired.clone().map(|mut desired| {
+                    desired
+                        .iter_mut()
+                        .for_each(|element| stored_as_legacy(element, authority));
+                    desired
+                });
                 replace_all(&stored, &facts.floor, desired.as_deref(), &mut new_slot_id)
                     .map_err(|e| WriteError::Outcome(roster_failure(&e)))?
             }
@@ -657,6 +674,7 @@ impl GroupService {
                 .map_err(WriteError::Outcome)?
             }
         };
+        plan_stored_as_legacy(&mut plan, authority);
         Ok((plan, facts.absent))
     }
 

@@ -73,6 +73,7 @@ impl GroupService {
                 version: 0,
                 last_updated: None,
                 commit_token: None,
+                authority: None,
             },
             None => return Ok(None),
         };

@@ -10,8 +10,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::fhir::group_read::{
-    cursor_after, page_request, removed_member_json, split_around_members, split_cursor,
-    wants_members, with_paging_link, with_quantity,
+    cursor_after, page_request, presented_member, removed_member_json, split_around_members,
+    split_cursor, wants_members, with_paging_link, with_quantity,
 };
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
@@ -486,7 +486,11 @@ pub async fn members_page(
         .flatten();
     let mut members = Vec::with_capacity(rows.len());
     for row in &rows {
-        let element: Value = match serde_json::from_str(&row.element) {
+        let text = match proxy.config.fhir.reference_fields {
+            true => presented_member(&row.element),
+            false => std::borrow::Cow::Borrowed(row.element.as_str()),
+        };
+        let element: Value = match serde_json::from_str(&text) {
             Ok(element) => element,
             Err(error) => {
                 let outcome = Outcome::error(
@@ -535,6 +539,7 @@ fn stream_members(
 ) -> mpsc::Receiver<std::result::Result<RosterChunk, String>> {
     let (sender, receiver) = mpsc::channel(4);
     let service: Option<GroupService> = proxy.group_service.clone();
+    let reference_fields = proxy.config.fhir.reference_fields;
     proxy.store_runtime.spawn(async move {
         let Some(service) = service else { return };
         let mut cursor = match service.events.roster(&group_key, at_version) {
@@ -558,8 +563,13 @@ fn stream_members(
                     if row.inactive == 0 {
                         active_members += 1;
                     }
-                    // Stored verbatim as the JSON text written: spliced as is.
-                    chunk.extend_from_slice(row.element.as_bytes());
+                    // Stored verbatim as the JSON text written: spliced as is,
+                    // or as the legacy server shows its reference fields.
+                    if reference_fields {
+                        chunk.extend_from_slice(presented_member(&row.element).as_bytes());
+                    } else {
+                        chunk.extend_from_slice(row.element.as_bytes());
+                    }
                     in_chunk += 1;
                     if in_chunk == MEMBERS_PER_CHUNK {
                         let full = std::mem::replace(&mut chunk, Vec::with_capacity(64 * 1024));

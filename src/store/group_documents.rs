@@ -48,6 +48,10 @@ pub struct GroupHead {
     pub version: u64,
     pub last_updated: Option<DateTime>,
     pub commit_token: Option<String>,
+    /// `_sourceAssigningAuthority`, kept by legacy servers of the reference
+    /// server's kind: their stored references carry internal fields
+    /// derived from it, and so must the members the proxy stores.
+    pub authority: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -158,7 +162,7 @@ impl GroupDocuments {
 
     /// The head of Group `id`, without its member array.
     pub async fn head(&self, id: &str) -> Result<Option<GroupHead>, DocumentStoreError> {
-        let projection = doc! { "id": 1, "meta": 1, "_uuid": 1, "_memberCommitToken": 1 };
+        let projection = doc! { "id": 1, "meta": 1, "_uuid": 1, "_memberCommitToken": 1, "_sourceAssigningAuthority": 1 };
         let mut cursor = self
             .groups
             .find(doc! { "id": id })
@@ -985,6 +989,10 @@ fn parse_head(id: &str, document: &Document) -> Result<GroupHead, DocumentStoreE
         last_updated: meta.get_datetime("lastUpdated").ok().copied(),
         commit_token: document
             .get_str("_memberCommitToken")
+            .ok()
+            .map(str::to_string),
+        authority: document
+            .get_str("_sourceAssigningAuthority")
             .ok()
             .map(str::to_string),
     })

@@ -41,6 +41,9 @@ pub fn free_port() -> u16 {
 pub struct Standin {
     pub addr: SocketAddr,
     pub database: String,
+    /// The real-server behaviours it has on: the proxy in front of it is
+    /// configured for them, as an operator would configure it.
+    pub fidelity: standin_legacy_fhir::Fidelity,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -85,7 +88,7 @@ impl Standin {
         let config = StandinConfig {
             base_path: "/4_0_0".into(),
             access,
-            fidelity,
+            fidelity: fidelity.clone(),
             history_database: history_database.map(str::to_string),
             ..StandinConfig::new(mongo_uri(), database.clone())
         };
@@ -95,12 +98,33 @@ impl Standin {
         Standin {
             addr,
             database,
+            fidelity,
             task,
         }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The proxy settings for this stand-in's behaviour, as an operator
+    /// would set them for their legacy server.
+    pub fn dialect_settings(&self) -> [(&'static str, &'static str); 2] {
+        let fidelity = &self.fidelity;
+        [
+            (
+                "FGP_FHIR_REFERENCE_FIELDS",
+                if fidelity.reference_enrichment {
+                    "true"
+                } else {
+                    "false"
+                },
+            ),
+            (
+                "FGP_FHIR_PATCH_FAILURE_STATUS",
+                if fidelity.real_patch { "400" } else { "422" },
+            ),
+        ]
     }
 }
 
@@ -140,6 +164,7 @@ pub async fn start_with_member_stores_behind(
         ("FGP_MONGO_URI", mongo.as_str()),
         ("FGP_MONGO_DATABASE", standin.database.as_str()),
     ];
+    settings.extend(standin.dialect_settings());
     settings.extend_from_slice(extra);
     let proxy = ProxyProcess::start(&standin.url(), &settings);
     (standin, proxy, clickhouse)

@@ -7,11 +7,7 @@
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use serde_json::{Map, Value};
 
-/// Security tag system naming the owning organisation.
-pub const OWNER_SYSTEM: &str = "https://www.icanbwell.com/owner";
-
-/// Authority used when a resource carries no owner tag.
-pub const DEFAULT_AUTHORITY: &str = "default";
+pub use icanbwell_conventions::{DEFAULT_AUTHORITY, OWNER_SYSTEM};
 
 /// Top-level fields starting with this are not FHIR: `_id`, `_uuid`, and
 /// markers other tools (the proxy) put on stored documents.
