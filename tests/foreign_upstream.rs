@@ -32,7 +32,7 @@ fn group(id: Option<&str>, members: &[&str]) -> Value {
     if let Some(id) = id {
         group["id"] = json!(id);
     }
-    group
+    owned(group)
 }
 
 async fn read(client: &HttpClient, url: &str) -> Seen {

@@ -149,7 +149,8 @@ fn starting_roster(dice: &mut Dice) -> Option<Vec<Value>> {
 }
 
 fn group_with(id: &str, roster: &Option<Vec<Value>>) -> Value {
-    let mut group = json!({"resourceType": "Group", "id": id, "type": "person", "actual": true});
+    let mut group =
+        owned(json!({"resourceType": "Group", "id": id, "type": "person", "actual": true}));
     if let Some(members) = roster {
         group["member"] = Value::Array(members.clone());
     }
@@ -273,4 +274,80 @@ async fn random_member_patches_mean_the_same_through_the_proxy_as_on_the_legacy_
         applied > cases / 5 && failed_alike > cases / 10,
         "applied {applied}, failed {failed_alike}"
     );
+}
+
+/// A member PATCH is answered as the legacy server answers it (the stand-in
+/// in its real-server profile): the whole Group, members with the reference
+/// extensions and the Group with its identifiers, the same `ETag` and
+/// `Location`, `Content-Location` absolute at the host the client used, and
+/// `{}` for `return=minimal`.
+#[tokio::test]
+async fn a_member_patch_is_answered_as_the_legacy_server_answers_it() {
+    let stack = Stack::start(&[]).await;
+    let direct_base = format!("{}/4_0_0", stack.standin.url());
+    let roster = Some(vec![json!({"entity": {"reference": "Patient/a"}})]);
+    let direct_id = "answer-direct";
+    let proxied_id = "answer-proxied";
+    for (base, id) in [
+        (direct_base.as_str(), direct_id),
+        (&format!("{}/4_0_0", stack.proxy.url()), proxied_id),
+    ] {
+        send(
+            &stack.client,
+            "PUT",
+            &format!("{base}/Group/{id}"),
+            &[FHIR_JSON_BODY],
+            serde_json::to_vec(&group_with(id, &roster)).unwrap(),
+        )
+        .await
+        .assert_status(201);
+    }
+    // The proxy's Group moves to the member store with its first member write.
+    let ops = json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/b"}}}]);
+    let patch = |url: String, prefer: &'static str| {
+        let body = serde_json::to_vec(&ops).unwrap();
+        let client = stack.client.clone();
+        async move { send(&client, "PATCH", &url, &[PATCH, ("prefer", prefer)], body).await }
+    };
+    let direct = patch(
+        format!("{direct_base}/Group/{direct_id}"),
+        "return=representation",
+    )
+    .await;
+    let proxied = patch(stack.group_url(proxied_id), "return=representation").await;
+    direct.assert_status(200);
+    proxied.assert_status(200);
+    assert!(
+        !stack.members(proxied_id).await.is_empty(),
+        "the roster is in the member store"
+    );
+    assert_eq!(proxied.header("etag"), direct.header("etag"));
+    let location =
+        |reply: &Reply, id: &str| reply.header("location").map(|l| l.replace(id, "{id}"));
+    assert_eq!(location(&proxied, proxied_id), location(&direct, direct_id));
+    assert_eq!(
+        proxied.header("content-location"),
+        Some(format!("{}/4_0_0/Group/{proxied_id}/_history/2", stack.proxy.url()).as_str())
+    );
+    let (direct, proxied) = (direct.json(), proxied.json());
+    assert_eq!(served_members(&proxied), served_members(&direct));
+    assert_eq!(
+        proxied["member"][1]["entity"]["extension"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+    let systems = |group: &Value| -> Vec<Value> {
+        group["identifier"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| i["system"].clone())
+            .collect()
+    };
+    assert_eq!(systems(&proxied), systems(&direct));
+    assert!(!systems(&proxied).is_empty());
+    let minimal = patch(stack.group_url(proxied_id), "return=minimal").await;
+    minimal.assert_status(200);
+    assert_eq!(minimal.body, b"{}".to_vec());
 }

@@ -76,7 +76,7 @@ impl Stores {
 
     /// A Group with inline members, created on the legacy server directly.
     async fn create_inline_group(&self, extra: Value, members: Vec<Value>) -> String {
-        let mut group = json!({"resourceType": "Group", "type": "person", "actual": true});
+        let mut group = owned(json!({"resourceType": "Group", "type": "person", "actual": true}));
         if let (Some(group), Some(extra)) = (group.as_object_mut(), extra.as_object()) {
             group.extend(extra.clone());
         }
@@ -439,7 +439,10 @@ async fn reverse_writes_the_roster_back_and_a_later_migration_follows_legacy_edi
         .assert_status(200);
     assert_eq!(stores.inline_member_count(&id).await, 119);
     let search = |reference: &'static str| {
-        let url = format!("{}/4_0_0/Group?member={reference}", proxy.url());
+        let url = format!(
+            "{}/4_0_0/Group?member={reference}&_total=accurate",
+            proxy.url()
+        );
         let client = stores.client.clone();
         async move { send(&client, "GET", &url, &[], "").await.json()["total"].clone() }
     };

@@ -60,6 +60,7 @@ async fn fhir_crud_on_several_resource_types_goes_through_unchanged() {
             // the member store (tests/member_patch.rs), not the legacy server.
             _ => json!({"resourceType": "Group", "type": "person", "actual": false}),
         };
+        let resource = owned(resource);
         let created = send(
             &client,
             "POST",

@@ -63,8 +63,10 @@ async fn assert_untouched(stack: &Stack, id: &str, version: &str, roster: &[&str
 }
 
 fn group_with(id: &str, members: &[&str]) -> Value {
-    json!({"resourceType": "Group", "id": id, "type": "person", "actual": true,
-           "member": members.iter().map(|r| json!({"entity": {"reference": r}})).collect::<Vec<_>>()})
+    owned(
+        json!({"resourceType": "Group", "id": id, "type": "person", "actual": true,
+           "member": members.iter().map(|r| json!({"entity": {"reference": r}})).collect::<Vec<_>>()}),
+    )
 }
 
 fn bundle(kind: &str, entries: Vec<Value>) -> Value {

@@ -53,9 +53,9 @@ async fn create_as_writer(client: &HttpClient, standin: &Standin) -> String {
             ("content-type", "application/fhir+json"),
             ("authorization", "Bearer writer"),
         ],
-        serde_json::to_vec(
-            &json!({"resourceType": "Group", "type": "person", "actual": true, "member": []}),
-        )
+        serde_json::to_vec(&owned(
+            json!({"resourceType": "Group", "type": "person", "actual": true, "member": []}),
+        ))
         .unwrap(),
     )
     .await;
@@ -163,8 +163,10 @@ async fn upstream_mode_lets_the_legacy_server_decide() {
     let reader = ("authorization", "Bearer reader");
     let json_body = ("content-type", "application/fhir+json");
     let with_members = |id: Option<&str>| {
-        let mut group = json!({"resourceType": "Group", "type": "person", "actual": true,
-            "member": [{"entity": {"reference": "Patient/intruder"}}]});
+        let mut group = owned(
+            json!({"resourceType": "Group", "type": "person", "actual": true,
+            "member": [{"entity": {"reference": "Patient/intruder"}}]}),
+        );
         if let Some(id) = id {
             group["id"] = json!(id);
         }
@@ -206,7 +208,7 @@ async fn upstream_mode_lets_the_legacy_server_decide() {
     let read = send(&client, "GET", &url, &[reader], "").await;
     read.assert_status(200);
     assert_eq!(
-        read.json()["member"],
+        as_sent(&read.json()["member"]),
         json!([{"entity": {"reference": "Patient/ok"}}])
     );
     assert_eq!(version_of(&client, &standin, &id, "writer").await, "2");

@@ -86,13 +86,22 @@ pub fn merge_member_search(
         added.push(entry);
     }
     let added_count = added.len() as i64;
+    // A legacy server that reports fewer than it returned is not counting
+    // (the reference server says 0 unless `_total` is asked for): its total
+    // stays what it would have said.
+    let counted = inline["total"]
+        .as_i64()
+        .is_some_and(|total| total >= entries(&inline).count() as i64);
     if let Some(object) = inline.as_object_mut() {
         let list = object.entry("entry").or_insert_with(|| json!([]));
         if let Some(list) = list.as_array_mut() {
             list.extend(added);
         }
-        if let Some(total) = object.get("total").and_then(Value::as_i64) {
-            object.insert("total".into(), json!(total + added_count));
+        match object.get("total").and_then(Value::as_i64) {
+            Some(total) if counted => {
+                object.insert("total".into(), json!(total + added_count));
+            }
+            _ => {}
         }
     }
     inline
@@ -150,5 +159,16 @@ mod tests {
             merged["entry"][1]["resource"]["extension"][0]["valueUri"],
             "/4_0_0/Group/m1/$members"
         );
+    }
+
+    #[test]
+    fn a_legacy_total_that_does_not_count_is_left_as_the_legacy_server_gave_it() {
+        let inline = json!({"resourceType": "Bundle", "type": "searchset", "total": 0,
+            "entry": [{"resource": {"resourceType": "Group", "id": "legacy"}}]});
+        let migrated = json!({"resourceType": "Bundle", "total": 1, "entry": [
+            {"resource": {"resourceType": "Group", "id": "m1"}}]});
+        let merged = merge_member_search(inline, migrated, &HashMap::new(), "/4_0_0", "https://x");
+        assert_eq!(merged["entry"].as_array().unwrap().len(), 2);
+        assert_eq!(merged["total"], 0);
     }
 }

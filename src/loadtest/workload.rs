@@ -246,11 +246,25 @@ fn member(index: usize) -> Value {
     json!({"entity": {"reference": member_reference(index)}})
 }
 
+/// What the reference server (icanbwell/fhir-server) requires of every
+/// write: a `meta.source` and an owner tag (plus the access tag its
+/// `access/*.*` scopes are checked against). Plain FHIR to other servers.
+fn with_owner(mut resource: Value) -> Value {
+    resource["meta"] = json!({
+        "source": "https://fhir-group-proxy.bench/source",
+        "security": [
+            {"system": "https://www.icanbwell.com/owner", "code": "bench"},
+            {"system": "https://www.icanbwell.com/access", "code": "bench"}
+        ]
+    });
+    resource
+}
+
 /// A Group with members `0..size` inline, as the legacy server stores it.
 /// With no members it still has the (empty) array: RFC 6902 appends
 /// (`add /member/-`) only to an array that exists.
 pub fn group_with_members(size: usize) -> Value {
-    let mut group = json!({"resourceType": "Group", "type": "person", "actual": true});
+    let mut group = with_owner(json!({"resourceType": "Group", "type": "person", "actual": true}));
     group["member"] = (0..size).map(member).collect();
     group
 }
@@ -279,7 +293,9 @@ pub fn toggle_inactive_patch(sequence: u64, group_size: usize) -> Value {
 
 /// The resource read by passthrough requests.
 pub fn passthrough_patient() -> Value {
-    json!({"resourceType": "Patient", "name": [{"family": "Bench", "given": ["Passthrough"]}]})
+    with_owner(
+        json!({"resourceType": "Patient", "name": [{"family": "Bench", "given": ["Passthrough"]}]}),
+    )
 }
 
 #[cfg(test)]

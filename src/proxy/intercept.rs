@@ -237,23 +237,41 @@ pub(crate) async fn write_members(
         Ok(result) => result,
         Err(outcome) => return answer(session, ctx, &outcome).await.map(Some),
     };
+    let roster = match (&result, prefer) {
+        (Ok(result), Prefer::Representation) if !result.replayed || result.document.is_some() => {
+            roster_for_answer(proxy, group_id).await
+        }
+        _ => RosterAnswer::Unknown,
+    };
     match result {
         Ok(MemberPatchResult {
             upstream_reply: Some(reply),
             ..
         }) => {
             ctx.intercepted = true;
-            let reply = match &answer_members {
-                Some(members) => with_members(reply, members),
-                None => reply,
+            let reply = match (&roster, &answer_members) {
+                (RosterAnswer::Members(members), _) => with_members(reply, members),
+                (_, Some(members)) => with_members(reply, members),
+                _ => reply,
             };
             relay(session, ctx, reply).await?;
             Ok(Some(Next::Answered))
         }
         Ok(result) => {
             ctx.intercepted = true;
-            let members = answer_members.as_ref();
-            write_success(session, ctx, base, group_id, &result, prefer, members).await?;
+            let roster = match (roster, answer_members) {
+                (RosterAnswer::Unknown, Some(members)) => RosterAnswer::Members(members),
+                (roster, _) => roster,
+            };
+            let answer = WriteAnswer {
+                base,
+                group_id,
+                prefer,
+                roster: &roster,
+                reference_fields: proxy.config.fhir.reference_fields,
+                extension_base: &proxy.config.fhir.extension_base,
+            };
+            write_success(session, ctx, &answer, &result).await?;
             Ok(Some(Next::Answered))
         }
         Err(WriteError::NotMigrated) => Ok(None),
@@ -448,32 +466,112 @@ impl Prefer {
     }
 }
 
-/// `members`: the roster a PUT stated, for its answer (the proxy answered
-/// it, the legacy server's half having changed nothing).
+/// The roster a write answers with (`Prefer: return=representation`, the
+/// default): the Group's members after the write, as a read shows them.
+pub(crate) enum RosterAnswer {
+    Members(serde_json::Value),
+    /// More than `fhir.max_inline_members`: `quantity` and a `$members` link.
+    Paged,
+    /// Not read (not asked for, or the store did not answer: the write
+    /// stands, the answer goes without it).
+    Unknown,
+}
+
+async fn roster_for_answer(proxy: &FhirGroupProxy, group_id: &str) -> RosterAnswer {
+    let Some(service) = proxy.group_service.clone() else {
+        return RosterAnswer::Unknown;
+    };
+    let id = group_id.to_string();
+    let limit = proxy.config.fhir.max_inline_members;
+    let reference_fields = proxy.config.fhir.reference_fields;
+    match proxy
+        .on_stores(async move { service.roster_for_answer(&id, limit).await })
+        .await
+    {
+        Ok(Ok(Some(elements))) => {
+            let members = elements
+                .iter()
+                .filter_map(|text| {
+                    let shown = match reference_fields {
+                        true => crate::fhir::group_read::presented_member(text),
+                        false => std::borrow::Cow::Borrowed(text.as_str()),
+                    };
+                    serde_json::from_str(&shown).ok()
+                })
+                .collect();
+            RosterAnswer::Members(serde_json::Value::Array(members))
+        }
+        Ok(Ok(None)) => RosterAnswer::Paged,
+        Ok(Err(error)) => {
+            tracing::warn!(group = group_id, %error, "the roster for a write's answer could not be read");
+            RosterAnswer::Unknown
+        }
+        Err(outcome) => {
+            tracing::warn!(
+                group = group_id,
+                ?outcome,
+                "the roster for a write's answer could not be read"
+            );
+            RosterAnswer::Unknown
+        }
+    }
+}
+
+/// How a member write the proxy committed itself is answered.
+struct WriteAnswer<'a> {
+    base: &'a str,
+    group_id: &'a str,
+    prefer: Prefer,
+    roster: &'a RosterAnswer,
+    reference_fields: bool,
+    extension_base: &'a str,
+}
+
+/// Answers a member write the legacy server never saw, as the legacy server
+/// answers a write. A Group of the reference server's kind (it keeps
+/// `_sourceAssigningAuthority`, and `fhir.reference_fields` is on) is
+/// answered as that server answers an update: the Group with its
+/// `identifier`s and reference extensions, `Location` relative
+/// (`4_0_0/Group/{id}`), `Content-Location` absolute, `Last-Modified` the
+/// answer's time in ISO 8601, and `{}` for `return=minimal`.
 async fn write_success(
     session: &mut Session,
     ctx: &RequestContext,
-    base: &str,
-    group_id: &str,
+    answer: &WriteAnswer<'_>,
     result: &MemberPatchResult,
-    prefer: Prefer,
-    members: Option<&serde_json::Value>,
 ) -> Result<()> {
-    let mut resource = result
-        .document
-        .as_ref()
-        .map(to_fhir_json)
-        .unwrap_or(serde_json::Value::Null);
-    let last_modified = resource
-        .pointer("/meta/lastUpdated")
-        .and_then(|v| v.as_str())
-        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| {
-            t.with_timezone(&chrono::Utc)
-                .format("%a, %d %b %Y %H:%M:%S GMT")
-                .to_string()
-        });
-    let body = match prefer {
+    let (base, group_id) = (answer.base, answer.group_id);
+    let reference_server = answer.reference_fields
+        && result
+            .document
+            .as_ref()
+            .is_some_and(|d| d.contains_key("_sourceAssigningAuthority"));
+    let mut resource = match &result.document {
+        Some(document) if reference_server => icanbwell_conventions::present(
+            &crate::store::group_documents::to_internal_json(document),
+        ),
+        Some(document) => to_fhir_json(document),
+        None => serde_json::Value::Null,
+    };
+    let last_modified = if reference_server {
+        Some(
+            chrono::Utc::now()
+                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+                .to_string(),
+        )
+    } else {
+        resource
+            .pointer("/meta/lastUpdated")
+            .and_then(|v| v.as_str())
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| {
+                t.with_timezone(&chrono::Utc)
+                    .format("%a, %d %b %Y %H:%M:%S GMT")
+                    .to_string()
+            })
+    };
+    let body = match answer.prefer {
+        Prefer::Minimal if reference_server => Bytes::from_static(b"{}"),
         Prefer::Minimal => Bytes::new(),
         Prefer::OperationOutcome => Bytes::from(
             Outcome::information(
@@ -495,20 +593,45 @@ async fn write_success(
             if let (Some(counts), Some(object)) = (result.counts, resource.as_object_mut()) {
                 object.insert("quantity".into(), counts.active_members.max(0).into());
             }
-            if let (Some(members), Some(object)) = (members, resource.as_object_mut()) {
-                if members.as_array().is_some_and(|m| !m.is_empty()) {
-                    object.insert("member".into(), members.clone());
+            match answer.roster {
+                RosterAnswer::Members(members) => {
+                    if let Some(object) = resource.as_object_mut() {
+                        if members.as_array().is_some_and(|m| !m.is_empty()) {
+                            object.insert("member".into(), members.clone());
+                        }
+                    }
                 }
+                RosterAnswer::Paged => {
+                    resource = crate::fhir::group_read::with_paging_link(
+                        resource,
+                        &format!("{base}/Group/{group_id}/$members"),
+                        answer.extension_base,
+                    );
+                }
+                RosterAnswer::Unknown => {}
             }
             Bytes::from(serde_json::to_vec(&resource).unwrap_or_default())
         }
     };
-    let mut header = ResponseHeader::build(200, Some(8))?;
+    let history = format!("{base}/Group/{group_id}/_history/{}", result.version);
+    let mut header = ResponseHeader::build(200, Some(9))?;
     header.insert_header("etag", format!("W/\"{}\"", result.version))?;
-    header.insert_header(
-        "content-location",
-        format!("{base}/Group/{group_id}/_history/{}", result.version),
-    )?;
+    if reference_server {
+        let host = session
+            .req_header()
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost")
+            .to_string();
+        header.insert_header("content-location", format!("http://{host}{history}"))?;
+        header.insert_header(
+            "location",
+            format!("{}/Group/{group_id}", base.trim_start_matches('/')),
+        )?;
+    } else {
+        header.insert_header("content-location", history)?;
+    }
     if let Some(last_modified) = last_modified {
         header.insert_header("last-modified", last_modified)?;
     }

@@ -1034,6 +1034,17 @@ pub fn to_fhir_json(document: &Document) -> serde_json::Value {
     serde_json::Value::Object(object)
 }
 
+/// A stored document as JSON with its internal `_` fields (but no `_id`),
+/// for code that shows it as the legacy server would.
+pub fn to_internal_json(document: &Document) -> serde_json::Value {
+    let object = document
+        .iter()
+        .filter(|(key, _)| *key != "_id")
+        .map(|(key, value)| (key.clone(), bson_to_json(value)))
+        .collect();
+    serde_json::Value::Object(object)
+}
+
 fn bson_to_json(value: &Bson) -> serde_json::Value {
     match value {
         Bson::DateTime(date) => serde_json::Value::String(

@@ -25,6 +25,57 @@ pub fn clickhouse_url() -> String {
     std::env::var("FGP_TEST_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:18123".into())
 }
 
+/// The owner every test Group belongs to.
+pub const TEST_OWNER: &str = "bwell";
+
+/// `group` with what the reference server requires of every write (and the
+/// stand-in, which imitates it): a `meta.source` and an owner tag (plus the
+/// access tag its tokens' `access/*.*` scopes are checked against). Kept
+/// when the test already set its own.
+pub fn owned(mut group: serde_json::Value) -> serde_json::Value {
+    if group.get("meta").is_none() {
+        group["meta"] = serde_json::json!({
+            "source": "https://fhir-group-proxy.test/source",
+            "security": [
+                {"system": "https://www.icanbwell.com/owner", "code": TEST_OWNER},
+                {"system": "https://www.icanbwell.com/access", "code": TEST_OWNER}
+            ]
+        });
+    }
+    group
+}
+
+/// `value` without the extensions the reference server (and the proxy in
+/// front of it) adds to every reference it shows: what the client sent.
+pub fn as_sent(value: &serde_json::Value) -> serde_json::Value {
+    const SHOWN: [&str; 3] = [
+        "https://www.icanbwell.com/sourceId",
+        "https://www.icanbwell.com/uuid",
+        "https://www.icanbwell.com/sourceAssigningAuthority",
+    ];
+    let mut value = value.clone();
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                if fields.contains_key("reference") {
+                    if let Some(serde_json::Value::Array(extensions)) = fields.get_mut("extension")
+                    {
+                        extensions.retain(|e| !SHOWN.iter().any(|url| e["url"] == *url));
+                        if extensions.is_empty() {
+                            fields.remove("extension");
+                        }
+                    }
+                }
+                fields.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut value);
+    value
+}
+
 /// A database name no other test uses.
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
@@ -54,7 +105,7 @@ impl Standin {
 
     /// A stand-in that enforces its own access control with these tokens.
     pub async fn start_with_access(access: standin_legacy_fhir::AccessTokens) -> Standin {
-        Self::start_with(access, standin_legacy_fhir::Fidelity::simple()).await
+        Self::start_with(access, standin_legacy_fhir::Fidelity::real()).await
     }
 
     /// A stand-in with some of the real server's behaviours switched on.
@@ -527,7 +578,8 @@ pub fn seed_reference(i: usize) -> String {
 /// `{base}/Group`; the legacy server's or the proxy's reply.
 pub async fn post_group(client: &HttpClient, base: &str, members: usize) -> Reply {
     // `member: []` when empty: RFC 6902 appends only to an array that exists.
-    let mut group = serde_json::json!({"resourceType": "Group", "type": "person", "actual": true});
+    let mut group =
+        owned(serde_json::json!({"resourceType": "Group", "type": "person", "actual": true}));
     group["member"] = (0..members)
         .map(|i| serde_json::json!({"entity": {"reference": seed_reference(i)}}))
         .collect();

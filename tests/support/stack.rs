@@ -70,7 +70,8 @@ impl Stack {
     pub async fn create_group_at(&self, server: &str, members: Value) -> String {
         // `member: []` stays: RFC 6902 appends (`add /member/-`) only to an
         // array that exists, on the legacy server and through the proxy.
-        let mut group = json!({"resourceType": "Group", "type": "person", "actual": true});
+        let mut group =
+            super::owned(json!({"resourceType": "Group", "type": "person", "actual": true}));
         group["member"] = members;
         let reply = send(
             &self.client,

@@ -12,10 +12,11 @@ use std::str::FromStr;
 /// The two presets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Profile {
-    /// Plain FHIR R4 behaviour, convenient for tests (the default for now).
-    #[default]
+    /// Plain FHIR R4 behaviour, for tests that need the simpler server.
     Simple,
-    /// As the real legacy server behaves.
+    /// As the real legacy server behaves (the default: the proxy's tests
+    /// must catch what its users would hit).
+    #[default]
     Real,
 }
 
@@ -148,8 +149,8 @@ mod tests {
     }
 
     #[test]
-    fn the_default_is_the_simple_profile() {
-        assert_eq!(Fidelity::default(), Fidelity::simple());
+    fn the_default_is_the_real_profile() {
+        assert_eq!(Fidelity::default(), Fidelity::real());
         assert_ne!(Fidelity::real(), Fidelity::simple());
     }
 }

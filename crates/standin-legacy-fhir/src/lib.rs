@@ -7,7 +7,7 @@
 //! avoid. It is not a FHIR server for real use.
 //!
 //! How closely it imitates the real server is set by [`Fidelity`]: the
-//! `simple` preset (the default) is plain FHIR R4, the `real` preset
+//! `simple` preset is plain FHIR R4, the `real` preset (the default)
 //! behaves as icanbwell/fhir-server was measured and read to behave; the
 //! crate README has the table.
 //!
@@ -92,7 +92,7 @@ impl AccessTokens {
 
 impl StandinConfig {
     /// The default base path on the given database, no access control,
-    /// the `simple` profile and history beside the resources.
+    /// the `real` profile and history beside the resources.
     pub fn new(mongo_uri: impl Into<String>, database: impl Into<String>) -> Self {
         Self {
             mongo_uri: mongo_uri.into(),

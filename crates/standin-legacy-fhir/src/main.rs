@@ -29,10 +29,10 @@ struct Args {
     /// FHIR base path.
     #[arg(long, env = "STANDIN_BASE_PATH", default_value = DEFAULT_BASE_PATH)]
     base_path: String,
-    /// How closely to imitate the real legacy server: `simple` (plain FHIR,
-    /// what the proxy's tests use) or `real` (as icanbwell/fhir-server was
-    /// measured to behave; see the crate README).
-    #[arg(long, env = "STANDIN_PROFILE", default_value = "simple")]
+    /// How closely to imitate the real legacy server: `real` (as
+    /// icanbwell/fhir-server was measured to behave, the default; see the
+    /// crate README) or `simple` (plain FHIR).
+    #[arg(long, env = "STANDIN_PROFILE", default_value = "real")]
     profile: Profile,
     /// Keep the history collections in this separate database (as the real
     /// server's RESOURCE_HISTORY_MONGO_DB_NAME).
@@ -135,9 +135,9 @@ mod tests {
     }
 
     #[test]
-    fn the_default_profile_is_simple_and_no_tokens_means_no_access_control() {
+    fn the_default_profile_is_real_and_no_tokens_means_no_access_control() {
         let args = Args::try_parse_from(["standin-legacy-fhir"]).unwrap();
-        assert_eq!(args.profile, Profile::Simple);
+        assert_eq!(args.profile, Profile::Real);
         assert!(args.access().tokens.is_empty());
         assert!(Args::try_parse_from(["standin-legacy-fhir", "--profile", "odd"]).is_err());
     }

@@ -66,8 +66,10 @@ impl Reply {
 }
 
 impl Harness {
+    /// A stand-in in the `simple` profile: plain FHIR, what most of these
+    /// tests pin down (`start_real` for the real server's behaviour).
     pub async fn start() -> Harness {
-        Self::start_with(|config| config).await
+        Self::start_with(|config| config.with_profile(Profile::Simple)).await
     }
 
     /// A stand-in in the `real` profile.
