@@ -42,8 +42,11 @@ cat >&2 <<MSG
   FerretDB (MongoDB wire)    $FGP_TEST_MONGO_URI  database $DEMO_DATABASE
 
   try:
-    curl -s -XPOST localhost:$PROXY_PORT/4_0_0/Group -H 'content-type: application/fhir+json' \\
-         -d '{"resourceType":"Group","id":"demo","type":"person","actual":true}'
+    curl -s -XPUT localhost:$PROXY_PORT/4_0_0/Group/demo -H 'content-type: application/fhir+json' \\
+         -d '{"resourceType":"Group","id":"demo","type":"person","actual":true,"member":[],
+              "meta":{"source":"https://demo","security":[{"system":"https://www.icanbwell.com/owner","code":"demo"}]}}'
+    curl -s -XPATCH localhost:$PROXY_PORT/4_0_0/Group/demo -H 'content-type: application/json-patch+json' \\
+         -d '[{"op":"add","path":"/member/-","value":{"entity":{"reference":"Patient/1"}}}]'
     curl -s localhost:$PROXY_PORT/4_0_0/Group/demo
   Ctrl-C stops everything.
 

@@ -210,7 +210,7 @@ impl Default for FhirSettings {
             max_inline_members: 10_000,
             max_json_depth: 64,
             extension_base: crate::fhir::group_read::DEFAULT_EXTENSION_BASE.into(),
-            patch_failure_status: 422,
+            patch_failure_status: 400,
             remove_member_by_reference: true,
             reference_fields: true,
         }
