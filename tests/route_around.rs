@@ -913,3 +913,119 @@ async fn versions_keep_their_rosters_across_delete_and_create_again() {
     );
     assert_eq!(roster_at("3".into()).await, vec!["Patient/a", "Patient/b"]);
 }
+
+/// A second owner's Group with the same id, as the reference server lets one
+/// exist (its `$merge` creates it): stored beside the first in MongoDB.
+async fn add_other_owners_group(stack: &Stack, id: &str, owner: &str) {
+    let groups = stack
+        .mongo
+        .collection::<mongodb::bson::Document>("Group_4_0_0");
+    // The stand-in keeps ids unique; the reference server does not.
+    let _ = groups.drop_index("id_1").await;
+    groups
+        .insert_one(doc! {
+            "resourceType": "Group", "id": id, "type": "person", "actual": true,
+            "name": format!("{owner}'s"),
+            "meta": {"versionId": "1", "lastUpdated": mongodb::bson::DateTime::now(),
+                     "source": "https://other", "security": [
+                         {"system": "https://www.icanbwell.com/owner", "code": owner}]},
+            "member": [{"entity": {"reference": "Patient/other-owners"}}],
+            "_uuid": uuid::Uuid::new_v4().to_string(),
+            "_sourceId": id, "_sourceAssigningAuthority": owner,
+        })
+        .await
+        .unwrap();
+}
+
+/// Ids shared by owners (the reference server allows them) and the other
+/// addresses of a Group (`id|owner`, its `_uuid`): a Group the proxy keeps
+/// is never answered without its roster. A plain id shared by owners is
+/// refused as the reference server refuses it (400, never 409) when one of
+/// them is kept here, and goes upstream untouched when none is; `id|owner`
+/// and `_uuid` addresses of a kept Group are refused with the address to
+/// use, and go upstream for the legacy server's own Groups.
+#[tokio::test]
+async fn ids_shared_by_owners_and_other_addresses_never_lose_a_kept_roster() {
+    let stack = Stack::start(&[]).await;
+    let get = |path: String| {
+        let client = stack.client.clone();
+        async move { send(&client, "GET", &path, &[], "").await }
+    };
+    let add = json!([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": "Patient/new"}}}]);
+
+    // Kept here, then shared with another owner.
+    let kept = stack.managed_group(&["Patient/a"]).await;
+    add_other_owners_group(&stack, &kept, "other").await;
+    let read = get(stack.group_url(&kept)).await;
+    assert_outcome(&read, 400, "invalid");
+    assert!(read.json()["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("Multiple resources found with id {kept}")));
+    assert_outcome(&stack.patch(&kept, add.clone(), &[]).await, 400, "invalid");
+    let put = stack
+        .put_group(&kept, group_with(&kept, &["Patient/b"]), &[])
+        .await;
+    assert_outcome(&put, 400, "invalid");
+    assert_eq!(
+        stack.members(&kept).await.len(),
+        1,
+        "the kept roster is unchanged"
+    );
+
+    // The legacy server's own Group, shared: its requests go upstream as sent.
+    let legacy = stack
+        .create_legacy_group(json!([{"entity": {"reference": "Patient/l"}}]))
+        .await;
+    add_other_owners_group(&stack, &legacy, "other").await;
+    let direct = get(format!("{}/4_0_0/Group/{legacy}", stack.standin.url())).await;
+    let through = get(stack.group_url(&legacy)).await;
+    assert_eq!(
+        (through.status, through.json()),
+        (direct.status, direct.json())
+    );
+    assert!(stack.members(&legacy).await.is_empty(), "not taken over");
+
+    // Other addresses of a kept Group are refused, naming the address to use.
+    // Created by PUT, so its `_uuid` is not its id (a POSTed Group's is).
+    let single = format!("single-{}", uuid::Uuid::new_v4().simple());
+    stack
+        .put_group(&single, group_with(&single, &[]), &[])
+        .await
+        .assert_status(201);
+    let ops = json!([{"op": "add", "path": "/member", "value": [{"entity": {"reference": "Patient/s"}}]}]);
+    stack.patch(&single, ops, &[]).await.assert_status(200);
+    let uuid = stack.group_key(&single).await;
+    assert_ne!(uuid, single);
+    for address in [format!("{single}|{TEST_OWNER}"), uuid] {
+        let url = format!("{}/4_0_0/Group/{address}", stack.proxy.url());
+        let read = get(url.clone()).await;
+        assert_outcome(&read, 400, "invalid");
+        assert!(
+            read.json()["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("send the request to Group/{single}")),
+            "{address}"
+        );
+        let patch = send(
+            &stack.client,
+            "PATCH",
+            &url,
+            &[PATCH],
+            serde_json::to_vec(&add).unwrap(),
+        )
+        .await;
+        assert_outcome(&patch, 400, "invalid");
+    }
+    assert_eq!(stack.members(&single).await.len(), 1);
+
+    // ... and the legacy server's own Groups go upstream under any address.
+    let inline = stack
+        .create_legacy_group(json!([{"entity": {"reference": "Patient/i"}}]))
+        .await;
+    let address = format!("{inline}|{TEST_OWNER}");
+    let direct = get(format!("{}/4_0_0/Group/{address}", stack.standin.url())).await;
+    let through = get(format!("{}/4_0_0/Group/{address}", stack.proxy.url())).await;
+    assert_eq!(through.status, direct.status);
+}

@@ -71,9 +71,35 @@ pub fn is_fhir_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
+/// A Group address as the reference server takes it: a FHIR id, or
+/// `id|owner` (the id under one owner, when ids are shared by tenants).
+pub fn is_group_address(address: &str) -> bool {
+    match address.split_once('|') {
+        None => is_fhir_id(address),
+        Some((id, owner)) => {
+            is_fhir_id(id)
+                && !owner.is_empty()
+                && owner
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_addresses_are_ids_or_ids_qualified_by_an_owner() {
+        assert!(is_group_address("g1"));
+        assert!(is_group_address("g1|bwell"));
+        assert!(is_group_address("g1|client_a.b-c"));
+        assert!(!is_group_address("g1|"));
+        assert!(!is_group_address("|bwell"));
+        assert!(!is_group_address("g1|a|b"));
+        assert!(!is_group_address("g1|a/b"));
+    }
 
     #[test]
     fn accepts_relative_references_with_optional_source() {

@@ -36,8 +36,28 @@ pub enum WriteError {
     CommitUnknown { id: String, reason: String },
     #[error(transparent)]
     Events(#[from] EventStoreError),
+    /// The id names Groups of more than one owner (tenant), one of which
+    /// keeps its roster here. The reference server refuses such a plain id
+    /// (400, "Multiple resources found"); so does the proxy, never guessing
+    /// which owner was meant. Groups none of which is managed go upstream.
+    #[error("Group/{id} exists under more than one owner")]
+    Shared { id: String },
+    /// A Group whose roster the proxy keeps, addressed as `id|owner` or by
+    /// its `_uuid`: refused with the address to use, never forwarded (the
+    /// legacy server would answer without the roster).
+    #[error("Group/{address} must be addressed as Group/{id}")]
+    Readdress { address: String, id: String },
     #[error(transparent)]
-    Documents(#[from] DocumentStoreError),
+    Documents(DocumentStoreError),
+}
+
+impl From<DocumentStoreError> for WriteError {
+    fn from(error: DocumentStoreError) -> Self {
+        match error {
+            DocumentStoreError::Ambiguous { id } => WriteError::Shared { id },
+            error => WriteError::Documents(error),
+        }
+    }
 }
 
 impl WriteError {
@@ -73,10 +93,22 @@ impl WriteError {
                      request would be refused again, so do not retry it as it is: {e}"
                 ),
             ),
-            WriteError::Documents(DocumentStoreError::Ambiguous { id }) => Outcome::error(
-                409,
-                IssueType::Conflict,
-                format!("Group/{id} exists more than once (ids shared across tenants)"),
+            WriteError::Shared { id }
+            | WriteError::Documents(DocumentStoreError::Ambiguous { id }) => Outcome::error(
+                400,
+                IssueType::Invalid,
+                format!(
+                    "Multiple resources found with id {id}. Please either specify the \
+                         owner/sourceAssigningAuthority tag ({id}|<owner>) OR use uuid to query."
+                ),
+            ),
+            WriteError::Readdress { address, id } => Outcome::error(
+                400,
+                IssueType::Invalid,
+                format!(
+                    "Group/{address} keeps its members in this server's member store, which \
+                     answers for it only as Group/{id}; send the request to Group/{id}"
+                ),
             ),
             WriteError::Documents(e) => Outcome::error(
                 503,
@@ -215,8 +247,21 @@ impl GroupService {
 
     /// Where Group `id` keeps its members, for whole-resource writes.
     pub async fn roster_home(&self, id: &str) -> Result<RosterHome, WriteError> {
-        if self.documents.head(id).await?.is_none() {
-            return Ok(RosterHome::NoGroup);
+        match self.documents.head(id).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                self.refuse_other_addresses(id).await?;
+                return Ok(RosterHome::NoGroup);
+            }
+            // Shared by owners: the legacy server answers for them (it
+            // refuses the plain id), unless one keeps its roster here.
+            Err(DocumentStoreError::Ambiguous { id }) => {
+                return match self.documents.member_state(&id).await?.in_clickhouse {
+                    true => Err(WriteError::Shared { id }),
+                    false => Ok(RosterHome::Inline),
+                };
+            }
+            Err(e) => return Err(e.into()),
         }
         if self.documents.member_state(id).await?.in_clickhouse {
             return Ok(RosterHome::Events);
@@ -225,6 +270,22 @@ impl GroupService {
             return Ok(RosterHome::Inline);
         }
         Ok(RosterHome::Empty)
+    }
+
+    /// `address` is not the id of a Group: if it is another address of a
+    /// Group whose roster is kept here (`id|owner`, or its `_uuid`), the
+    /// request is refused with the address to use.
+    pub(crate) async fn refuse_other_addresses(&self, address: &str) -> Result<(), WriteError> {
+        let Some(id) = self.documents.id_for_address(address).await? else {
+            return Ok(());
+        };
+        if id != address && self.documents.member_state(&id).await?.in_clickhouse {
+            return Err(WriteError::Readdress {
+                address: address.to_string(),
+                id,
+            });
+        }
+        Ok(())
     }
 
     fn note_upstream_groups_elsewhere(&self, id: &str) {

@@ -62,6 +62,7 @@ impl GroupService {
         let state = self.documents.member_state(id).await?;
         let kept_a_roster = state.in_clickhouse || (versions && !state.past.is_empty());
         if !kept_a_roster {
+            self.refuse_other_addresses(id).await?;
             return Ok(None);
         }
         let head = match self.documents.head(id).await? {

@@ -16,7 +16,7 @@ use crate::fhir::group_read::{
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
 use crate::group::read::RosterForRead;
-use crate::group::GroupService;
+use crate::group::{GroupService, WriteError};
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::intercept::relay;
 use crate::proxy::respond::send_outcome;
@@ -85,6 +85,10 @@ async fn fetch_managed(
     let roster = match lookup {
         Ok(Ok(Some(roster))) => roster,
         Ok(Ok(None)) => return Ok(Err(false)),
+        Ok(Err(error @ (WriteError::Shared { .. } | WriteError::Readdress { .. }))) => {
+            send_outcome(session, &error.to_outcome(), &ctx.request_id).await?;
+            return Ok(Err(true));
+        }
         Ok(Err(error)) => {
             tracing::warn!(group = group_id, %error, "member store unavailable for a Group read");
             let outcome = Outcome::error(

@@ -37,7 +37,9 @@ pub async fn group_update(
         // Not read at all: the legacy server gets the request as it came.
         RosterHome::Inline => return Ok(Next::Forward),
         RosterHome::NoGroup => {
-            if settings.create_in_clickhouse {
+            // Created under an owner-qualified address, the Group is the
+            // legacy server's: adoption knows Groups by their plain id.
+            if settings.create_in_clickhouse && !group_id.contains('|') {
                 ctx.created = Some(CreatedGroup::Known(group_id.to_string()));
             }
             return Ok(Next::Forward);

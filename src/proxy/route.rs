@@ -4,6 +4,7 @@ use pingora::http::RequestHeader;
 
 use crate::fhir::outcome::{IssueType, Outcome};
 pub use crate::fhir::reference::is_fhir_id;
+use crate::fhir::reference::is_group_address;
 use crate::proxy::canonical::non_canonical_group_path;
 
 pub const JSON_PATCH: &str = "application/json-patch+json";
@@ -348,7 +349,9 @@ fn group_id(path: &str, base_paths: &[String]) -> Option<(String, String)> {
     base_paths.iter().find_map(|base| {
         let base = base.trim_end_matches('/');
         let id = path.strip_prefix(base)?.strip_prefix("/Group/")?;
-        is_fhir_id(id).then(|| (base.to_string(), id.to_string()))
+        // `id|owner` too: the proxy must see requests for a Group it keeps,
+        // however the reference server lets them address it.
+        is_group_address(id).then(|| (base.to_string(), id.to_string()))
     })
 }
 

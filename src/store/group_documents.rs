@@ -182,6 +182,29 @@ impl GroupDocuments {
         Ok(Some(head))
     }
 
+    /// The id of the Group `address` names when it is not a plain id: the
+    /// reference server's `id|owner` form, or a Group's `_uuid` (for ids that
+    /// look like one). `None` for anything else, or when nothing matches.
+    pub async fn id_for_address(
+        &self,
+        address: &str,
+    ) -> Result<Option<String>, DocumentStoreError> {
+        let filter = match address.split_once('|') {
+            Some((id, owner)) if !id.is_empty() && !owner.is_empty() => {
+                doc! { "id": id, "_sourceAssigningAuthority": owner }
+            }
+            Some(_) => return Ok(None),
+            None if icanbwell_conventions::is_uuid(address) => doc! { "_uuid": address },
+            None => return Ok(None),
+        };
+        let found = self
+            .groups
+            .find_one(filter)
+            .projection(doc! { "id": 1 })
+            .await?;
+        Ok(found.and_then(|d| d.get_str("id").ok().map(str::to_string)))
+    }
+
     /// How many times a migrated Group with this id was deleted.
     async fn generation(&self, id: &str) -> Result<i64, DocumentStoreError> {
         let state = self.states.find_one(doc! { "_id": id }).await?;
