@@ -12,6 +12,7 @@
 #   BENCH_WRK_THREADS=1   wrk threads
 #   BENCH_WORKERS=1       proxy threads = nginx worker processes
 #   BENCH_PORT_BASE=19180 upstream, proxy and nginx listen on base, +1, +2
+#   BENCH_KEEP=1          keep the work directory (configs, logs) under /tmp
 #
 # The upstream is a second nginx serving one ~2 KB FHIR Patient from a file:
 # the cheapest upstream there is, so its own cost stays out of the comparison,
