@@ -155,7 +155,7 @@ impl Metrics {
         elapsed: Duration,
     ) {
         let method = method_label(method);
-        let status = status.to_string();
+        let status = StatusLabel::new(status);
         self.requests
             .with_label_values(&[route, method, status.as_str(), disposition.label()])
             .inc();
@@ -170,7 +170,7 @@ impl Metrics {
             UpstreamClientKind::Direct => "direct",
         };
         self.upstream_errors
-            .with_label_values(&[status.to_string().as_str(), client])
+            .with_label_values(&[StatusLabel::new(status).as_str(), client])
             .inc();
     }
 
@@ -247,6 +247,20 @@ fn outcome_label(ok: bool) -> &'static str {
     }
 }
 
+/// A status code as a label value, without formatting it on every request.
+struct StatusLabel(Option<http::StatusCode>);
+
+impl StatusLabel {
+    fn new(status: u16) -> Self {
+        Self(http::StatusCode::from_u16(status).ok())
+    }
+
+    /// "0" when no response was written.
+    fn as_str(&self) -> &str {
+        self.0.as_ref().map_or("0", http::StatusCode::as_str)
+    }
+}
+
 /// Standard methods by name; anything else as "other", so a client cannot
 /// create label values at will.
 pub fn method_label(method: &http::Method) -> &'static str {
@@ -266,6 +280,13 @@ pub fn method_label(method: &http::Method) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_labels_are_the_codes_and_zero_without_a_response() {
+        assert_eq!(StatusLabel::new(200).as_str(), "200");
+        assert_eq!(StatusLabel::new(504).as_str(), "504");
+        assert_eq!(StatusLabel::new(0).as_str(), "0");
+    }
 
     #[test]
     fn unusual_methods_share_one_label() {

@@ -200,21 +200,35 @@ impl FhirGroupProxy {
         admin::spawn(listener, state, &self.store_runtime_owner.handle()).map_err(listen_error)
     }
 
-    /// The work of `request_filter`, inside the request's span.
-    async fn route_request(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<bool> {
-        // Like nginx, answer `Expect: 100-continue` here and forward without
-        // it: pingora would otherwise wait for a body the client holds back.
+    /// Like nginx, answers `Expect: 100-continue` here, and the request is
+    /// forwarded without it: pingora would otherwise wait for a body the
+    /// client holds back.
+    async fn answer_expect_continue(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+    ) -> Result<()> {
         if pingora::protocols::http::v1::common::is_expect_continue_req(session.req_header()) {
             session.write_continue_response().await?;
             ctx.continue_sent = true;
         }
+        Ok(())
+    }
+
+    /// The work of `request_filter` for a request the proxy may answer
+    /// itself, inside the request's span.
+    async fn route_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        route: Route,
+    ) -> Result<bool> {
+        self.answer_expect_continue(session, ctx).await?;
         if let Some(outcome) = ctx.refusal.take() {
             ctx.route = Route::Refused(outcome.clone()).name();
             intercept::answer(session, ctx, &outcome).await?;
             return Ok(true);
         }
-        let route = route::route(session.req_header(), &self.config.fhir.base_paths);
-        ctx.route = route.name();
         if authorize::check_token(self, session, ctx, &route).await? {
             return Ok(true);
         }
@@ -531,17 +545,27 @@ impl ProxyHttp for FhirGroupProxy {
             .and_then(|v| v.to_str().ok())
             .and_then(trace_context::trace_id)
             .map(str::to_string);
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let route = route::route(session.req_header(), &self.config.fhir.base_paths);
+        ctx.route = route.name();
+        if matches!(route, Route::Passthrough) && ctx.refusal.is_none() {
+            // Nothing on the way upstream logs, and the access line names the
+            // request itself: a span here would be made and dropped unused.
+            self.answer_expect_continue(session, ctx).await?;
+            return Ok(false);
+        }
         ctx.span = tracing::info_span!(
             "request",
             request_id = %ctx.request_id,
             trace_id = ctx.trace_id.as_deref(),
         );
-        Ok(())
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let span = ctx.span.clone();
-        self.route_request(session, ctx).instrument(span).await
+        self.route_request(session, ctx, route)
+            .instrument(span)
+            .await
     }
 
     async fn upstream_peer(
@@ -674,6 +698,14 @@ impl ProxyServer {
     }
 }
 
+/// Bytes of a response pingora may hold before writing to the client. Its
+/// default (1460, one MSS) sends the head of a 2 KB resource and its body in
+/// two writes, two TCP segments; this sends resources up to 16 KiB in one.
+/// Chunked bodies are still written chunk by chunk as they arrive; pingora
+/// writes a content-length response (head included) when this much has
+/// gathered or the body is complete.
+const CLIENT_WRITE_BUFFER: usize = 16 * 1024;
+
 /// Builds the pingora server with the proxy service listening on
 /// `server.listen`, and starts the admin listener on `server.admin_listen`.
 pub fn build_server(config: Config) -> Result<ProxyServer, ProxyError> {
@@ -692,6 +724,11 @@ pub fn build_server(config: Config) -> Result<ProxyServer, ProxyError> {
         // as soon as nothing is left, at the latest after the same time.
         grace_period_seconds: Some(config.server.graceful_shutdown_timeout_seconds),
         graceful_shutdown_timeout_seconds: Some(1),
+        // One single-threaded runtime per thread, like nginx's workers: no
+        // cross-thread wakeups and stealing on the request path. Store work
+        // runs on the store runtime, so a busy request thread holds up no
+        // member write.
+        work_stealing: false,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(Opt::default(), server_conf);
@@ -707,7 +744,10 @@ pub fn build_server(config: Config) -> Result<ProxyServer, ProxyError> {
     let store_tasks = proxy.store_runtime.clone();
     let store_runtime = proxy.store_runtime_owner.clone();
     let mut service = http_proxy_service(&server.configuration, proxy);
-    service.add_tcp(&listen);
+    service.add_listener(
+        pingora::listeners::ListenerConfig::tcp(listen)
+            .l4_buffer(pingora::listeners::L4BufferSettings::default().write(CLIENT_WRITE_BUFFER)),
+    );
     server.add_service(service);
     Ok(ProxyServer {
         server,

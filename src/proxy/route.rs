@@ -229,8 +229,8 @@ fn wide_route(request: &RequestHeader, base_paths: &[String]) -> Option<Route> {
         }
     }
     if matches!(*method, http::Method::GET | http::Method::POST) {
-        for what in ["$export", "$everything"] {
-            let Some(before) = path.strip_suffix(&format!("/{what}")) else {
+        for (suffix, what) in [("/$export", "$export"), ("/$everything", "$everything")] {
+            let Some(before) = path.strip_suffix(suffix) else {
                 continue;
             };
             if let Some(base) = group_type_base(before, base_paths) {
