@@ -39,7 +39,12 @@ struct Cli {
     )]
     log_json: bool,
 
-    #[command(flatten)]
+    // Global, so they may follow the subcommand; under their own heading,
+    // since `bench` (which drives servers from outside) does not use them.
+    #[command(
+        flatten,
+        next_help_heading = "Proxy settings (serve, show-config, check-stores, schema-apply, migrate; not used by bench)"
+    )]
     overrides: Overrides,
 
     #[command(subcommand)]
