@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use url::Url;
 
+/// Events one version may hold: an event's `sequence` in the member store is
+/// `version << 20 | op index`, so indexes must fit below this to keep it
+/// ordered. Here, not in the store, because settings are checked against it
+/// and the store depends on the settings, not the other way round.
+pub const MAX_OPS_PER_VERSION: usize = 1 << 20;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -697,14 +702,11 @@ impl Config {
                 "must be 412 or 409",
             ));
         }
-        if self.fhir.max_patch_operations >= crate::store::schema::MAX_OPS_PER_VERSION {
+        if self.fhir.max_patch_operations >= MAX_OPS_PER_VERSION {
             return Err(invalid(
                 "fhir.max_patch_operations",
                 &self.fhir.max_patch_operations.to_string(),
-                format!(
-                    "must be below {}",
-                    crate::store::schema::MAX_OPS_PER_VERSION
-                ),
+                format!("must be below {}", MAX_OPS_PER_VERSION),
             ));
         }
         if self.members.batch_max_rows == 0 {

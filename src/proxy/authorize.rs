@@ -9,8 +9,9 @@ use crate::auth::{probe_path, Action, AuthError, Authorizer};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::proxy::forwarding::derived_request;
 use crate::proxy::respond::send_outcome_with;
+use crate::proxy::respond::{answer_outcome, relay};
 use crate::proxy::route::Route;
-use crate::proxy::{intercept, FhirGroupProxy, RequestContext};
+use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// What a routed request does to the Group, for the scope check.
 pub fn action_of(route: &Route) -> Option<Action> {
@@ -125,7 +126,7 @@ pub async fn probe_upstream(
                     outcome.first_diagnostics()
                 ),
             );
-            intercept::answer(session, ctx, &outcome).await?;
+            answer_outcome(session, ctx, &outcome).await?;
             return Ok(false);
         }
     };
@@ -134,7 +135,7 @@ pub async fn probe_upstream(
         412 if writes => Ok(true),
         401 | 403 | 404 | 410 => {
             ctx.intercepted = true;
-            intercept::relay(session, ctx, reply).await?;
+            relay(session, ctx, reply).await?;
             Ok(false)
         }
         status => {
@@ -145,7 +146,7 @@ pub async fn probe_upstream(
                     "access to Group/{group_id} cannot be confirmed: the legacy server answered the access probe with {status}"
                 ),
             );
-            intercept::answer(session, ctx, &outcome).await?;
+            answer_outcome(session, ctx, &outcome).await?;
             Ok(false)
         }
     }

@@ -18,7 +18,8 @@ use crate::group::patch::{
 };
 use crate::group::{RosterHome, WriteError};
 use crate::proxy::forwarding::X_REQUEST_ID;
-use crate::proxy::respond::send_outcome;
+use crate::proxy::respond::answer_outcome;
+pub(crate) use crate::proxy::respond::relay;
 use crate::proxy::{FhirGroupProxy, RequestContext};
 use crate::store::group_documents::to_fhir_json;
 
@@ -320,32 +321,6 @@ pub(crate) fn with_members(mut reply: UpstreamReply, members: &serde_json::Value
     reply
 }
 
-pub(crate) async fn relay(
-    session: &mut Session,
-    ctx: &RequestContext,
-    reply: UpstreamReply,
-) -> Result<()> {
-    let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 1))?;
-    for (name, value) in reply.headers.iter() {
-        if name == http::header::TRANSFER_ENCODING || name == http::header::CONTENT_LENGTH {
-            continue;
-        }
-        header.append_header(name.clone(), value.clone())?;
-    }
-    header.insert_header("content-length", reply.body.len().to_string())?;
-    if !header.headers.contains_key(X_REQUEST_ID) {
-        header.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
-    }
-    let empty = reply.body.is_empty();
-    session
-        .write_response_header(Box::new(header), empty)
-        .await?;
-    if !empty {
-        session.write_response_body(Some(reply.body), true).await?;
-    }
-    Ok(())
-}
-
 /// Reads the body of a request the proxy may answer itself, keeping it for a
 /// replay upstream. `Err` carries what happens instead: forwarding (member
 /// handling off) or an answered 413.
@@ -378,8 +353,7 @@ pub(crate) async fn answer(
     ctx: &mut RequestContext,
     outcome: &Outcome,
 ) -> Result<Next> {
-    ctx.intercepted = true;
-    send_outcome(session, outcome, &ctx.request_id).await?;
+    answer_outcome(session, ctx, outcome).await?;
     Ok(Next::Answered)
 }
 

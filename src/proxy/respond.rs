@@ -7,7 +7,9 @@ use pingora::Result;
 
 use crate::fhir::outcome::Outcome;
 use crate::fhir::FHIR_JSON;
+use crate::group::patch::UpstreamReply;
 use crate::proxy::forwarding::X_REQUEST_ID;
+use crate::proxy::RequestContext;
 
 /// Sends `outcome` as a complete FHIR JSON response. Does nothing when a final
 /// response was already started (a mid-body failure can only close the stream).
@@ -38,4 +40,40 @@ pub async fn send_outcome_with(
         header.insert_header(X_REQUEST_ID, request_id.to_string())?;
     }
     session.write_error_response(header, body).await
+}
+
+/// Answers `outcome` in the proxy's name (counted as answered, not forwarded).
+pub(crate) async fn answer_outcome(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    outcome: &Outcome,
+) -> Result<()> {
+    ctx.intercepted = true;
+    send_outcome(session, outcome, &ctx.request_id).await
+}
+
+pub(crate) async fn relay(
+    session: &mut Session,
+    ctx: &RequestContext,
+    reply: UpstreamReply,
+) -> Result<()> {
+    let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 1))?;
+    for (name, value) in reply.headers.iter() {
+        if name == http::header::TRANSFER_ENCODING || name == http::header::CONTENT_LENGTH {
+            continue;
+        }
+        header.append_header(name.clone(), value.clone())?;
+    }
+    header.insert_header("content-length", reply.body.len().to_string())?;
+    if !header.headers.contains_key(X_REQUEST_ID) {
+        header.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+    }
+    let empty = reply.body.is_empty();
+    session
+        .write_response_header(Box::new(header), empty)
+        .await?;
+    if !empty {
+        session.write_response_body(Some(reply.body), true).await?;
+    }
+    Ok(())
 }

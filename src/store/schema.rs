@@ -33,8 +33,7 @@
 
 use crate::config::ClickHouseSettings;
 
-/// Event indexes must fit below this to keep `sequence` ordered.
-pub const MAX_OPS_PER_VERSION: usize = 1 << 20;
+pub use crate::config::MAX_OPS_PER_VERSION;
 
 /// The schema version this release reads and writes.
 pub const SCHEMA_VERSION: u32 = 2;
