@@ -26,9 +26,10 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# Debian packages: cmake (pingora's zlib-ng), a C toolchain, ClickHouse, curl.
+# Debian packages: cmake (pingora's zlib-ng), a C toolchain, ClickHouse, curl, python3
+# (the module-graph check of scripts/test.sh).
 ensure_debian_packages() {
-  local wanted=(cmake build-essential pkg-config curl ca-certificates clickhouse-server clickhouse-client)
+  local wanted=(cmake build-essential pkg-config curl ca-certificates python3 clickhouse-server clickhouse-client)
   local missing=()
   for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,6 +10,8 @@ start_services_for_this_script
 cd "$REPO_ROOT"
 log "cargo fmt --check"
 cargo fmt --all -- --check
+log "module graph: no new import cycles, no upward imports"
+python3 scripts/module-graph.py
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "cargo test (target dir: $CARGO_TARGET_DIR)"
