@@ -99,6 +99,20 @@ async fn member_ops_write_events_and_only_metadata() {
             .unwrap(),
         "2"
     );
+    // As the reference server records a patch: one informational issue per
+    // op of the client's patch, the op as JSON text.
+    let issues = history
+        .get_document("response")
+        .unwrap()
+        .get_document("outcome")
+        .unwrap()
+        .get_array("issue")
+        .unwrap();
+    assert_eq!(issues.len(), 3);
+    let first = issues[0].as_document().unwrap();
+    assert_eq!(first.get_str("code"), Ok("informational"));
+    let op: Value = serde_json::from_str(first.get_str("diagnostics").unwrap()).unwrap();
+    assert_eq!(op, add("Patient/1"));
 
     // The legacy server reads the same Group at the new version.
     let direct = send(

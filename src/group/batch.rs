@@ -367,7 +367,13 @@ impl GroupService {
                 let entry = at_version(&document, *version);
                 if let Err(e) = self
                     .documents
-                    .insert_history(&entry, &request.request_id, "PATCH", &request.url)
+                    .insert_history(
+                        &entry,
+                        &request.request_id,
+                        "PATCH",
+                        &request.url,
+                        &request.patch_ops,
+                    )
                     .await
                 {
                     tracing::error!(group = id, version, error = %e, "history entry not written for a committed member write");

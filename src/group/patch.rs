@@ -50,6 +50,9 @@ pub struct MemberPatchRequest {
     pub url: String,
     /// For a split mixed patch: sends the non-member ops upstream.
     pub upstream_part: Option<UpstreamPart>,
+    /// The client's JSON Patch, every op in order (empty for PUT and ATR):
+    /// the history entry's outcome lists them, as the reference server's does.
+    pub patch_ops: Vec<serde_json::Value>,
 }
 
 /// What a member write does to the roster.
@@ -613,7 +616,13 @@ impl GroupService {
         };
         if let Err(e) = self
             .documents
-            .insert_history(&document, &request.request_id, method, &request.url)
+            .insert_history(
+                &document,
+                &request.request_id,
+                method,
+                &request.url,
+                &request.patch_ops,
+            )
             .await
         {
             tracing::error!(group = id, error = %e, "history entry not written for a committed member write");

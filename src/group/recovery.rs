@@ -113,7 +113,8 @@ impl GroupService {
                 .map_or(pending.request_id.as_str(), String::as_str);
             let entry = super::batch::at_version(&document, version);
             self.documents
-                .insert_history(&entry, request_id, "PATCH", &pending.url)
+                // The ops are not kept past the writer: the entry names no outcome.
+                .insert_history(&entry, request_id, "PATCH", &pending.url, &[])
                 .await?;
             tracing::warn!(
                 group = id,

@@ -218,6 +218,11 @@ pub(crate) async fn write_members(
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .map(str::to_string);
+    // A PATCH's ops, as its history entry lists them.
+    let patch_ops = match &edit {
+        MemberEdit::Patch(_) => serde_json::from_slice(body).unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let request = MemberPatchRequest {
         group_id: group_id.to_string(),
         edit,
@@ -227,6 +232,7 @@ pub(crate) async fn write_members(
         request_id: ctx.request_id.clone(),
         url: format!("{base}/Group/{group_id}"),
         upstream_part,
+        patch_ops,
     };
 
     let service = service.clone();

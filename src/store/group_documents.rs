@@ -607,9 +607,11 @@ impl GroupDocuments {
         request_id: &str,
         method: &str,
         url: &str,
+        patch_ops: &[serde_json::Value],
     ) -> Result<(), DocumentStoreError> {
         // The reference server's own shape: the entry's id is the Group's
-        // `_uuid` (the FHIR id where there is none).
+        // `_uuid` (the FHIR id where there is none); a patch's response
+        // carries an informational issue per op, the op as JSON text.
         let entry_id = resource
             .get_str("_uuid")
             .or_else(|_| resource.get_str("id"))
@@ -622,7 +624,7 @@ impl GroupDocuments {
             "id": entry_id,
             "resource": fhir,
             "request": { "id": request_id, "method": method, "url": url },
-            "response": { "status": "200" },
+            "response": history_response(patch_ops),
         };
         self.history.insert_one(entry).await?;
         Ok(())
@@ -1055,6 +1057,28 @@ pub fn to_fhir_json(document: &Document) -> serde_json::Value {
         .map(|(key, value)| (key.clone(), bson_to_json(value)))
         .collect();
     serde_json::Value::Object(object)
+}
+
+/// The `response` of a history entry: the status, and for a patch the
+/// reference server's outcome listing the ops it applied.
+fn history_response(patch_ops: &[serde_json::Value]) -> Document {
+    if patch_ops.is_empty() {
+        return doc! { "status": "200" };
+    }
+    let issues: Vec<Bson> = patch_ops
+        .iter()
+        .map(|op| {
+            Bson::Document(doc! {
+                "severity": "information",
+                "code": "informational",
+                "diagnostics": op.to_string(),
+            })
+        })
+        .collect();
+    doc! {
+        "status": "200",
+        "outcome": { "resourceType": "OperationOutcome", "issue": issues },
+    }
 }
 
 /// A stored document as JSON with its internal `_` fields (but no `_id`),
