@@ -197,36 +197,36 @@ async fn every_error_is_an_operation_outcome_and_changes_nothing() {
     );
 
     let cases: Vec<(Value, Headers, u16, &str)> = vec![
-        (json!([remove("Patient/nobody")]), &[], 400, "processing"),
+        (json!([remove("Patient/nobody")]), &[], 400, "invalid"),
         (
             json!([add("Patient/b"), remove("Patient/nobody")]),
             &[],
             400,
-            "processing",
+            "invalid",
         ),
         (
             json!([{"op": "test", "path": "/member/0/entity/reference", "value": "Patient/x"}]),
             &[],
             400,
-            "processing",
+            "invalid",
         ),
         (
             json!([{"op": "remove", "path": "/member/1"}]),
             &[],
             400,
-            "processing",
+            "invalid",
         ),
         (
             json!([{"op": "test", "path": "/member", "value": []}]),
             &[],
             400,
-            "processing",
+            "invalid",
         ),
         (
             json!([{"op": "remove", "path": "/member/0/period"}]),
             &[],
             400,
-            "processing",
+            "invalid",
         ),
         (
             json!([{"op": "copy", "from": "/member/0", "path": "/identifier/0"}]),
@@ -691,7 +691,7 @@ async fn mixed_patches_split_with_one_version_increment() {
             &[],
         )
         .await;
-    assert_outcome(&reply, 400, "processing");
+    assert_outcome(&reply, 400, "invalid");
     assert_eq!(reply.json()["issue"][0]["expression"][0], "/0");
     assert_eq!(
         refs(&stack.members(&id).await),
@@ -719,7 +719,7 @@ async fn mixed_patches_split_with_one_version_increment() {
             &[],
         )
         .await;
-    assert_outcome(&reply, 400, "processing");
+    assert_outcome(&reply, 400, "invalid");
     let direct = send(
         &stack.client,
         "GET",
@@ -1740,7 +1740,7 @@ async fn queued_patches_are_batched_but_answered_one_by_one() {
     let mut versions = Vec::new();
     for (i, reply) in &replies {
         if i % 6 == 5 {
-            assert_outcome(reply, 400, "processing");
+            assert_outcome(reply, 400, "invalid");
         } else {
             reply.assert_status(200);
             versions.push(reply.header("etag").unwrap().to_string());
