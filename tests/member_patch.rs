@@ -678,6 +678,27 @@ async fn mixed_patches_split_with_one_version_increment() {
     assert!(document
         .get_array("member")
         .map_or(true, |members| members.is_empty()));
+    // History records the client's PATCH, every op of it, though the legacy
+    // server was sent a PUT.
+    let entry = stack
+        .mongo
+        .collection::<Document>("Group_4_0_0_History")
+        .find_one(doc! {"resource.id": &id, "resource.meta.versionId": "2"})
+        .await
+        .unwrap()
+        .expect("history entry of version 2");
+    assert_eq!(
+        entry.get_document("request").unwrap().get_str("method"),
+        Ok("PATCH")
+    );
+    let issues = entry
+        .get_document("response")
+        .unwrap()
+        .get_document("outcome")
+        .unwrap()
+        .get_array("issue")
+        .unwrap();
+    assert_eq!(issues.len(), 3, "{entry}");
 
     // The other ops do not apply: the patch fails as on the legacy server,
     // naming the op, and nothing of either half is written.

@@ -565,6 +565,17 @@ impl GroupService {
                 None
             }
         };
+        if !request.patch_ops.is_empty() {
+            // The legacy server recorded the PUT the proxy sent; the version
+            // is the client's PATCH, with all its ops.
+            if let Err(e) = self
+                .documents
+                .record_patch_in_history(id, new_version, &request.patch_ops)
+                .await
+            {
+                tracing::warn!(group = id, error = %e, "the history entry of a split patch still names the proxy's PUT");
+            }
+        }
         self.complete_committed(id, token).await;
         Ok(Attempt::Done(Box::new(MemberPatchResult {
             version: new_version,

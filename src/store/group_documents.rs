@@ -630,6 +630,27 @@ impl GroupDocuments {
         Ok(())
     }
 
+    /// The history entry of `version` (written by the legacy server for the
+    /// proxy's PUT of a split patch) as the client's PATCH: its method, and
+    /// the outcome listing every op of the patch.
+    pub async fn record_patch_in_history(
+        &self,
+        id: &str,
+        version: u64,
+        patch_ops: &[serde_json::Value],
+    ) -> Result<(), DocumentStoreError> {
+        self.history
+            .update_one(
+                doc! { "resource.id": id, "resource.meta.versionId": version.to_string() },
+                doc! { "$set": {
+                    "request.method": "PATCH",
+                    "response": history_response(patch_ops),
+                } },
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Remembers that the client's `client_id` on this Group names the request
     /// with `digest` (the last attempt wins: only a committed one is replayed).
     pub async fn record_request(
