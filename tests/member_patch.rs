@@ -12,6 +12,26 @@ use support::raw::RawConnection;
 use support::stack::*;
 use support::*;
 
+/// The history entry matching `filter`, as the legacy server's history holds it.
+async fn history_entry(stack: &Stack, filter: Document) -> Document {
+    stack
+        .mongo
+        .collection::<Document>("Group_4_0_0_History")
+        .find_one(filter)
+        .await
+        .unwrap()
+        .expect("history entry")
+}
+
+/// The issues of a history entry's response outcome (one per applied op).
+fn outcome_issues(entry: &Document) -> &mongodb::bson::Array {
+    entry
+        .get_document("response")
+        .and_then(|r| r.get_document("outcome"))
+        .and_then(|o| o.get_array("issue"))
+        .expect("an outcome with issues")
+}
+
 fn add(reference: &str) -> Value {
     json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": reference}}})
 }
@@ -82,13 +102,7 @@ async fn member_ops_write_events_and_only_metadata() {
         Ok("clickhouse"),
         "marked as external"
     );
-    let history = stack
-        .mongo
-        .collection::<Document>("Group_4_0_0_History")
-        .find_one(doc! {"resource.id": &id, "request.method": "PATCH"})
-        .await
-        .unwrap()
-        .expect("history entry");
+    let history = history_entry(&stack, doc! {"resource.id": &id, "request.method": "PATCH"}).await;
     assert_eq!(
         history
             .get_document("resource")
@@ -101,13 +115,7 @@ async fn member_ops_write_events_and_only_metadata() {
     );
     // As the reference server records a patch: one informational issue per
     // op of the client's patch, the op as JSON text.
-    let issues = history
-        .get_document("response")
-        .unwrap()
-        .get_document("outcome")
-        .unwrap()
-        .get_array("issue")
-        .unwrap();
+    let issues = outcome_issues(&history);
     assert_eq!(issues.len(), 3);
     let first = issues[0].as_document().unwrap();
     assert_eq!(first.get_str("code"), Ok("informational"));
@@ -680,25 +688,16 @@ async fn mixed_patches_split_with_one_version_increment() {
         .map_or(true, |members| members.is_empty()));
     // History records the client's PATCH, every op of it, though the legacy
     // server was sent a PUT.
-    let entry = stack
-        .mongo
-        .collection::<Document>("Group_4_0_0_History")
-        .find_one(doc! {"resource.id": &id, "resource.meta.versionId": "2"})
-        .await
-        .unwrap()
-        .expect("history entry of version 2");
+    let entry = history_entry(
+        &stack,
+        doc! {"resource.id": &id, "resource.meta.versionId": "2"},
+    )
+    .await;
     assert_eq!(
         entry.get_document("request").unwrap().get_str("method"),
         Ok("PATCH")
     );
-    let issues = entry
-        .get_document("response")
-        .unwrap()
-        .get_document("outcome")
-        .unwrap()
-        .get_array("issue")
-        .unwrap();
-    assert_eq!(issues.len(), 3, "{entry}");
+    assert_eq!(outcome_issues(&entry).len(), 3, "{entry}");
 
     // The other ops do not apply: the patch fails as on the legacy server,
     // naming the op, and nothing of either half is written.
