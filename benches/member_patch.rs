@@ -77,6 +77,8 @@ async fn main() {
         }
     }
 
+    store_round_trips(&client, &proxy_base, &proxy.admin_url()).await;
+
     if std::env::var("FGP_BENCH_THROUGHPUT").as_deref() == Ok("0") {
         return;
     }
@@ -118,6 +120,87 @@ async fn main() {
             );
         }
     }
+}
+
+/// Store round trips of one member PATCH (a single add, one client, so no
+/// batching), from the proxy's own counters: MongoDB commands by name and
+/// ClickHouse statements by kind, each divided by the PATCHes sent.
+async fn store_round_trips(client: &HttpClient, base: &str, admin: &str) {
+    const PATCHES: usize = 50;
+    let id = create_group(client, base).await;
+    seed_members(client, base, &id, 1_000).await;
+    let before = counters(client, admin).await;
+    for i in 0..PATCHES {
+        let (status, _) = patch_one(client, base, &id, format!("Patient/rt-{i}")).await;
+        assert_eq!(status, 200, "round-trip sample {i}");
+    }
+    let after = counters(client, admin).await;
+    let per_patch = |name: &str| {
+        (after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0))
+            / PATCHES as f64
+    };
+    let mut mongo: Vec<(String, f64)> = after
+        .keys()
+        .filter_map(|k| k.strip_prefix("mongo:"))
+        .map(|command| (command.to_string(), per_patch(&format!("mongo:{command}"))))
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    mongo.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mongo_total: f64 = mongo.iter().map(|(_, n)| n).sum();
+    let clickhouse = per_patch("clickhouse:query") + per_patch("clickhouse:insert");
+    println!(
+        "\n## Store round trips per member PATCH ({PATCHES} sequential single adds, 1k members)\n"
+    );
+    println!("| store | per PATCH | by command |");
+    println!("|---|---:|---|");
+    println!(
+        "| MongoDB commands | {mongo_total:.1} | {} |",
+        mongo
+            .iter()
+            .map(|(c, n)| format!("{c} {n:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "| ClickHouse statements | {clickhouse:.1} | query {:.1}, insert {:.1} |",
+        per_patch("clickhouse:query"),
+        per_patch("clickhouse:insert")
+    );
+}
+
+/// `mongo:<command>` (commands, from the latency histogram's count) and
+/// `clickhouse:<kind>` (statements) from the proxy's `/metrics`.
+async fn counters(client: &HttpClient, admin: &str) -> std::collections::HashMap<String, f64> {
+    let reply = send(client, "GET", &format!("{admin}/metrics"), &[], "").await;
+    reply.assert_status(200);
+    let text = String::from_utf8_lossy(&reply.body).into_owned();
+    let mut found = std::collections::HashMap::new();
+    for line in text.lines() {
+        let Some((name_labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let label = |key: &str| {
+            name_labels
+                .split(&format!("{key}=\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .map(str::to_string)
+        };
+        let key = if name_labels.starts_with("fgp_mongo_command_duration_seconds_count") {
+            label("command").map(|c| format!("mongo:{c}"))
+        } else if name_labels.starts_with("fgp_clickhouse_statements_total") {
+            label("kind").map(|k| format!("clickhouse:{k}"))
+        } else {
+            None
+        };
+        if let Some(key) = key {
+            *found.entry(key).or_insert(0.0) += value;
+        }
+    }
+    found
 }
 
 fn pct(samples: &[f64], p: usize) -> f64 {

@@ -57,7 +57,7 @@ pub fn apply_other_ops(
         };
         return Err(Outcome::error(
             failure_status,
-            super::member_patch::patch_failure_code(failure_status),
+            IssueType::of_patch_failure(failure_status),
             format!(
                 "operation {index}: {what} at '{}'; nothing was changed",
                 error.path

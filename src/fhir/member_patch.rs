@@ -196,16 +196,6 @@ fn op_name_and_path(op: &Value, index: usize) -> Result<(&str, &str), Outcome> {
     Ok((name, path))
 }
 
-/// The issue code of a patch that does not apply, with the legacy server's
-/// status: the reference server's 400 says `invalid`; FHIR's 422 goes with
-/// `processing`.
-pub fn patch_failure_code(failure_status: u16) -> IssueType {
-    match failure_status {
-        400 => IssueType::Invalid,
-        _ => IssueType::Processing,
-    }
-}
-
 /// The answer to a member patch the planner refused. RFC failures (a
 /// missing target, a failed `test`, an index out of range) get
 /// `failure_status`, the status the legacy server gives them (servers
@@ -232,7 +222,11 @@ pub fn patch_failure(error: &PatchError, indexes: &[usize], failure_status: u16)
             IssueType::Exception,
             format!("the member store cannot plan this patch, nothing was changed: {text}"),
         ),
-        _ => Outcome::error(failure_status, patch_failure_code(failure_status), text),
+        _ => Outcome::error(
+            failure_status,
+            IssueType::of_patch_failure(failure_status),
+            text,
+        ),
     };
     match in_patch {
         Some(index) => outcome.at(format!("/{index}")),
@@ -251,13 +245,6 @@ mod tests {
 
     fn parse(ops: Value) -> Result<PatchClass, Outcome> {
         parse_patch(&serde_json::to_vec(&ops).unwrap(), LIMITS)
-    }
-
-    #[test]
-    fn a_patch_that_does_not_apply_says_invalid_with_400_and_processing_with_422() {
-        assert_eq!(patch_failure_code(400), IssueType::Invalid);
-        assert_eq!(patch_failure_code(422), IssueType::Processing);
-        assert_eq!(patch_failure_code(409), IssueType::Processing);
     }
 
     #[test]

@@ -25,6 +25,16 @@ pub enum IssueType {
 }
 
 impl IssueType {
+    /// The code of a patch that does not apply, with the legacy server's
+    /// status for it: the reference server's 400 says `invalid`; FHIR's 422
+    /// goes with `processing`.
+    pub fn of_patch_failure(status: u16) -> IssueType {
+        match status {
+            400 => IssueType::Invalid,
+            _ => IssueType::Processing,
+        }
+    }
+
     pub fn code(self) -> &'static str {
         match self {
             IssueType::Invalid => "invalid",
@@ -149,6 +159,13 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_patch_that_does_not_apply_says_invalid_with_400_and_processing_with_422() {
+        assert_eq!(IssueType::of_patch_failure(400), IssueType::Invalid);
+        assert_eq!(IssueType::of_patch_failure(422), IssueType::Processing);
+        assert_eq!(IssueType::of_patch_failure(409), IssueType::Processing);
+    }
 
     #[test]
     fn renders_a_fhir_operation_outcome() {

@@ -32,6 +32,7 @@ pub struct Metrics {
     mongo_command_duration: HistogramVec,
     drift_detected: IntCounterVec,
     history_entries_lost: IntCounterVec,
+    clickhouse_statements: IntCounterVec,
 }
 
 /// Who answered a request: the proxy itself, or the legacy server.
@@ -132,6 +133,12 @@ impl Metrics {
                 "History entries of committed member writes that recovery could not rebuild (the Group changed after the write)",
                 &[],
             ),
+            clickhouse_statements: counter(
+                &registry,
+                "fgp_clickhouse_statements_total",
+                "Statements the member store sent to ClickHouse, by kind (query, insert)",
+                &["kind"],
+            ),
             registry,
         }
     }
@@ -191,6 +198,10 @@ impl Metrics {
         self.flush_duration
             .with_label_values(&[writer, outcome_label(ok)])
             .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn clickhouse_statement(&self, kind: &'static str) {
+        self.clickhouse_statements.with_label_values(&[kind]).inc();
     }
 
     pub fn mongo_command(&self, command: &str, elapsed: Duration, ok: bool) {

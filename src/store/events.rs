@@ -134,6 +134,13 @@ impl EventStore {
         &self.client
     }
 
+    /// Every statement the store sends goes through here, so that the
+    /// statements per request can be counted (`fgp_clickhouse_statements_total`).
+    fn query(&self, sql: &str) -> clickhouse::query::Query {
+        crate::operations::metrics::metrics().clickhouse_statement("query");
+        self.client.query(sql)
+    }
+
     /// Durably records the events of a write that has not committed yet.
     pub async fn stage(&self, rows: Vec<MemberEventRow>) -> Result<(), EventStoreError> {
         Ok(self.staging.submit(rows).await?)
@@ -156,7 +163,6 @@ impl EventStore {
             marker: u8,
         }
         let facts = self
-            .client
             .query(&format!(
                 "SELECT toInt64(sumMerge(members)) AS members, \
                         toInt64(sumMerge(active_members)) AS active_members, \
@@ -194,7 +200,6 @@ impl EventStore {
         // the number and length of the keys.
         for chunk in chunks_of_text(keys, MAX_BOUND_TEXT_BYTES) {
             let rows = self
-                .client
                 .query(&format!(
                     "SELECT slot_id, order_key, match_key, element, inactive FROM ( \
                        SELECT slot_id, {SLOT_STATE} FROM {CURRENT} \
@@ -257,7 +262,6 @@ impl EventStore {
                 continue;
             }
             let mut query = self
-                .client
                 .query(&format!(
                     "SELECT tupleElement(entry, 2) AS slot_id, toUInt64(ordinal) AS rank FROM ( \
                        SELECT arraySort(groupArray((order_key, slot_id))) AS sorted FROM ( \
@@ -309,7 +313,6 @@ impl EventStore {
         let mut found = HashMap::new();
         for chunk in chunks_of_text(ids, MAX_BOUND_TEXT_BYTES) {
             let rows = self
-                .client
                 .query(&format!(
                     "SELECT slot_id, order_key, match_key, element, inactive FROM ( \
                        SELECT slot_id, {SLOT_STATE} FROM {CURRENT} \
@@ -355,7 +358,6 @@ impl EventStore {
             request_id: String,
         }
         let rows = self
-            .client
             .query(&format!(
                 "SELECT group_version, any(request_id) AS request_id FROM {EVENTS_STAGED} \
                  WHERE token = ? GROUP BY group_version"
@@ -376,7 +378,6 @@ impl EventStore {
         request_id: &str,
     ) -> Result<Option<CommitRecord>, EventStoreError> {
         Ok(self
-            .client
             .query(&format!(
                 "SELECT token, max(group_version) AS group_version, sum(events) AS events, \
                         max(committed_at_ms) AS committed_at_ms \
@@ -393,7 +394,6 @@ impl EventStore {
     /// when it has none.
     pub async fn last_sequence(&self, group_key: &str) -> Result<Option<u64>, EventStoreError> {
         let found = self
-            .client
             .query(&format!(
                 "SELECT count() AS events, max(sequence) AS last_sequence \
                  FROM {EVENTS} WHERE group_key = ?"
@@ -414,7 +414,6 @@ impl EventStore {
         // same insert but not atomically with it, so a crash can leave a
         // published write without its commit record.
         let found = self
-            .client
             .query(&format!(
                 "SELECT count() FROM {EVENTS} WHERE group_key = ? AND token = ?"
             ))
@@ -438,48 +437,44 @@ impl EventStore {
         group_key: &str,
         token: &str,
     ) -> Result<bool, EventStoreError> {
-        self.client
-            .query(&format!(
-                "INSERT INTO {CURRENT} SELECT group_key, slot_id, \
+        self.query(&format!(
+            "INSERT INTO {CURRENT} SELECT group_key, slot_id, \
                         argMaxState(group_id, sequence), \
                         argMaxState(toUInt8(event_type = 'added'), sequence), \
                         argMaxState(order_key, sequence), argMaxState(match_key, sequence), \
                         argMaxState(element, sequence), argMaxState(inactive, sequence), \
                         maxState(sequence), maxState(event_time_ms) \
                  FROM {EVENTS} WHERE group_key = ? AND token = ? GROUP BY group_key, slot_id"
-            ))
-            .bind(group_key)
-            .bind(token)
-            .execute()
-            .await?;
-        self.client
-            .query(&format!(
-                "INSERT INTO {INDEX} SELECT match_key, group_key, slot_id, \
+        ))
+        .bind(group_key)
+        .bind(token)
+        .execute()
+        .await?;
+        self.query(&format!(
+            "INSERT INTO {INDEX} SELECT match_key, group_key, slot_id, \
                         argMaxState(group_id, sequence) \
                  FROM {EVENTS} WHERE group_key = ? AND token = ? AND match_key != '' \
                    AND event_type = 'added' GROUP BY match_key, group_key, slot_id"
-            ))
-            .bind(group_key)
-            .bind(token)
-            .execute()
-            .await?;
-        self.client
-            .query(&format!(
-                "INSERT INTO {COUNTS} SELECT group_key, sumState(toInt64(0)), \
+        ))
+        .bind(group_key)
+        .bind(token)
+        .execute()
+        .await?;
+        self.query(&format!(
+            "INSERT INTO {COUNTS} SELECT group_key, sumState(toInt64(0)), \
                         sumState(toInt64(0)), maxState(order_key) \
                  FROM {EVENTS} WHERE group_key = ? AND token = ? GROUP BY group_key"
-            ))
-            .bind(group_key)
-            .bind(token)
-            .execute()
-            .await?;
+        ))
+        .bind(group_key)
+        .bind(token)
+        .execute()
+        .await?;
         #[derive(Row, Deserialize)]
         struct Held {
             members: u64,
             active_members: u64,
         }
         let held = self
-            .client
             .query(&format!(
                 "SELECT count() AS members, countIf(inactive = 0) AS active_members FROM ( \
                    SELECT argMaxMerge(present) AS present, argMaxMerge(inactive) AS inactive \
@@ -495,16 +490,15 @@ impl EventStore {
         if members == 0 && active == 0 {
             return Ok(false);
         }
-        self.client
-            .query(&format!(
-                "INSERT INTO {COUNTS} SELECT ? AS group_key, sumState(toInt64(?)), \
+        self.query(&format!(
+            "INSERT INTO {COUNTS} SELECT ? AS group_key, sumState(toInt64(?)), \
                         sumState(toInt64(?)), maxState('')"
-            ))
-            .bind(group_key)
-            .bind(members)
-            .bind(active)
-            .execute()
-            .await?;
+        ))
+        .bind(group_key)
+        .bind(members)
+        .bind(active)
+        .execute()
+        .await?;
         Ok(true)
     }
 
@@ -516,7 +510,6 @@ impl EventStore {
         token: &str,
     ) -> Result<bool, EventStoreError> {
         let recorded = self
-            .client
             .query(&format!(
                 "SELECT count() FROM {COMMITS} WHERE group_key = ? AND token = ?"
             ))
@@ -527,16 +520,15 @@ impl EventStore {
         if recorded > 0 {
             return Ok(false);
         }
-        self.client
-            .query(&format!(
-                "INSERT INTO {COMMITS} SELECT group_key, request_id, token, max(group_version), \
+        self.query(&format!(
+            "INSERT INTO {COMMITS} SELECT group_key, request_id, token, max(group_version), \
                         count(), max(event_time_ms) FROM {EVENTS} \
                  WHERE group_key = ? AND token = ? GROUP BY group_key, request_id, token"
-            ))
-            .bind(group_key)
-            .bind(token)
-            .execute()
-            .await?;
+        ))
+        .bind(group_key)
+        .bind(token)
+        .execute()
+        .await?;
         Ok(true)
     }
 }
@@ -605,7 +597,6 @@ impl EventStore {
             Some(_) => "last_event_time_ms > ?",
         };
         let mut query = self
-            .client
             .query(&format!(
                 "SELECT slot_id, order_key, present, element FROM ( \
                    SELECT slot_id, argMaxMerge(present) AS present, \
@@ -637,7 +628,6 @@ impl EventStore {
     ) -> Result<clickhouse::query::RowCursor<SlotRow>, EventStoreError> {
         let query = match at_version {
             None => self
-                .client
                 .query(&format!(
                     "SELECT slot_id, order_key, match_key, element, inactive FROM ( \
                        SELECT slot_id, {SLOT_STATE} FROM {CURRENT} \
@@ -646,7 +636,6 @@ impl EventStore {
                 ))
                 .bind(group_key),
             Some(version) => self
-                .client
                 .query(&format!(
                     "SELECT slot_id, order_key, match_key, element, inactive FROM ( \
                        SELECT slot_id, argMax(toUInt8(event_type = 'added'), sequence) AS present, \
@@ -670,6 +659,7 @@ async fn insert_rows(
     table: &str,
     rows: Vec<MemberEventRow>,
 ) -> Result<(), clickhouse::error::Error> {
+    crate::operations::metrics::metrics().clickhouse_statement("insert");
     let mut insert = client
         .insert::<MemberEventRow>(table)
         .await?
@@ -686,6 +676,7 @@ async fn publish_tokens(
 ) -> Result<(), clickhouse::error::Error> {
     let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
     for chunk in chunks_of_text(&tokens, MAX_BOUND_TEXT_BYTES) {
+        crate::operations::metrics::metrics().clickhouse_statement("insert");
         client
             .query(&format!(
                 "INSERT INTO {EVENTS} SELECT * FROM {EVENTS_STAGED} \
@@ -972,7 +963,6 @@ impl EventStore {
     ) -> Result<Vec<GroupWithMember>, EventStoreError> {
         // The index names candidates; `Slots` says which still hold them.
         Ok(self
-            .client
             .query(&format!(
                 "SELECT group_key, any(group_id) AS group_id FROM ( \
                    SELECT group_key, slot_id, argMaxMerge(group_id) AS group_id, \
@@ -997,7 +987,6 @@ impl EventStore {
         group_keys: &[&str],
     ) -> Result<HashMap<String, MemberCounts>, EventStoreError> {
         let rows = self
-            .client
             .query(&format!(
                 "SELECT group_key, toInt64(sumMerge(members)) AS members, \
                         toInt64(sumMerge(active_members)) AS active_members \
