@@ -724,11 +724,11 @@ pub fn build_server(config: Config) -> Result<ProxyServer, ProxyError> {
         // as soon as nothing is left, at the latest after the same time.
         grace_period_seconds: Some(config.server.graceful_shutdown_timeout_seconds),
         graceful_shutdown_timeout_seconds: Some(1),
-        // One single-threaded runtime per thread, like nginx's workers: no
-        // cross-thread wakeups and stealing on the request path. Store work
-        // runs on the store runtime, so a busy request thread holds up no
-        // member write.
-        work_stealing: false,
+        // Work stealing stays on (pingora's default). Without it, an idle
+        // upstream connection returned to the pool by one thread's runtime
+        // is still held by its idle watcher there when another thread takes
+        // it: pingora drops it, logs "failed to acquire reusable stream" at
+        // ERROR, and connects again (seen in the tests with it off).
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(Opt::default(), server_conf);
