@@ -272,6 +272,20 @@ impl GroupService {
         Ok(RosterHome::Empty)
     }
 
+    /// The plain id of the Group `address` (`id|owner`) names, when it is the
+    /// only Group with that id; `None` when it names none, or the id is
+    /// shared by owners (then the proxy cannot tell its Groups apart).
+    pub async fn plain_group_id(&self, address: &str) -> Result<Option<String>, WriteError> {
+        let Some(id) = self.documents.id_for_address(address).await? else {
+            return Ok(None);
+        };
+        match self.documents.head(&id).await {
+            Ok(Some(_)) => Ok(Some(id)),
+            Ok(None) | Err(DocumentStoreError::Ambiguous { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// `address` is not the id of a Group: if it is another address of a
     /// Group whose roster is kept here (`id|owner`, or its `_uuid`), the
     /// request is refused with the address to use.

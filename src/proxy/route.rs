@@ -79,6 +79,24 @@ pub enum Route {
 }
 
 impl Route {
+    /// The Group address of a route about one Group, to be replaced by the
+    /// Group's plain id once the stores resolved it (see `id|owner`).
+    pub fn group_id_mut(&mut self) -> Option<&mut String> {
+        match self {
+            Route::GroupUpdateOtherFormat { group_id }
+            | Route::GroupPatch { group_id, .. }
+            | Route::GroupPatchOtherFormat { group_id }
+            | Route::GroupRead { group_id, .. }
+            | Route::GroupMembers { group_id, .. }
+            | Route::GroupAtrOperation { group_id, .. }
+            | Route::GroupUpdate { group_id, .. }
+            | Route::GroupDelete { group_id, .. }
+            | Route::GroupVersionRead { group_id, .. } => Some(group_id),
+            Route::GroupRosterDependentRead { group_id, .. } => group_id.as_mut(),
+            _ => None,
+        }
+    }
+
     /// A fixed name for metrics and logs.
     pub fn name(&self) -> &'static str {
         match self {

@@ -244,6 +244,27 @@ pub async fn handle(
         Bytes::new()
     };
     let query = parts.uri.query().unwrap_or_default();
+    // The real server's `id|owner` address: that owner's resource with the
+    // id, then handled as its plain id.
+    let qualified = match route {
+        Route::Instance(_, id) | Route::Version(_, id, _) | Route::History(_, id) => {
+            match id.split_once('|') {
+                Some((plain, owner)) => match storage.find_owned(resource_type, plain, owner).await
+                {
+                    Ok(found) => found.map(|_| plain.to_string()),
+                    Err(e) => return store_error(&e),
+                },
+                None => None,
+            }
+        }
+        _ => None,
+    };
+    let route = match (route, qualified.as_deref()) {
+        (Route::Instance(t, _), Some(id)) => Route::Instance(t, id),
+        (Route::Version(t, _, v), Some(id)) => Route::Version(t, id, v),
+        (Route::History(t, _), Some(id)) => Route::History(t, id),
+        (route, _) => route,
+    };
     let result = match (route, &method) {
         (Route::Merge(_), _) => merge_operation(&ctx, &body).await,
         (Route::Type(_), &Method::GET) => search(&ctx, query).await,

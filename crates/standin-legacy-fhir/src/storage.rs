@@ -132,6 +132,19 @@ impl Storage {
             .await?)
     }
 
+    /// The resource with `id` under `owner` (its `_sourceAssigningAuthority`).
+    pub async fn find_owned(
+        &self,
+        resource_type: &str,
+        id: &str,
+        owner: &str,
+    ) -> Result<Option<Document>, StoreError> {
+        Ok(self
+            .resources(resource_type)
+            .find_one(doc! { "id": id, "_sourceAssigningAuthority": owner })
+            .await?)
+    }
+
     /// Inserts a new resource; `AlreadyExists` if one with its id is stored.
     pub async fn insert(&self, resource_type: &str, document: &Document) -> Result<(), StoreError> {
         match self.resources(resource_type).insert_one(document).await {
