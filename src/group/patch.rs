@@ -83,6 +83,16 @@ pub struct UpstreamPart {
 pub type PutUpstream =
     Box<dyn Fn(u64, Bytes) -> BoxFuture<'static, Result<UpstreamReply, Outcome>> + Send + Sync>;
 
+/// What the legacy server's half of a split write does on one attempt.
+enum UpstreamHalf {
+    /// PUT this Group body.
+    Put(Bytes),
+    /// Its ops change nothing: only the member half is written.
+    Unchanged,
+    /// The stored Group moved on since the head was read: start over.
+    Moved,
+}
+
 /// What the legacy server's half of a split write stores.
 pub enum UpstreamDocument {
     /// A roster PUT: the client's Group without its roster.
@@ -354,40 +364,37 @@ impl GroupService {
         })))
     }
 
-    /// The body of the legacy server's half of a split write, on the version
-    /// being written. `Ok(None)`: that half changes nothing, so only the
-    /// member half is written. `Err(Some)`: the other ops do not apply (the
-    /// whole request fails, as on the legacy server); `Err(None)`: the stored
-    /// document moved on meanwhile (a write that bypassed the proxy), so the
-    /// attempt starts over.
-    async fn upstream_body(
+    /// What the legacy server's half of a split write does on this attempt,
+    /// on the version being written. The other ops that do not apply fail
+    /// the whole request, as on the legacy server.
+    async fn upstream_half(
         &self,
         id: &str,
         version: u64,
         document: &UpstreamDocument,
-    ) -> Result<Result<Option<Bytes>, Option<Outcome>>, WriteError> {
+    ) -> Result<UpstreamHalf, WriteError> {
         let ops = match document {
-            UpstreamDocument::Given(body) => return Ok(Ok(Some(body.clone()))),
+            UpstreamDocument::Given(body) => return Ok(UpstreamHalf::Put(body.clone())),
             UpstreamDocument::Patched(ops) => ops,
         };
         let Some(stored) = self.documents.document(id).await? else {
             return Err(WriteError::NotMigrated);
         };
         if version_of(&stored) != Some(version) {
-            return Ok(Err(None));
+            return Ok(UpstreamHalf::Moved);
         }
         // `member` stays as stored (absent once the member store keeps the
         // roster): the other ops never touch it, and a PUT without it would
         // make the legacy server drop what it holds.
         let resource = to_fhir_json(&stored);
-        Ok(
-            match apply_other_ops(&resource, ops, self.settings.patch_failure_status) {
-                Ok(patched) => {
-                    Ok(patched.map(|r| Bytes::from(serde_json::to_vec(&r).unwrap_or_default())))
-                }
-                Err(outcome) => Err(Some(outcome)),
-            },
-        )
+        match apply_other_ops(&resource, ops, self.settings.patch_failure_status)
+            .map_err(WriteError::Outcome)?
+        {
+            Some(patched) => Ok(UpstreamHalf::Put(Bytes::from(
+                serde_json::to_vec(&patched).unwrap_or_default(),
+            ))),
+            None => Ok(UpstreamHalf::Unchanged),
+        }
     }
 
     async fn write_under_lease(
@@ -407,16 +414,13 @@ impl GroupService {
         }
         self.check_if_match(id, request.if_match, head.version)?;
 
+        // The lock is released by `end_lease` on every path out of here.
         let upstream_body = match &request.upstream_part {
-            Some(part) => match self.upstream_body(id, head.version, &part.document).await? {
-                Ok(body) => body,
-                Err(outcome) => {
-                    self.documents.finish(id, token, false).await?;
-                    return match outcome {
-                        Some(outcome) => Err(WriteError::Outcome(outcome)),
-                        None => Ok(Attempt::Busy),
-                    };
-                }
+            Some(part) => match self.upstream_half(id, head.version, &part.document).await? {
+                UpstreamHalf::Put(body) => Some(body),
+                UpstreamHalf::Unchanged => None,
+                // Written around the proxy since the head was read.
+                UpstreamHalf::Moved => return Ok(Attempt::Busy),
             },
             None => None,
         };
