@@ -1878,3 +1878,37 @@ async fn history_entries_go_where_the_legacy_server_keeps_history() {
         "nothing in the resources' database"
     );
 }
+
+/// Patches written together in one batch are each answered with the Group
+/// as their own version left it: its roster and `quantity`, not a later
+/// patch's of the same batch.
+#[tokio::test]
+async fn batched_patches_answer_with_the_roster_of_their_own_version() {
+    let stack = Stack::start(&[("FGP_MEMBERS_WRITE_WAIT_MS", "60000")]).await;
+    let id = stack.create_group(json!([])).await;
+    let replies = futures_util::stream::iter(0..12)
+        .map(|i| {
+            let stack = &stack;
+            let id = id.clone();
+            async move {
+                stack
+                    .patch(&id, json!([add(&format!("Patient/b-{i:02}"))]), &[])
+                    .await
+            }
+        })
+        .buffer_unordered(12)
+        .collect::<Vec<_>>()
+        .await;
+    for reply in &replies {
+        reply.assert_status(200);
+        let group = reply.json();
+        let version: usize = group["meta"]["versionId"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // Version 1 was the empty Group; each patch added one member.
+        assert_eq!(references(&group).len(), version - 1, "version {version}");
+        assert_eq!(group["quantity"], version - 1, "version {version}");
+    }
+}

@@ -134,28 +134,30 @@ impl GroupService {
 }
 
 impl GroupService {
-    /// The current roster of Group `id` as stored element texts, in array
-    /// order, for a write's answer; `None` when it has more than `limit`
-    /// members (answered like a read: quantity and a `$members` link).
+    /// The roster of Group `id` at `version` (the version a write made) as
+    /// stored element texts, in array order, for that write's answer: a
+    /// later write (the next patch of a batch, another proxy) is not shown.
+    /// `None` when it has more than `limit` members (answered like a read:
+    /// quantity and a `$members` link).
     pub async fn roster_for_answer(
         &self,
         id: &str,
+        version: u64,
         limit: usize,
     ) -> Result<Option<Vec<String>>, WriteError> {
         let Some(head) = self.documents.head(id).await? else {
             return Ok(Some(Vec::new()));
         };
-        let counts = self.events.counts(&head.group_key).await?;
-        if counts.members > limit as i64 {
-            return Ok(None);
-        }
-        let mut cursor = self.events.roster(&head.group_key, None)?;
+        let mut cursor = self.events.roster(&head.group_key, Some(version))?;
         let mut members = Vec::new();
         while let Some(row) = cursor
             .next()
             .await
             .map_err(crate::store::events::EventStoreError::from)?
         {
+            if members.len() == limit {
+                return Ok(None);
+            }
             members.push(row.element);
         }
         Ok(Some(members))

@@ -246,7 +246,7 @@ pub(crate) async fn write_members(
     };
     let roster = match (&result, prefer) {
         (Ok(result), Prefer::Representation) if !result.replayed || result.document.is_some() => {
-            roster_for_answer(proxy, group_id).await
+            roster_for_answer(proxy, group_id, result.version).await
         }
         _ => RosterAnswer::Unknown,
     };
@@ -457,7 +457,7 @@ pub(crate) enum RosterAnswer {
     Unknown,
 }
 
-async fn roster_for_answer(proxy: &FhirGroupProxy, group_id: &str) -> RosterAnswer {
+async fn roster_for_answer(proxy: &FhirGroupProxy, group_id: &str, version: u64) -> RosterAnswer {
     let Some(service) = proxy.group_service.clone() else {
         return RosterAnswer::Unknown;
     };
@@ -465,7 +465,7 @@ async fn roster_for_answer(proxy: &FhirGroupProxy, group_id: &str) -> RosterAnsw
     let limit = proxy.config.fhir.max_inline_members;
     let reference_fields = proxy.config.fhir.reference_fields;
     match proxy
-        .on_stores(async move { service.roster_for_answer(&id, limit).await })
+        .on_stores(async move { service.roster_for_answer(&id, version, limit).await })
         .await
     {
         Ok(Ok(Some(elements))) => {
@@ -570,8 +570,19 @@ async fn write_success(
             .to_bytes(),
         ),
         Prefer::Representation => {
-            if let (Some(counts), Some(object)) = (result.counts, resource.as_object_mut()) {
-                object.insert("quantity".into(), counts.active_members.max(0).into());
+            // `quantity` of the version answered: from its roster when that
+            // was read, else from the counts (which may be a later version's).
+            let active = match answer.roster {
+                RosterAnswer::Members(members) => members.as_array().map(|members| {
+                    members
+                        .iter()
+                        .filter(|m| crate::fhir::member_array::is_active(m))
+                        .count() as i64
+                }),
+                _ => result.counts.map(|counts| counts.active_members.max(0)),
+            };
+            if let (Some(active), Some(object)) = (active, resource.as_object_mut()) {
+                object.insert("quantity".into(), active.into());
             }
             match answer.roster {
                 RosterAnswer::Members(members) => {
