@@ -1035,13 +1035,22 @@ async fn ids_shared_by_owners_and_other_addresses_never_lose_a_kept_roster() {
     assert_outcome(&patch, 400, "invalid");
     assert_eq!(stack.members(&single).await.len(), 2);
     // A shared id's owner-qualified address of the kept Group is refused too:
-    // the proxy keeps one roster per id, so it cannot tell them apart.
+    // the proxy keeps one roster per id, so it cannot tell them apart; the
+    // refusal says so instead of naming the plain id, which is refused too.
     let read = get(format!(
         "{}/4_0_0/Group/{kept}|{TEST_OWNER}",
         stack.proxy.url()
     ))
     .await;
-    assert_outcome(&read, 400, "invalid");
+    assert_outcome(&read, 400, "not-supported");
+    let why = read.json()["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.contains("also the id of another owner's Group") && !why.contains("send the request"),
+        "{why}"
+    );
 
     // ... and the legacy server's own Groups go upstream under any address.
     let inline = stack

@@ -47,6 +47,11 @@ pub enum WriteError {
     /// legacy server would answer without the roster).
     #[error("Group/{address} must be addressed as Group/{id}")]
     Readdress { address: String, id: String },
+    /// Another address of a Group whose roster is kept here, when its id
+    /// is also another owner's: the proxy keeps its per-Group state by id,
+    /// so it cannot serve either under any address; refused, never guessed.
+    #[error("Group/{address} is kept here, and its id {id} is shared by owners")]
+    SharedKept { address: String, id: String },
     #[error(transparent)]
     Documents(DocumentStoreError),
 }
@@ -108,6 +113,17 @@ impl WriteError {
                 format!(
                     "Group/{address} keeps its members in this server's member store, which \
                      answers for it only as Group/{id}; send the request to Group/{id}"
+                ),
+            ),
+            WriteError::SharedKept { address, id } => Outcome::error(
+                400,
+                IssueType::NotSupported,
+                format!(
+                    "Group/{address} keeps its members in this server's member store, and its \
+                     id {id} is also the id of another owner's Group; this server keeps member \
+                     state by id, so it cannot tell the two apart and answers for neither (no \
+                     address works until one of them is deleted or given another id); nothing \
+                     was changed"
                 ),
             ),
             WriteError::Documents(e) => Outcome::error(
@@ -293,13 +309,20 @@ impl GroupService {
         let Some(id) = self.documents.id_for_address(address).await? else {
             return Ok(());
         };
-        if id != address && self.documents.member_state(&id).await?.in_clickhouse {
-            return Err(WriteError::Readdress {
+        if id == address || !self.documents.member_state(&id).await?.in_clickhouse {
+            return Ok(());
+        }
+        match self.documents.head(&id).await {
+            Err(DocumentStoreError::Ambiguous { .. }) => Err(WriteError::SharedKept {
                 address: address.to_string(),
                 id,
-            });
+            }),
+            Err(e) => Err(e.into()),
+            Ok(_) => Err(WriteError::Readdress {
+                address: address.to_string(),
+                id,
+            }),
         }
-        Ok(())
     }
 
     fn note_upstream_groups_elsewhere(&self, id: &str) {

@@ -85,7 +85,11 @@ async fn fetch_managed(
     let roster = match lookup {
         Ok(Ok(Some(roster))) => roster,
         Ok(Ok(None)) => return Ok(Err(false)),
-        Ok(Err(error @ (WriteError::Shared { .. } | WriteError::Readdress { .. }))) => {
+        Ok(Err(
+            error @ (WriteError::Shared { .. }
+            | WriteError::Readdress { .. }
+            | WriteError::SharedKept { .. }),
+        )) => {
             send_outcome(session, &error.to_outcome(), &ctx.request_id).await?;
             return Ok(Err(true));
         }
