@@ -124,48 +124,56 @@ async fn main() {
 
 /// Store round trips of one member PATCH (a single add, one client, so no
 /// batching), from the proxy's own counters: MongoDB commands by name and
-/// ClickHouse statements by kind, each divided by the PATCHes sent.
+/// ClickHouse statements by kind, each divided by the PATCHes sent; once
+/// answered `return=minimal`, once with the Group (the default, which reads
+/// the roster of the version written).
 async fn store_round_trips(client: &HttpClient, base: &str, admin: &str) {
     const PATCHES: usize = 50;
     let id = create_group(client, base).await;
     seed_members(client, base, &id, 1_000).await;
-    let before = counters(client, admin).await;
-    for i in 0..PATCHES {
-        let (status, _) = patch_one(client, base, &id, format!("Patient/rt-{i}")).await;
-        assert_eq!(status, 200, "round-trip sample {i}");
-    }
-    let after = counters(client, admin).await;
-    let per_patch = |name: &str| {
-        (after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0))
-            / PATCHES as f64
-    };
-    let mut mongo: Vec<(String, f64)> = after
-        .keys()
-        .filter_map(|k| k.strip_prefix("mongo:"))
-        .map(|command| (command.to_string(), per_patch(&format!("mongo:{command}"))))
-        .filter(|(_, n)| *n > 0.0)
-        .collect();
-    mongo.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mongo_total: f64 = mongo.iter().map(|(_, n)| n).sum();
-    let clickhouse = per_patch("clickhouse:query") + per_patch("clickhouse:insert");
     println!(
         "\n## Store round trips per member PATCH ({PATCHES} sequential single adds, 1k members)\n"
     );
-    println!("| store | per PATCH | by command |");
-    println!("|---|---:|---|");
-    println!(
-        "| MongoDB commands | {mongo_total:.1} | {} |",
-        mongo
-            .iter()
-            .map(|(c, n)| format!("{c} {n:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "| ClickHouse statements | {clickhouse:.1} | query {:.1}, insert {:.1} |",
-        per_patch("clickhouse:query"),
-        per_patch("clickhouse:insert")
-    );
+    println!("| answer | store | per PATCH | by command |");
+    println!("|---|---|---:|---|");
+    for (answer, prefer) in [
+        ("minimal", "return=minimal"),
+        ("representation", "return=representation"),
+    ] {
+        let before = counters(client, admin).await;
+        for i in 0..PATCHES {
+            let patch = json!([add(format!("Patient/rt-{answer}-{i}"))]);
+            let (status, _) = send_patch_preferring(client, base, &id, &patch, prefer).await;
+            assert_eq!(status, 200, "round-trip sample {i} ({answer})");
+        }
+        let after = counters(client, admin).await;
+        let per_patch = |name: &str| {
+            (after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0))
+                / PATCHES as f64
+        };
+        let mut mongo: Vec<(String, f64)> = after
+            .keys()
+            .filter_map(|k| k.strip_prefix("mongo:"))
+            .map(|command| (command.to_string(), per_patch(&format!("mongo:{command}"))))
+            .filter(|(_, n)| *n > 0.0)
+            .collect();
+        mongo.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mongo_total: f64 = mongo.iter().map(|(_, n)| n).sum();
+        let clickhouse = per_patch("clickhouse:query") + per_patch("clickhouse:insert");
+        println!(
+            "| {answer} | MongoDB commands | {mongo_total:.1} | {} |",
+            mongo
+                .iter()
+                .map(|(c, n)| format!("{c} {n:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "| {answer} | ClickHouse statements | {clickhouse:.1} | query {:.1}, insert {:.1} |",
+            per_patch("clickhouse:query"),
+            per_patch("clickhouse:insert")
+        );
+    }
 }
 
 /// `mongo:<command>` (commands, from the latency histogram's count) and
@@ -240,6 +248,16 @@ async fn patch_one(client: &HttpClient, base: &str, id: &str, reference: String)
 }
 
 async fn send_patch(client: &HttpClient, base: &str, id: &str, patch: &Value) -> (u16, f64) {
+    send_patch_preferring(client, base, id, patch, "return=minimal").await
+}
+
+async fn send_patch_preferring(
+    client: &HttpClient,
+    base: &str,
+    id: &str,
+    patch: &Value,
+    prefer: &str,
+) -> (u16, f64) {
     let body = serde_json::to_vec(patch).expect("json");
     let started = Instant::now();
     let reply = send(
@@ -248,7 +266,7 @@ async fn send_patch(client: &HttpClient, base: &str, id: &str, patch: &Value) ->
         &format!("{base}/Group/{id}"),
         &[
             ("content-type", "application/json-patch+json"),
-            ("prefer", "return=minimal"),
+            ("prefer", prefer),
         ],
         body,
     )

@@ -26,7 +26,6 @@ type Answer = Result<MemberPatchResult, WriteError>;
 
 pub struct BatchJob {
     request: MemberPatchRequest,
-    want_counts: bool,
     queued_at: Instant,
     reply: oneshot::Sender<Answer>,
 }
@@ -103,12 +102,10 @@ impl GroupService {
         &self,
         line: &Line<BatchJob>,
         request: MemberPatchRequest,
-        want_counts: bool,
     ) -> Answer {
         let (reply, answer) = oneshot::channel();
         let job = BatchJob {
             request,
-            want_counts,
             queued_at: Instant::now(),
             reply,
         };
@@ -169,30 +166,6 @@ impl GroupService {
                 }
             }
         };
-        self.deliver(&id, jobs, answers).await;
-    }
-
-    async fn deliver(&self, id: &str, jobs: Vec<BatchJob>, mut answers: Vec<Answer>) {
-        let wants_counts = jobs
-            .iter()
-            .zip(&answers)
-            .any(|(job, answer)| job.want_counts && answer.is_ok());
-        if wants_counts {
-            // The writes stand whatever happens here: a failed count only
-            // leaves `quantity` out of the answers.
-            match self.current_counts(id).await {
-                Ok(counts) => {
-                    for (job, answer) in jobs.iter().zip(answers.iter_mut()) {
-                        if let (true, Ok(result)) = (job.want_counts, answer) {
-                            result.counts = counts;
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(group = id, error = %e, "member counts unavailable for the answers")
-                }
-            }
-        }
         for (job, answer) in jobs.into_iter().zip(answers) {
             // A client that gave up no longer listens; its write stands.
             let _ = job.reply.send(answer);
@@ -322,7 +295,11 @@ impl GroupService {
             // Nothing to write: refusals, tests and retries only.
             self.documents.finish(id, token, false).await?;
             let document = self.documents.document(id).await?;
-            return Ok(BatchAttempt::Done(answers(planned_jobs, document.as_ref())));
+            return Ok(BatchAttempt::Done(answers(
+                planned_jobs,
+                document.as_ref(),
+                &head.group_key,
+            )));
         }
         self.events.stage(rows).await?;
         let leader = &jobs[0].request.request_id;
@@ -381,7 +358,11 @@ impl GroupService {
             }
         }
         self.complete_committed(id, token).await;
-        Ok(BatchAttempt::Done(answers(planned_jobs, Some(&document))))
+        Ok(BatchAttempt::Done(answers(
+            planned_jobs,
+            Some(&document),
+            &head.group_key,
+        )))
     }
 }
 
@@ -397,7 +378,11 @@ pub(super) fn at_version(
     document
 }
 
-fn answers(planned: Vec<Planned>, document: Option<&mongodb::bson::Document>) -> Vec<Answer> {
+fn answers(
+    planned: Vec<Planned>,
+    document: Option<&mongodb::bson::Document>,
+    group_key: &str,
+) -> Vec<Answer> {
     let mut answers: Vec<Answer> = Vec::with_capacity(planned.len());
     for plan in planned {
         let answer = match plan {
@@ -410,8 +395,8 @@ fn answers(planned: Vec<Planned>, document: Option<&mongodb::bson::Document>) ->
                 }),
                 Err(error) => Err(shared(error)),
             },
-            Planned::Unchanged(version) => Ok(result(version, 0, document)),
-            Planned::Writes { version, events } => Ok(result(version, events, document)),
+            Planned::Unchanged(version) => Ok(result(version, 0, document, group_key)),
+            Planned::Writes { version, events } => Ok(result(version, events, document, group_key)),
         };
         answers.push(answer);
     }
@@ -422,11 +407,12 @@ fn result(
     version: u64,
     events_written: usize,
     document: Option<&mongodb::bson::Document>,
+    group_key: &str,
 ) -> MemberPatchResult {
     MemberPatchResult {
         version,
         document: document.map(|d| at_version(d, version)),
-        counts: None,
+        group_key: Some(group_key.to_string()),
         replayed: false,
         events_written,
         upstream_reply: None,

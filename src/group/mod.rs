@@ -263,7 +263,33 @@ impl GroupService {
 
     /// Where Group `id` keeps its members, for whole-resource writes.
     pub async fn roster_home(&self, id: &str) -> Result<RosterHome, WriteError> {
-        match self.documents.head(id).await {
+        let state = self.documents.member_state(id).await?;
+        self.roster_home_in(id, state).await
+    }
+
+    /// [`Self::roster_home`] for deciding whether a member write is the
+    /// proxy's: a Group whose roster is kept here is known from the proxy's
+    /// own state alone. The write reads the Group's head under its lock
+    /// anyway and hands the request to the legacy server when the document
+    /// is gone (`NotMigrated`), or refuses it when its id is shared.
+    pub async fn member_write_home(&self, id: &str) -> Result<RosterHome, WriteError> {
+        let state = self.documents.member_state(id).await?;
+        if state.in_clickhouse {
+            return Ok(RosterHome::Events);
+        }
+        self.roster_home_in(id, state).await
+    }
+
+    async fn roster_home_in(
+        &self,
+        id: &str,
+        state: crate::store::group_documents::MemberState,
+    ) -> Result<RosterHome, WriteError> {
+        match self
+            .documents
+            .head_of_generation(id, state.generation)
+            .await
+        {
             Ok(Some(_)) => {}
             Ok(None) => {
                 self.refuse_other_addresses(id).await?;
@@ -272,14 +298,14 @@ impl GroupService {
             // Shared by owners: the legacy server answers for them (it
             // refuses the plain id), unless one keeps its roster here.
             Err(DocumentStoreError::Ambiguous { id }) => {
-                return match self.documents.member_state(&id).await?.in_clickhouse {
+                return match state.in_clickhouse {
                     true => Err(WriteError::Shared { id }),
                     false => Ok(RosterHome::Inline),
                 };
             }
             Err(e) => return Err(e.into()),
         }
-        if self.documents.member_state(id).await?.in_clickhouse {
+        if state.in_clickhouse {
             return Ok(RosterHome::Events);
         }
         if self.documents.has_inline_members(id).await? {

@@ -26,7 +26,6 @@ use crate::fhir::member_array::Plan;
 use crate::fhir::member_patch::MemberOps;
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::roster_replace::replace_all;
-use crate::store::events::MemberCounts;
 use crate::store::group_documents::{to_fhir_json, version_of, GroupHead};
 
 use super::members::{
@@ -114,7 +113,9 @@ pub struct MemberPatchResult {
     pub version: u64,
     /// The Group document after the write (without `member`).
     pub document: Option<Document>,
-    pub counts: Option<MemberCounts>,
+    /// The member key the Group's roster is stored under, when known: the
+    /// answer reads the roster of `version` there without another lookup.
+    pub group_key: Option<String>,
     /// True when this answers a retry of an already committed request.
     pub replayed: bool,
     pub events_written: usize,
@@ -180,7 +181,6 @@ impl GroupService {
     pub async fn apply_member_patch(
         &self,
         request: MemberPatchRequest,
-        want_counts: bool,
     ) -> Result<MemberPatchResult, WriteError> {
         let deadline = Instant::now() + self.settings.write_wait;
         // A stale If-Match is refused (and a retry answered) before waiting
@@ -190,7 +190,7 @@ impl GroupService {
         }
         let line = self.queues.line(&request.group_id);
         if super::batch::batchable(&request) {
-            return self.apply_in_batch(&line, request, want_counts).await;
+            return self.apply_in_batch(&line, request).await;
         }
         let Ok(_turn) = tokio::time::timeout(self.settings.write_wait, line.turn()).await else {
             return Err(super::busy(&request.group_id));
@@ -198,20 +198,7 @@ impl GroupService {
         let mut backoff = Duration::from_millis(2);
         loop {
             match self.try_member_patch(&request).await? {
-                Attempt::Done(result) => {
-                    let mut result = *result;
-                    if want_counts && result.document.is_some() {
-                        // The write stands whatever happens here: a failed
-                        // count only leaves `quantity` out of the answer.
-                        match self.current_counts(&request.group_id).await {
-                            Ok(counts) => result.counts = counts,
-                            Err(e) => {
-                                tracing::warn!(group = %request.group_id, error = %e, "member counts unavailable for the answer")
-                            }
-                        }
-                    }
-                    return Ok(result);
-                }
+                Attempt::Done(result) => return Ok(*result),
                 Attempt::Busy => {}
             }
             if Instant::now() >= deadline {
@@ -281,11 +268,11 @@ impl GroupService {
     /// the head: whether the member store manages the Group already (false
     /// before its first member write).
     pub(super) async fn head_for_writing(&self, id: &str) -> Result<(GroupHead, bool), WriteError> {
-        let state = self.documents.member_state(id).await?;
-        let Some(head) = self.documents.head(id).await? else {
+        let facts = self.documents.write_facts(id).await?;
+        let state = facts.state;
+        let Some((head, inline)) = facts.head else {
             return Err(WriteError::NotMigrated);
         };
-        let inline = self.documents.has_inline_members(id).await?;
         if inline && state.inline_array_is_drift(head.version) {
             return Err(WriteError::Outcome(super::drift(id)));
         }
@@ -357,7 +344,7 @@ impl GroupService {
         Ok(Replay::Same(Box::new(MemberPatchResult {
             version: commit.group_version,
             document: self.documents.document(&request.group_id).await?,
-            counts: None,
+            group_key: Some(group_key.to_string()),
             replayed: true,
             events_written: 0,
             upstream_reply: None,
@@ -447,7 +434,7 @@ impl GroupService {
             return Ok(Attempt::Done(Box::new(MemberPatchResult {
                 version: head.version,
                 document: self.documents.document(id).await?,
-                counts: None,
+                group_key: Some(head.group_key.clone()),
                 replayed: false,
                 events_written: 0,
                 upstream_reply: None,
@@ -473,9 +460,9 @@ impl GroupService {
             return Err(lease_lost(id));
         }
         self.record_request(&head.group_key, request).await?;
-        if let (Some(part), Some(body)) = (&request.upstream_part, upstream_body) {
-            return self
-                .commit_through_upstream(
+        let attempt = match (&request.upstream_part, upstream_body) {
+            (Some(part), Some(body)) => {
+                self.commit_through_upstream(
                     request,
                     part,
                     body,
@@ -484,10 +471,20 @@ impl GroupService {
                     events_written,
                     committed_at,
                 )
-                .await;
-        }
-        self.commit_own(request, head.version, token, events_written, committed_at)
-            .await
+                .await?
+            }
+            _ => {
+                self.commit_own(request, head.version, token, events_written, committed_at)
+                    .await?
+            }
+        };
+        Ok(match attempt {
+            Attempt::Done(mut result) if result.document.is_some() => {
+                result.group_key = Some(head.group_key);
+                Attempt::Done(result)
+            }
+            attempt => attempt,
+        })
     }
 
     /// The legacy server's half of a split patch or roster PUT is the commit
@@ -522,7 +519,7 @@ impl GroupService {
             return Ok(Attempt::Done(Box::new(MemberPatchResult {
                 version: base_version,
                 document: None,
-                counts: None,
+                group_key: None,
                 replayed: false,
                 events_written: 0,
                 upstream_reply: Some(reply),
@@ -584,7 +581,7 @@ impl GroupService {
         Ok(Attempt::Done(Box::new(MemberPatchResult {
             version: new_version,
             document,
-            counts: None,
+            group_key: None,
             replayed: false,
             events_written,
             upstream_reply: Some(reply),
@@ -646,7 +643,7 @@ impl GroupService {
         Ok(Attempt::Done(Box::new(MemberPatchResult {
             version: new_version,
             document: Some(document),
-            counts: None,
+            group_key: None,
             replayed: false,
             events_written,
             upstream_reply: None,
@@ -743,16 +740,6 @@ impl GroupService {
                     tracing::warn!(group = id, error = %e, "could not release the member write lock");
                 }
             }
-        }
-    }
-
-    pub(super) async fn current_counts(
-        &self,
-        id: &str,
-    ) -> Result<Option<MemberCounts>, WriteError> {
-        match self.documents.head(id).await? {
-            Some(head) => Ok(Some(self.events.counts(&head.group_key).await?)),
-            None => Ok(None),
         }
     }
 

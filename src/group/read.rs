@@ -137,18 +137,24 @@ impl GroupService {
     /// The roster of Group `id` at `version` (the version a write made) as
     /// stored element texts, in array order, for that write's answer: a
     /// later write (the next patch of a batch, another proxy) is not shown.
-    /// `None` when it has more than `limit` members (answered like a read:
-    /// quantity and a `$members` link).
+    /// `group_key`: where the write stored it, when the write knows (else
+    /// looked up). More than `limit` members are answered like a read:
+    /// `quantity` and a `$members` link.
     pub async fn roster_for_answer(
         &self,
         id: &str,
+        group_key: Option<&str>,
         version: u64,
         limit: usize,
-    ) -> Result<Option<Vec<String>>, WriteError> {
-        let Some(head) = self.documents.head(id).await? else {
-            return Ok(Some(Vec::new()));
+    ) -> Result<AnswerRoster, WriteError> {
+        let key = match group_key {
+            Some(key) => key.to_string(),
+            None => match self.documents.head(id).await? {
+                Some(head) => head.group_key,
+                None => return Ok(AnswerRoster::Members(Vec::new())),
+            },
         };
-        let mut cursor = self.events.roster(&head.group_key, Some(version))?;
+        let mut cursor = self.events.roster(&key, Some(version))?;
         let mut members = Vec::new();
         while let Some(row) = cursor
             .next()
@@ -156,10 +162,22 @@ impl GroupService {
             .map_err(crate::store::events::EventStoreError::from)?
         {
             if members.len() == limit {
-                return Ok(None);
+                let counts = self.events.counts(&key).await?;
+                return Ok(AnswerRoster::Paged {
+                    active_members: counts.active_members,
+                });
             }
             members.push(row.element);
         }
-        Ok(Some(members))
+        Ok(AnswerRoster::Members(members))
     }
+}
+
+/// The roster a write's answer shows.
+pub enum AnswerRoster {
+    /// Every member of the version written, as stored element texts.
+    Members(Vec<String>),
+    /// Too many to inline: the active count (the current one, which may
+    /// already be a later version's).
+    Paged { active_members: i64 },
 }

@@ -16,6 +16,7 @@ use crate::group::patch::{
     MemberEdit, MemberPatchRequest, MemberPatchResult, UpstreamDocument, UpstreamPart,
     UpstreamReply,
 };
+use crate::group::read::AnswerRoster;
 use crate::group::{RosterHome, WriteError};
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::respond::answer_outcome;
@@ -68,7 +69,7 @@ pub async fn group_patch(
     // roster it keeps (or may take over: no members yet). The legacy server
     // answers for every other Group, exactly as it would without the proxy,
     // including patches the proxy itself could not apply.
-    let managed = match proxy.roster_home(group_id).await {
+    let managed = match proxy.member_write_home(ctx, group_id).await {
         Ok(Some(RosterHome::Events)) => true,
         Ok(Some(RosterHome::Empty)) => false,
         Ok(_) => return Ok(forward(body)),
@@ -236,9 +237,8 @@ pub(crate) async fn write_members(
     };
 
     let service = service.clone();
-    let want_counts = prefer == Prefer::Representation;
     let result = proxy
-        .on_stores(async move { service.apply_member_patch(request, want_counts).await })
+        .on_stores(async move { service.apply_member_patch(request).await })
         .await;
     let result = match result {
         Ok(result) => result,
@@ -246,7 +246,7 @@ pub(crate) async fn write_members(
     };
     let roster = match (&result, prefer) {
         (Ok(result), Prefer::Representation) if !result.replayed || result.document.is_some() => {
-            roster_for_answer(proxy, group_id, result.version).await
+            roster_for_answer(proxy, group_id, result.group_key.as_deref(), result.version).await
         }
         _ => RosterAnswer::Unknown,
     };
@@ -304,7 +304,7 @@ async fn may_write(
     if !matches!(&*proxy.authorizer, crate::auth::Authorizer::Upstream { .. }) {
         return Ok(true);
     }
-    match proxy.roster_home(group_id).await {
+    match proxy.member_write_home(ctx, group_id).await {
         Ok(None | Some(crate::group::RosterHome::Inline)) => Ok(true),
         Ok(Some(_)) => {
             crate::proxy::authorize::probe_upstream(proxy, session, ctx, base, group_id).await
@@ -450,25 +450,38 @@ impl Prefer {
 /// default): the Group's members after the write, as a read shows them.
 pub(crate) enum RosterAnswer {
     Members(serde_json::Value),
-    /// More than `fhir.max_inline_members`: `quantity` and a `$members` link.
-    Paged,
+    /// More than `fhir.max_inline_members`: `quantity` (its active
+    /// members) and a `$members` link.
+    Paged {
+        active_members: i64,
+    },
     /// Not read (not asked for, or the store did not answer: the write
     /// stands, the answer goes without it).
     Unknown,
 }
 
-async fn roster_for_answer(proxy: &FhirGroupProxy, group_id: &str, version: u64) -> RosterAnswer {
+async fn roster_for_answer(
+    proxy: &FhirGroupProxy,
+    group_id: &str,
+    group_key: Option<&str>,
+    version: u64,
+) -> RosterAnswer {
     let Some(service) = proxy.group_service.clone() else {
         return RosterAnswer::Unknown;
     };
     let id = group_id.to_string();
+    let key = group_key.map(str::to_string);
     let limit = proxy.config.fhir.max_inline_members;
     let reference_fields = proxy.config.fhir.reference_fields;
     match proxy
-        .on_stores(async move { service.roster_for_answer(&id, version, limit).await })
+        .on_stores(async move {
+            service
+                .roster_for_answer(&id, key.as_deref(), version, limit)
+                .await
+        })
         .await
     {
-        Ok(Ok(Some(elements))) => {
+        Ok(Ok(AnswerRoster::Members(elements))) => {
             let members = elements
                 .iter()
                 .filter_map(|text| {
@@ -481,7 +494,7 @@ async fn roster_for_answer(proxy: &FhirGroupProxy, group_id: &str, version: u64)
                 .collect();
             RosterAnswer::Members(serde_json::Value::Array(members))
         }
-        Ok(Ok(None)) => RosterAnswer::Paged,
+        Ok(Ok(AnswerRoster::Paged { active_members })) => RosterAnswer::Paged { active_members },
         Ok(Err(error)) => {
             tracing::warn!(group = group_id, %error, "the roster for a write's answer could not be read");
             RosterAnswer::Unknown
@@ -579,7 +592,8 @@ async fn write_success(
                         .filter(|m| crate::fhir::member_array::is_active(m))
                         .count() as i64
                 }),
-                _ => result.counts.map(|counts| counts.active_members.max(0)),
+                RosterAnswer::Paged { active_members } => Some((*active_members).max(0)),
+                RosterAnswer::Unknown => None,
             };
             if let (Some(active), Some(object)) = (active, resource.as_object_mut()) {
                 object.insert("quantity".into(), active.into());
@@ -592,7 +606,7 @@ async fn write_success(
                         }
                     }
                 }
-                RosterAnswer::Paged => {
+                RosterAnswer::Paged { .. } => {
                     resource = crate::fhir::group_read::with_paging_link(
                         resource,
                         &format!("{base}/Group/{group_id}/$members"),

@@ -76,6 +76,9 @@ pub struct RequestContext {
     pub created: Option<roster_write::CreatedGroup>,
     /// Refused before routing (an `X-Request-Id` the proxy cannot keep).
     pub refusal: Option<Outcome>,
+    /// Where the request's Group keeps its members, once looked up for a
+    /// member write (see [`FhirGroupProxy::member_write_home`]).
+    pub member_write_home: Option<crate::group::RosterHome>,
     pub started: Instant,
     /// Carries the request id (and trace id) into every log line of the request.
     pub span: tracing::Span,
@@ -333,6 +336,29 @@ impl FhirGroupProxy {
         .await
     }
 
+    /// Where a member write's Group keeps its members
+    /// ([`crate::group::GroupService::member_write_home`]), looked up once
+    /// per request: the deciding steps before a write (which may run, who
+    /// may run it) ask the same question, and the write itself checks again
+    /// under the Group's lock.
+    pub(crate) async fn member_write_home(
+        &self,
+        ctx: &mut RequestContext,
+        id: &str,
+    ) -> std::result::Result<Option<crate::group::RosterHome>, Outcome> {
+        if let Some(home) = ctx.member_write_home {
+            return Ok(Some(home));
+        }
+        let id = id.to_string();
+        let home = self
+            .ask_stores(None, |service| async move {
+                service.member_write_home(&id).await.map(Some)
+            })
+            .await?;
+        ctx.member_write_home = home;
+        Ok(home)
+    }
+
     /// Whether any Group's roster lives in the member store (`false` with
     /// member handling off).
     pub(crate) async fn manages_any_group(&self) -> std::result::Result<bool, Outcome> {
@@ -544,6 +570,7 @@ impl ProxyHttp for FhirGroupProxy {
             trace_id: None,
             created: None,
             refusal: None,
+            member_write_home: None,
             started: Instant::now(),
             span: tracing::Span::none(),
             _in_flight: self.lifecycle.track_request(),

@@ -75,6 +75,15 @@ pub struct PendingWrite {
     pub committed: bool,
 }
 
+/// See [`GroupDocuments::write_facts`].
+#[derive(Debug, Clone)]
+pub struct WriteFacts {
+    pub state: MemberState,
+    /// The head, and whether the document holds members inline; `None`:
+    /// no such Group in this MongoDB.
+    pub head: Option<(GroupHead, bool)>,
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct MemberState {
     pub in_clickhouse: bool,
@@ -86,6 +95,9 @@ pub struct MemberState {
     /// Earlier generations of a Group deleted and created again with this
     /// id: their member keys, oldest first, with the time of their delete.
     pub past: Vec<PastGeneration>,
+    /// How many times a migrated Group with this id was deleted (part of
+    /// its member key).
+    pub generation: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -162,7 +174,60 @@ impl GroupDocuments {
 
     /// The head of Group `id`, without its member array.
     pub async fn head(&self, id: &str) -> Result<Option<GroupHead>, DocumentStoreError> {
-        let projection = doc! { "id": 1, "meta": 1, "_uuid": 1, "_memberCommitToken": 1, "_sourceAssigningAuthority": 1 };
+        let generation = self.generation(id).await?;
+        self.head_of_generation(id, generation).await
+    }
+
+    /// What a write attempt reads of Group `id` before planning: the
+    /// proxy's state, the Group's head and whether its document holds
+    /// members inline. Two reads: the head's member key comes from the
+    /// state's generation, and for a Group whose roster is kept here the
+    /// inline array (normally absent, else drift) comes with the head
+    /// instead of from a count of its own.
+    pub async fn write_facts(&self, id: &str) -> Result<WriteFacts, DocumentStoreError> {
+        let state = self.member_state(id).await?;
+        let with_inline = state.in_clickhouse;
+        let Some((head, inline)) = self
+            .head_and_inline(id, state.generation, with_inline)
+            .await?
+        else {
+            return Ok(WriteFacts { state, head: None });
+        };
+        let inline = match inline {
+            Some(inline) => inline,
+            // A legacy Group's inline array may be large: counted, not read.
+            None => self.has_inline_members(id).await?,
+        };
+        Ok(WriteFacts {
+            state,
+            head: Some((head, inline)),
+        })
+    }
+
+    pub async fn head_of_generation(
+        &self,
+        id: &str,
+        generation: i64,
+    ) -> Result<Option<GroupHead>, DocumentStoreError> {
+        Ok(self
+            .head_and_inline(id, generation, false)
+            .await?
+            .map(|(head, _)| head))
+    }
+
+    /// The head; with `with_inline`, also whether the document holds a
+    /// non-empty `member` array (read with it: only for Groups whose array
+    /// is normally absent).
+    async fn head_and_inline(
+        &self,
+        id: &str,
+        generation: i64,
+        with_inline: bool,
+    ) -> Result<Option<(GroupHead, Option<bool>)>, DocumentStoreError> {
+        let mut projection = doc! { "id": 1, "meta": 1, "_uuid": 1, "_memberCommitToken": 1, "_sourceAssigningAuthority": 1 };
+        if with_inline {
+            projection.insert("member", 1);
+        }
         let mut cursor = self
             .groups
             .find(doc! { "id": id })
@@ -173,13 +238,19 @@ impl GroupDocuments {
         while cursor.advance().await? {
             found.push(cursor.deserialize_current()?);
         }
-        let mut head = match found.len() {
-            0 => return Ok(None),
-            1 => parse_head(id, &found[0])?,
+        let document = match found.as_slice() {
+            [] => return Ok(None),
+            [document] => document,
             _ => return Err(DocumentStoreError::Ambiguous { id: id.into() }),
         };
-        head.group_key = member_key(&head.group_key, self.generation(id).await?);
-        Ok(Some(head))
+        let mut head = parse_head(id, document)?;
+        head.group_key = member_key(&head.group_key, generation);
+        let inline = with_inline.then(|| {
+            document
+                .get_array("member")
+                .is_ok_and(|members| !members.is_empty())
+        });
+        Ok(Some((head, inline)))
     }
 
     /// The id of the Group `address` names when it is not a plain id: the
@@ -287,6 +358,7 @@ impl GroupDocuments {
         });
         Ok(MemberState {
             in_clickhouse: state.get_str("storage").ok() == Some(STORAGE_CLICKHOUSE),
+            generation: state.get_i64("generation").unwrap_or(0),
             inline_copy_at: parse_version("", state.get("inlineCopyAt")).ok(),
             past: state
                 .get_array("past")
@@ -495,7 +567,19 @@ impl GroupDocuments {
         token: &str,
         committed: bool,
     ) -> Result<(), DocumentStoreError> {
+        // Only our own pending record: one left by a stopped writer must stay
+        // for recovery even when this write fails.
+        let mut update = doc! { "$unset": { "pending": "" } };
         if committed {
+            update.insert("$set", doc! { "storage": STORAGE_CLICKHOUSE });
+        }
+        let cleared = self
+            .states
+            .update_one(doc! { "_id": id, "pending.token": token }, update)
+            .await?;
+        if committed && cleared.matched_count == 0 {
+            // Our record is gone (recovery finished it): the storage mark
+            // must stand all the same.
             self.states
                 .update_one(
                     doc! { "_id": id },
@@ -504,14 +588,6 @@ impl GroupDocuments {
                 .upsert(true)
                 .await?;
         }
-        // Only our own pending record: one left by a stopped writer must stay
-        // for recovery even when this write fails.
-        self.states
-            .update_one(
-                doc! { "_id": id, "pending.token": token },
-                doc! { "$unset": { "pending": "" } },
-            )
-            .await?;
         self.release_lease(id, token).await
     }
 
