@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use futures_util::StreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use serde_json::{json, Value};
+use support::members::*;
 use support::raw::RawConnection;
 use support::stack::*;
 use support::*;
@@ -30,14 +31,6 @@ fn outcome_issues(entry: &Document) -> &mongodb::bson::Array {
         .and_then(|r| r.get_document("outcome"))
         .and_then(|o| o.get_array("issue"))
         .expect("an outcome with issues")
-}
-
-fn add(reference: &str) -> Value {
-    json!({"op": "add", "path": "/member/-", "value": {"entity": {"reference": reference}}})
-}
-
-fn remove(reference: &str) -> Value {
-    json!({"op": "remove", "path": "/member/-", "value": {"entity": {"reference": reference}}})
 }
 
 fn refs(members: &BTreeMap<String, (bool, String)>) -> Vec<&str> {
@@ -1079,26 +1072,6 @@ async fn members_pages_are_stable_under_concurrent_adds() {
     )
     .await;
     assert_outcome(&bad, 400, "invalid");
-}
-
-/// The versionId, member references and quantity of `_history/{version}`.
-async fn roster_at(stack: &Stack, id: &str, version: u64) -> (String, Vec<String>, Value) {
-    let url = format!("{}/_history/{version}", stack.group_url(id));
-    let read = send(&stack.client, "GET", &url, &[], "").await;
-    read.assert_status(200);
-    let group = read.json();
-    // No members: no `member` element at all (FHIR JSON has no empty arrays).
-    let references = group["member"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| m["entity"]["reference"].as_str().unwrap().to_string())
-        .collect();
-    (
-        group["meta"]["versionId"].as_str().unwrap().to_string(),
-        references,
-        group["quantity"].clone(),
-    )
 }
 
 /// `_history/{vid}` of a migrated Group shows the roster as it was then.
