@@ -4,6 +4,7 @@
 //! `scripts/test.sh`.
 #![allow(dead_code)]
 
+pub mod members;
 pub mod raw;
 pub mod stack;
 
