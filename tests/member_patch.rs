@@ -466,6 +466,50 @@ async fn patches_the_proxy_does_not_own_reach_the_legacy_server() {
     );
 }
 
+/// The legacy server applies a patch without member ops to a Group whose
+/// roster the proxy keeps, and answers with the Group as it holds it: without
+/// `member`. Its clients always got the whole Group, so the answer gets the
+/// roster of the version it names; a refusal is relayed as it came.
+#[tokio::test]
+async fn patches_without_member_ops_answer_with_the_kept_roster() {
+    let stack = Stack::start(&[]).await;
+    let id = stack.managed_group(&["Patient/a", "Patient/b"]).await;
+    let expected = vec!["Patient/a".to_string(), "Patient/b".to_string()];
+
+    let renamed = stack
+        .patch(
+            &id,
+            json!([{"op": "add", "path": "/name", "value": "Roster A"}]),
+            &[],
+        )
+        .await;
+    renamed.assert_status(200);
+    assert_eq!(renamed.json()["name"], "Roster A");
+    assert_eq!(renamed.json()["meta"]["versionId"], "3");
+    assert_eq!(references(&renamed.json()), expected);
+    assert_eq!(stack.event_count(&id).await, 2, "no member event written");
+
+    for patch in [
+        json!([{"op": "test", "path": "/name", "value": "Roster A"}]),
+        json!([]),
+    ] {
+        let reply = stack.patch(&id, patch.clone(), &[]).await;
+        reply.assert_status(200);
+        assert_eq!(references(&reply.json()), expected, "{patch}");
+    }
+
+    let refused = stack
+        .patch(
+            &id,
+            json!([{"op": "test", "path": "/name", "value": "Roster B"}]),
+            &[],
+        )
+        .await;
+    assert!(refused.status >= 400, "{}", refused.status);
+    assert_eq!(refused.json()["resourceType"], "OperationOutcome");
+    assert_eq!(stack.roster_read(&id).await, expected);
+}
+
 #[tokio::test]
 async fn expect_continue_is_answered_before_reading_the_body() {
     let stack = Stack::start(&[]).await;

@@ -125,7 +125,7 @@ pub struct MemberPatchResult {
 
 /// The version a legacy server's write answer names: `ETag: W/"n"`, else
 /// `meta.versionId` of the returned resource.
-fn version_in_reply(reply: &UpstreamReply) -> Option<u64> {
+pub fn version_in_reply(reply: &UpstreamReply) -> Option<u64> {
     let from_etag = reply
         .headers
         .get(http::header::ETAG)

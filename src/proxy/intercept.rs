@@ -63,7 +63,7 @@ pub async fn group_patch(
     };
     let parsed = parse_patch(&body, limits);
     if matches!(parsed, Ok(PatchClass::NotMembers)) {
-        return Ok(forward(body));
+        return patch_beside_the_roster(proxy, session, ctx, base, group_id, body).await;
     }
     // The patch may touch the roster: the proxy answers only for Groups whose
     // roster it keeps (or may take over: no members yet). The legacy server
@@ -146,6 +146,109 @@ pub async fn group_patch(
         return Ok(forward(body));
     };
     Ok(next)
+}
+
+/// A patch without member ops is the legacy server's, sent as it came. For a
+/// Group whose roster is kept here the legacy server answers with the Group
+/// as it holds it, without the roster, where its clients always got the
+/// whole Group: the answer gets the roster of the version it names, as a
+/// read of that version shows it. Every other Group's patch is forwarded
+/// (streamed, untouched).
+async fn patch_beside_the_roster(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+    body: Bytes,
+) -> Result<Next> {
+    match proxy.member_write_home(ctx, group_id).await {
+        Ok(Some(RosterHome::Events)) => {}
+        Ok(_) => return Ok(forward(body)),
+        Err(outcome) => return answer(session, ctx, &outcome).await,
+    }
+    let mut request = session.req_header().clone();
+    proxy.rewrite_for_upstream(session, &mut request, ctx)?;
+    request.remove_header(&http::header::EXPECT);
+    let reply = match proxy.upstream_client.send_buffered(&request, body).await {
+        Ok(reply) => reply,
+        Err(outcome) => return answer(session, ctx, &outcome).await,
+    };
+    let version = match (200..300).contains(&reply.status) {
+        true => crate::group::patch::version_in_reply(&reply),
+        false => None,
+    };
+    let reply = match version {
+        Some(version) => {
+            let roster = roster_for_answer(proxy, group_id, None, version).await;
+            let shown = WithRoster {
+                base,
+                group_id,
+                extension_base: &proxy.config.fhir.extension_base,
+            };
+            shown.reply(reply, &roster, version)
+        }
+        None => reply,
+    };
+    relay(session, ctx, reply).await?;
+    Ok(Next::Answered)
+}
+
+/// How a legacy server's answer that names a Group kept here gets the
+/// roster it lacks.
+struct WithRoster<'a> {
+    base: &'a str,
+    group_id: &'a str,
+    extension_base: &'a str,
+}
+
+impl WithRoster<'_> {
+    /// The answer with the roster of `version`; with a roster too long to
+    /// inline, its count and `$members` link. When the roster could not be
+    /// read, a Group answer would look empty: the client is told instead
+    /// that the change stands and to read the Group.
+    fn reply(
+        &self,
+        mut reply: UpstreamReply,
+        roster: &RosterAnswer,
+        version: u64,
+    ) -> UpstreamReply {
+        let is_group = serde_json::from_slice::<serde_json::Value>(&reply.body)
+            .ok()
+            .filter(|body| body.get("resourceType").and_then(|t| t.as_str()) == Some("Group"));
+        let Some(group) = is_group else {
+            return reply;
+        };
+        match roster {
+            RosterAnswer::Members(members) => with_members(reply, members),
+            RosterAnswer::Paged { active_members } => {
+                let mut group = crate::fhir::group_read::with_quantity(group, *active_members);
+                group = crate::fhir::group_read::with_paging_link(
+                    group,
+                    &format!("{}/Group/{}/$members", self.base, self.group_id),
+                    self.extension_base,
+                );
+                reply.body = Bytes::from(serde_json::to_vec(&group).unwrap_or_default());
+                reply
+            }
+            RosterAnswer::Unknown => {
+                let outcome = Outcome::information(
+                    reply.status,
+                    format!(
+                        "Group/{} is at version {version}: the change was applied, but its \
+                         members could not be read for this answer; read the Group to see it",
+                        self.group_id
+                    ),
+                );
+                reply.body = Bytes::from(outcome.to_bytes());
+                reply.headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(FHIR_JSON),
+                );
+                reply
+            }
+        }
+    }
 }
 
 /// Da Vinci ATR `$member-add` / `$member-remove` on a Group: the same write
@@ -253,13 +356,19 @@ pub(crate) async fn write_members(
     match result {
         Ok(MemberPatchResult {
             upstream_reply: Some(reply),
+            version: result_version,
             ..
         }) => {
             ctx.intercepted = true;
+            let shown = WithRoster {
+                base,
+                group_id,
+                extension_base: &proxy.config.fhir.extension_base,
+            };
             let reply = match (&roster, &answer_members) {
-                (RosterAnswer::Members(members), _) => with_members(reply, members),
-                (_, Some(members)) => with_members(reply, members),
-                _ => reply,
+                (RosterAnswer::Unknown, Some(members)) => with_members(reply, members),
+                (RosterAnswer::Unknown, None) if prefer != Prefer::Representation => reply,
+                (roster, _) => shown.reply(reply, roster, result_version),
             };
             relay(session, ctx, reply).await?;
             Ok(Some(Next::Answered))
