@@ -179,7 +179,10 @@ async fn put_without_members_keeps_or_empties_the_roster_by_setting() {
         let group = owned(
             json!({"resourceType": "Group", "id": id, "type": "person", "actual": true, "name": "n"}),
         );
-        stack.put_group(&id, group, &[]).await.assert_status(200);
+        let put = stack.put_group(&id, group, &[]).await;
+        put.assert_status(200);
+        // The answer is the Group as it now is, roster included.
+        assert_eq!(references_of(&put.json()), expected, "answer, {setting}");
         let read = stack.read_group(&id).await;
         assert_eq!(read["name"], "n", "{setting}");
         assert_eq!(read["meta"]["versionId"], "3", "{setting}");

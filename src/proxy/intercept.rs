@@ -167,6 +167,20 @@ async fn patch_beside_the_roster(
         Ok(_) => return Ok(forward(body)),
         Err(outcome) => return answer(session, ctx, &outcome).await,
     }
+    send_showing_the_roster(proxy, session, ctx, base, group_id, body).await
+}
+
+/// Sends a write of a Group kept here to the legacy server as it came, and
+/// answers with the legacy server's reply, the roster of the version it
+/// names put in (see [`WithRoster`]).
+pub(crate) async fn send_showing_the_roster(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+    group_id: &str,
+    body: Bytes,
+) -> Result<Next> {
     let mut request = session.req_header().clone();
     proxy.rewrite_for_upstream(session, &mut request, ctx)?;
     request.remove_header(&http::header::EXPECT);

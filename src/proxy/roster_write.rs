@@ -66,6 +66,14 @@ pub async fn group_update(
             // As the legacy server reads a PUT: the Group has no `member`.
             (None, serde_json::Value::Array(Vec::new()))
         }
+        (None, _) if home == RosterHome::Events => {
+            // The kept roster stays, so the answer shows it: the legacy
+            // server's reply holds the Group without it.
+            return crate::proxy::intercept::send_showing_the_roster(
+                proxy, session, ctx, base, group_id, body,
+            )
+            .await;
+        }
         _ => return Ok(forward(body)),
     };
     // `quantity` of a Group whose roster the proxy keeps is computed from
