@@ -19,6 +19,7 @@ use support::*;
 
 /// The history entry matching `filter`, as the legacy server's history holds it.
 async fn history_entry(stack: &Stack, filter: Document) -> Document {
+    stack.standin.history_settled().await;
     stack
         .mongo
         .collection::<Document>("Group_4_0_0_History")
@@ -728,12 +729,18 @@ async fn mixed_patches_split_with_one_version_increment() {
         .get_array("member")
         .map_or(true, |members| members.is_empty()));
     // History records the client's PATCH, every op of it, though the legacy
-    // server was sent a PUT.
-    let entry = history_entry(
-        &stack,
-        doc! {"resource.id": &id, "resource.meta.versionId": "2"},
-    )
-    .await;
+    // server was sent a PUT. The legacy server writes the entry after its
+    // answer (as the reference server does), so the proxy relabels it as
+    // soon as it appears.
+    let version_2 = doc! {"resource.id": &id, "resource.meta.versionId": "2"};
+    let mut entry = history_entry(&stack, version_2.clone()).await;
+    for _ in 0..100 {
+        if entry.get_document("request").unwrap().get_str("method") == Ok("PATCH") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        entry = history_entry(&stack, version_2.clone()).await;
+    }
     assert_eq!(
         entry.get_document("request").unwrap().get_str("method"),
         Ok("PATCH")

@@ -567,15 +567,8 @@ impl GroupService {
             }
         };
         if !request.patch_ops.is_empty() {
-            // The legacy server recorded the PUT the proxy sent; the version
-            // is the client's PATCH, with all its ops.
-            if let Err(e) = self
-                .documents
-                .record_patch_in_history(id, new_version, &request.patch_ops)
-                .await
-            {
-                tracing::warn!(group = id, error = %e, "the history entry of a split patch still names the proxy's PUT");
-            }
+            self.record_split_patch_in_history(id, new_version, &request.patch_ops)
+                .await;
         }
         self.complete_committed(id, token).await;
         Ok(Attempt::Done(Box::new(MemberPatchResult {
@@ -586,6 +579,58 @@ impl GroupService {
             events_written,
             upstream_reply: Some(reply),
         })))
+    }
+
+    /// The legacy server recorded the PUT the proxy sent for a split patch;
+    /// the version is the client's PATCH, with all its ops. The reference
+    /// server writes history after it answers (its post-request processor),
+    /// so the entry may not be there yet: then a task of its own looks
+    /// again, for a while, without holding up the answer.
+    async fn record_split_patch_in_history(
+        &self,
+        id: &str,
+        version: u64,
+        patch_ops: &[serde_json::Value],
+    ) {
+        const LOOK_FOR: Duration = Duration::from_secs(10);
+        match self
+            .documents
+            .record_patch_in_history(id, version, patch_ops)
+            .await
+        {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(group = id, version, error = %e, "the history entry of a split patch still names the proxy's PUT");
+                return;
+            }
+        }
+        let documents = self.documents.clone();
+        let id = id.to_string();
+        let patch_ops = patch_ops.to_vec();
+        tokio::spawn(async move {
+            let give_up = Instant::now() + LOOK_FOR;
+            let mut wait = Duration::from_millis(10);
+            loop {
+                tokio::time::sleep(wait).await;
+                let outcome = documents
+                    .record_patch_in_history(&id, version, &patch_ops)
+                    .await;
+                match outcome {
+                    Ok(true) => return,
+                    Ok(false) if Instant::now() < give_up => {}
+                    Ok(false) => {
+                        tracing::warn!(group = %id, version, "the legacy server wrote no history entry for a split patch's PUT in 10 s; none was relabelled");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = %id, version, error = %e, "the history entry of a split patch still names the proxy's PUT");
+                        return;
+                    }
+                }
+                wait = (wait * 2).min(Duration::from_millis(500));
+            }
+        });
     }
 
     /// The commit point of a member-only write (also of the member half of a

@@ -709,13 +709,15 @@ impl GroupDocuments {
     /// The history entry of `version` (written by the legacy server for the
     /// proxy's PUT of a split patch) as the client's PATCH: its method, and
     /// the outcome listing every op of the patch.
+    /// `false` when the entry is not there (yet).
     pub async fn record_patch_in_history(
         &self,
         id: &str,
         version: u64,
         patch_ops: &[serde_json::Value],
-    ) -> Result<(), DocumentStoreError> {
-        self.history
+    ) -> Result<bool, DocumentStoreError> {
+        let updated = self
+            .history
             .update_one(
                 doc! { "resource.id": id, "resource.meta.versionId": version.to_string() },
                 doc! { "$set": {
@@ -724,7 +726,7 @@ impl GroupDocuments {
                 } },
             )
             .await?;
-        Ok(())
+        Ok(updated.matched_count > 0)
     }
 
     /// Remembers that the client's `client_id` on this Group names the request
