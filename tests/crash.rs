@@ -94,6 +94,7 @@ async fn crash_mid_load(extra: &[(&str, &str)], crash: impl AsyncFnOnce(&mut Pro
         .unwrap();
     let told: BTreeSet<u64> = acknowledged.iter().map(|(_, v)| *v).collect();
     assert!(told.iter().all(|v| *v <= current), "{told:?} > {current}");
+    stack.standin.history_settled().await;
     let mut missing = Vec::new();
     for version in 1..=current {
         let reply = send(
@@ -219,6 +220,7 @@ async fn a_commit_superseded_by_a_legacy_write_before_recovery_is_kept() {
     let group = stack.read_group(&id).await;
     assert_eq!(group["meta"]["versionId"], "4");
     assert_eq!(group["name"], "renamed");
+    stack.standin.history_settled().await;
     for (version, roster) in [
         (3, vec!["Patient/a", "Patient/x"]),
         (4, vec!["Patient/a", "Patient/x"]),

@@ -41,7 +41,12 @@ async fn read(client: &HttpClient, url: &str) -> Seen {
 
 /// The same scenario against `base` (the stand-in directly, or the proxy):
 /// what the client saw at each step.
-async fn scenario(client: &HttpClient, base: &str, put_id: &str) -> Vec<(&'static str, Seen)> {
+async fn scenario(
+    client: &HttpClient,
+    base: &str,
+    standin: &Standin,
+    put_id: &str,
+) -> Vec<(&'static str, Seen)> {
     let mut steps = Vec::new();
     let created = send(
         client,
@@ -113,6 +118,7 @@ async fn scenario(client: &HttpClient, base: &str, put_id: &str) -> Vec<(&'stati
     )
     .await;
     steps.push(("PUT to a new id", seen(&reply)));
+    standin.history_settled().await;
     let reply = send(client, "GET", &format!("{url}/_history/2"), &[], "").await;
     steps.push(("_history/2", seen(&reply)));
     let reply = send(client, "DELETE", &url, &[], "").await;
@@ -132,8 +138,20 @@ async fn scenario(client: &HttpClient, base: &str, put_id: &str) -> Vec<(&'stati
 async fn every_group_request_behaves_as_direct_when_the_groups_live_elsewhere() {
     let elsewhere = unique_name("not_the_legacy_servers");
     let stack = Stack::start(&[("FGP_MONGO_DATABASE", elsewhere.as_str())]).await;
-    let direct = scenario(&stack.client, &stack.standin.url(), "put-direct").await;
-    let proxied = scenario(&stack.client, &stack.proxy.url(), "put-proxied").await;
+    let direct = scenario(
+        &stack.client,
+        &stack.standin.url(),
+        &stack.standin,
+        "put-direct",
+    )
+    .await;
+    let proxied = scenario(
+        &stack.client,
+        &stack.proxy.url(),
+        &stack.standin,
+        "put-proxied",
+    )
+    .await;
     assert_eq!(direct.len(), proxied.len());
     for ((what, direct), (_, proxied)) in direct.iter().zip(&proxied) {
         assert_eq!(proxied, direct, "{what}");

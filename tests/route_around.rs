@@ -29,6 +29,7 @@ async fn assert_untouched(stack: &Stack, id: &str, version: &str, roster: &[&str
         roster,
         "{what}: roster changed"
     );
+    stack.standin.history_settled().await;
     let at_version = send(
         &stack.client,
         "GET",
@@ -419,6 +420,7 @@ async fn reads_answered_from_the_inline_roster_are_refused_for_managed_groups() 
         assert_outcome(&reply, 422, "not-supported");
     }
     // Single versions and the paged roster stay available.
+    stack.standin.history_settled().await;
     let version = send(
         &stack.client,
         "GET",
@@ -445,6 +447,7 @@ async fn the_history_of_a_managed_group_carries_each_versions_roster() {
         )
         .await
         .assert_status(200);
+    stack.standin.history_settled().await;
     let history = send(
         &stack.client,
         "GET",
@@ -488,6 +491,7 @@ async fn the_history_of_a_managed_group_carries_each_versions_roster() {
             "no empty arrays in FHIR JSON"
         );
     }
+    stack.standin.history_settled().await;
     let first = send(
         &stack.client,
         "GET",
@@ -714,6 +718,7 @@ async fn a_legacy_half_that_changes_nothing_still_gives_one_true_version() {
     assert_eq!(mixed.header("etag"), Some("W/\"4\""));
     let read = stack.read_group(&id).await;
     assert_eq!(read["meta"]["versionId"], "4");
+    stack.standin.history_settled().await;
     for (version, roster) in [
         (2, vec!["Patient/a"]),
         (3, vec!["Patient/a", "Patient/b"]),
@@ -867,6 +872,7 @@ async fn versions_keep_their_rosters_across_delete_and_create_again() {
         .assert_status(200);
     let deleted = send(&stack.client, "DELETE", &stack.group_url(&id), &[], "").await;
     assert!((200..300).contains(&deleted.status), "{}", deleted.status);
+    stack.standin.history_settled().await;
     let roster_at = |version: String| {
         let url = format!("{}/_history/{version}", stack.group_url(&id));
         let client = stack.client.clone();

@@ -17,6 +17,7 @@ pub fn remove(reference: &str) -> Value {
 
 /// The versionId, member references and quantity of `_history/{version}`.
 pub async fn roster_at(stack: &Stack, id: &str, version: u64) -> (String, Vec<String>, Value) {
+    stack.standin.history_settled().await;
     let url = format!("{}/_history/{version}", stack.group_url(id));
     let read = send(&stack.client, "GET", &url, &[], "").await;
     read.assert_status(200);

@@ -159,6 +159,15 @@ impl Standin {
         format!("http://{}", self.addr)
     }
 
+    /// Waits until the history entries of every write it answered are in:
+    /// like the real server, it writes them after answering.
+    pub async fn history_settled(&self) {
+        let url = format!("{}/__standin/history-settled", self.url());
+        send(&http_client(), "GET", &url, &[], "")
+            .await
+            .assert_status(204);
+    }
+
     /// The proxy settings for this stand-in's behaviour, as an operator
     /// would set them for their legacy server.
     pub fn dialect_settings(&self) -> [(&'static str, &'static str); 2] {

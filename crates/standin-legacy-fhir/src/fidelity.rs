@@ -79,6 +79,9 @@ pub struct Fidelity {
     pub keep_non_writable_fields: bool,
     /// A search Bundle's `total` is 0 unless `_total` is asked for.
     pub total_only_on_request: bool,
+    /// History entries are written after the answer (the real server's
+    /// post-request processor), so they appear a little after the version.
+    pub history_after_answer: bool,
 }
 
 impl Fidelity {
@@ -96,6 +99,7 @@ impl Fidelity {
             real_patch: false,
             keep_non_writable_fields: false,
             total_only_on_request: false,
+            history_after_answer: false,
         }
     }
 
@@ -113,6 +117,7 @@ impl Fidelity {
             real_patch: true,
             keep_non_writable_fields: true,
             total_only_on_request: true,
+            history_after_answer: true,
         }
     }
 

@@ -175,6 +175,12 @@ impl StandinServer {
         self.shared.storage.history_database()
     }
 
+    /// Waits until the history entries of every answered write are written
+    /// (see `Fidelity::history_after_answer`).
+    pub async fn history_settled(&self) {
+        self.shared.storage.history_settled().await
+    }
+
     /// Serves HTTP/1.1 (keep-alive; HTTP/2 with prior knowledge too) on
     /// `listener` until this future is dropped, e.g. by aborting its task,
     /// which also closes every open connection.
@@ -216,7 +222,11 @@ impl StandinServer {
     async fn handle(&self, request: hyper::Request<hyper::body::Incoming>) -> responses::Response {
         let method = request.method().clone();
         let path = request.uri().path().to_string();
-        let response = if let Some(rest) = path.strip_prefix("/__standin/") {
+        let response = if path == "/__standin/history-settled" {
+            // Answers once every answered write's history entry is in.
+            self.shared.storage.history_settled().await;
+            responses::buffered(hyper::StatusCode::NO_CONTENT, "text/plain", "")
+        } else if let Some(rest) = path.strip_prefix("/__standin/") {
             diagnostics::handle(request, rest).await
         } else {
             let base = self.shared.base_path.as_str();

@@ -541,6 +541,11 @@ fn applied_patches(old: &Document, new: &Document) -> Vec<Value> {
         .collect()
 }
 
+/// How long after its write a version's history entry appears, with
+/// `Fidelity::history_after_answer`: long enough that a client (or proxy)
+/// acting on the answer at once finds no entry yet.
+const HISTORY_DELAY: std::time::Duration = std::time::Duration::from_millis(30);
+
 async fn write_history(
     ctx: &Ctx<'_>,
     document: &Document,
@@ -554,6 +559,12 @@ async fn write_history(
     } else {
         history_entry(document, ctx.request_id, method, &ctx.url(id), status)
     };
+    if ctx.fidelity.history_after_answer {
+        // As the real server's post-request processor: after the answer.
+        ctx.storage
+            .insert_history_later(ctx.resource_type, entry, HISTORY_DELAY);
+        return;
+    }
     // The resource itself is already written; failing the request now would
     // invite a retry of a write that happened.
     if let Err(e) = ctx.storage.insert_history(ctx.resource_type, &entry).await {

@@ -46,6 +46,14 @@ pub struct Storage {
     pub write_locks: WriteLocks,
     /// Resource types whose indexes this process has already ensured.
     indexed: Mutex<HashSet<String>>,
+    /// History entries written after their answer, not yet inserted.
+    pending_history: std::sync::Arc<PendingHistory>,
+}
+
+#[derive(Default)]
+struct PendingHistory {
+    count: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
 }
 
 /// Search results: how many match in all, and the first page of them.
@@ -65,6 +73,7 @@ impl Storage {
             history_database,
             write_locks: WriteLocks::default(),
             indexed: Mutex::new(HashSet::new()),
+            pending_history: Default::default(),
         }
     }
 
@@ -192,6 +201,44 @@ impl Storage {
     ) -> Result<(), StoreError> {
         self.history(resource_type).insert_one(entry).await?;
         Ok(())
+    }
+
+    /// Inserts a history entry `after` from now, in a task of its own: the
+    /// request that wrote the version has long been answered by then.
+    pub fn insert_history_later(
+        &self,
+        resource_type: &str,
+        entry: Document,
+        after: std::time::Duration,
+    ) {
+        use std::sync::atomic::Ordering;
+        let history = self.history(resource_type);
+        let pending = self.pending_history.clone();
+        pending.count.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Err(e) = history.insert_one(entry).await {
+                tracing::error!(error = %e, "stand-in could not write a history entry");
+            }
+            if pending.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+                pending.settled.notify_waiters();
+            }
+        });
+    }
+
+    /// Waits until every history entry written after its answer is in
+    /// (for tests that look at history right after a write).
+    pub async fn history_settled(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let settled = self.pending_history.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self.pending_history.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            settled.await;
+        }
     }
 
     /// The history entry of one version.

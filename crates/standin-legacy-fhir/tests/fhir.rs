@@ -31,6 +31,7 @@ async fn stored(h: &Harness, collection: &str, id: &str) -> Option<Document> {
 }
 
 async fn history(h: &Harness, id: &str) -> Vec<Document> {
+    h.history_settled().await;
     h.database
         .collection::<Document>("Group_4_0_0_History")
         .find(doc! { "id": id })

@@ -41,6 +41,7 @@ async fn stored(h: &Harness, id: &str) -> Document {
 }
 
 async fn history(h: &Harness, id: &str) -> Vec<Document> {
+    h.history_settled().await;
     h.history_database
         .collection::<Document>("Group_4_0_0_History")
         .find(doc! { "resource.id": id })

@@ -122,6 +122,13 @@ impl Harness {
         self.send("GET", path, &[], Bytes::new()).await
     }
 
+    /// Waits until the history entries of every answered write are in (the
+    /// real profile writes them after the answer, as the real server does).
+    pub async fn history_settled(&self) {
+        let reply = self.get("/__standin/history-settled").await;
+        assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    }
+
     pub async fn send_json(
         &self,
         method: &str,
