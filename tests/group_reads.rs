@@ -434,3 +434,65 @@ async fn search_by_member_merges_legacy_and_migrated_groups() {
     let bundle = send(&stack.client, "GET", &url, &[], "").await.json();
     assert_eq!(bundle["total"], 0);
 }
+
+/// Any Group search: the legacy server holds the Groups kept here without
+/// their rosters, so their entries get the roster a read shows; the legacy
+/// server's own Groups, and searches that ask for no `member`, come back as
+/// it answered them.
+#[tokio::test]
+async fn searches_show_the_rosters_of_groups_kept_here() {
+    let stack = Stack::start(&[]).await;
+    let kept = stack.managed_group(&["Patient/a", "Patient/b"]).await;
+    let legacy = stack
+        .create_legacy_group(json!([{"entity": {"reference": "Patient/l"}}]))
+        .await;
+    let search = |query: String| {
+        let client = stack.client.clone();
+        let url = format!("{}/4_0_0/Group?{query}", stack.proxy.url());
+        async move { send(&client, "GET", &url, &[], "").await }
+    };
+
+    let found = search(format!("_id={kept},{legacy}")).await;
+    found.assert_status(200);
+    let bundle = found.json();
+    let entry = |id: &str| -> Value {
+        bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["resource"]["id"] == id)
+            .unwrap_or_else(|| panic!("{id} in {bundle}"))["resource"]
+            .clone()
+    };
+    assert_eq!(references(&entry(&kept)), vec!["Patient/a", "Patient/b"]);
+    assert_eq!(entry(&kept)["quantity"], 2);
+    assert_eq!(references(&entry(&legacy)), vec!["Patient/l"]);
+    let direct = send(
+        &stack.client,
+        "GET",
+        &format!("{}/4_0_0/Group?_id={legacy}", stack.standin.url()),
+        &[],
+        "",
+    )
+    .await;
+    let through = search(format!("_id={legacy}")).await;
+    // `fullUrl` names the host the client asked (the proxy's, or the
+    // stand-in's); everything else is as the legacy server answered.
+    let without_full_urls = |mut bundle: Value| {
+        for entry in bundle["entry"].as_array_mut().into_iter().flatten() {
+            entry.as_object_mut().map(|e| e.remove("fullUrl"));
+        }
+        bundle
+    };
+    assert_eq!(
+        without_full_urls(through.json()),
+        without_full_urls(direct.json()),
+        "a legacy Group as it was"
+    );
+
+    // No member asked for: as the legacy server answered.
+    let summary = search(format!("_id={kept}&_elements=id")).await;
+    summary.assert_status(200);
+    let listed = &summary.json()["entry"][0]["resource"];
+    assert!(references(listed).is_empty(), "{listed}");
+}

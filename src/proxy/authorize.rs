@@ -32,7 +32,7 @@ pub fn action_of(route: &Route) -> Option<Action> {
         Route::GroupRead { .. } | Route::GroupMembers { .. } | Route::GroupVersionRead { .. } => {
             Action::Read
         }
-        Route::GroupSearchByMember { .. } => Action::Search,
+        Route::GroupSearchByMember { .. } | Route::GroupSearch { .. } => Action::Search,
     })
 }
 

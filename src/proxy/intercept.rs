@@ -583,7 +583,7 @@ pub(crate) enum RosterAnswer {
     Unknown,
 }
 
-async fn roster_for_answer(
+pub(crate) async fn roster_for_answer(
     proxy: &FhirGroupProxy,
     group_id: &str,
     group_key: Option<&str>,

@@ -305,6 +305,7 @@ impl FhirGroupProxy {
             Route::GroupSearchByMember { base } => {
                 search::group_member_search(self, session, ctx, &base).await
             }
+            Route::GroupSearch { base } => search::group_search(self, session, ctx, &base).await,
             Route::GroupMembers { base, group_id } => {
                 read::members_page(self, session, ctx, &base, &group_id).await
             }

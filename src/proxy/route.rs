@@ -70,6 +70,9 @@ pub enum Route {
     GroupDelete { base: String, group_id: String },
     /// `GET {base}/Group?member=...`: migrated Groups come from the reverse index.
     GroupSearchByMember { base: String },
+    /// `GET {base}/Group` (any other search): the legacy server's Bundle,
+    /// with the rosters of Groups kept here put in.
+    GroupSearch { base: String },
     /// `GET {base}/Group/{id}/_history/{vid}`: the roster as of that version.
     GroupVersionRead {
         base: String,
@@ -116,6 +119,7 @@ impl Route {
             Route::GroupCreate { .. } => "group_create",
             Route::GroupDelete { .. } => "group_delete",
             Route::GroupSearchByMember { .. } => "group_search_by_member",
+            Route::GroupSearch { .. } => "group_search",
             Route::GroupVersionRead { .. } => "group_version_read",
         }
     }
@@ -149,8 +153,11 @@ pub fn route(request: &RequestHeader, base_paths: &[String]) -> Route {
         let path = request.uri.path();
         let searches_members =
             crate::fhir::group_search::member_search_terms(request.uri.query()).is_some();
-        if let (true, Some(base)) = (searches_members, group_type_base(path, base_paths)) {
-            return Route::GroupSearchByMember { base };
+        if let Some(base) = group_type_base(path, base_paths) {
+            return match searches_members {
+                true => Route::GroupSearchByMember { base },
+                false => Route::GroupSearch { base },
+            };
         }
         if let Some(group_path) = path.strip_suffix("/$members") {
             if let Some((base, group_id)) = group_id(group_path, base_paths) {
@@ -437,7 +444,7 @@ mod tests {
                 version: 7
             }
         );
-        for path in ["/4_0_0/Group", "/4_0_0/Group/g/_history/x"] {
+        for path in ["/4_0_0/Group/g/_history/x"] {
             assert_eq!(
                 route(&request("GET", path, None), &bases()),
                 Route::Passthrough,
@@ -627,7 +634,7 @@ mod tests {
         }
         assert!(matches!(
             route(&request("GET", "/4_0_0/Group?identifier=x", None), &bases()),
-            Route::Passthrough
+            Route::GroupSearch { .. }
         ));
     }
 
@@ -655,6 +662,36 @@ mod tests {
                 "{method} {path}"
             );
         }
+    }
+
+    #[test]
+    fn other_group_searches_are_routed_so_kept_rosters_can_be_put_in() {
+        for target in [
+            "/4_0_0/Group",
+            "/4_0_0/Group?_id=a",
+            "/4_0_0/Group?name=x&_count=5",
+        ] {
+            assert_eq!(
+                route(&request("GET", target, None), &bases()),
+                Route::GroupSearch {
+                    base: "/4_0_0".into()
+                },
+                "{target}"
+            );
+        }
+        assert_eq!(
+            route(
+                &request("GET", "/4_0_0/Group?member=Patient/1", None),
+                &bases()
+            ),
+            Route::GroupSearchByMember {
+                base: "/4_0_0".into()
+            }
+        );
+        assert_eq!(
+            route(&request("GET", "/4_0_0/Patient?name=x", None), &bases()),
+            Route::Passthrough
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use pingora::proxy::Session;
 use pingora::Result;
 use serde_json::Value;
 
+use crate::fhir::group_read::{with_paging_link, with_quantity};
 use crate::fhir::group_search::{member_search_terms, merge_member_search, query_for_ids};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::patch::UpstreamReply;
@@ -90,6 +91,136 @@ pub async fn group_member_search(
     );
     let body = Bytes::from(serde_json::to_vec(&merged).unwrap_or_default());
     let mut header = json_header(&inline.headers, ctx)?;
+    header.insert_header("content-length", body.len().to_string())?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(true)
+}
+
+/// Any other Group search. The legacy server answers it, but holds the
+/// Groups kept here without their rosters: its Bundle is read whole and
+/// those Groups get the roster of the version listed, as a read shows it
+/// (up to `fhir.max_inline_members`, else `quantity` and a `$members`
+/// link). Until some Group is kept here, or when the search asks for no
+/// `member` (`_summary`, `_elements`), it streams through untouched.
+/// `false`: forwarded.
+pub async fn group_search(
+    proxy: &FhirGroupProxy,
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    base: &str,
+) -> Result<bool> {
+    let query = session.req_header().uri.query().map(str::to_string);
+    if !crate::fhir::group_read::wants_members(query.as_deref()) {
+        return Ok(false);
+    }
+    match proxy.manages_any_group().await {
+        Ok(false) => return Ok(false),
+        Ok(true) => {}
+        Err(outcome) => {
+            ctx.intercepted = true;
+            send_outcome(session, &outcome, &ctx.request_id).await?;
+            return Ok(true);
+        }
+    }
+    ctx.intercepted = true;
+    let reply = match search_upstream(proxy, session, ctx, None).await? {
+        Ok(reply) => reply,
+        Err(()) => return Ok(true),
+    };
+    let Ok(mut bundle) = serde_json::from_slice::<Value>(&reply.body) else {
+        relay(session, ctx, reply).await?;
+        return Ok(true);
+    };
+    let groups: Vec<(String, u64)> = bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry["resource"]["resourceType"] == "Group")
+        .filter_map(|entry| {
+            let resource = &entry["resource"];
+            let id = resource["id"].as_str()?.to_string();
+            let version = resource["meta"]["versionId"].as_str()?.parse().ok()?;
+            Some((id, version))
+        })
+        .collect();
+    let ids: Vec<String> = groups.iter().map(|(id, _)| id.clone()).collect();
+    let managed = match proxy.managed_among(&ids).await {
+        Ok(managed) => managed,
+        Err(outcome) => {
+            send_outcome(session, &outcome, &ctx.request_id).await?;
+            return Ok(true);
+        }
+    };
+    if managed.is_empty() {
+        relay(session, ctx, reply).await?;
+        return Ok(true);
+    }
+    let mut rosters = HashMap::new();
+    for (id, version) in groups.iter().filter(|(id, _)| managed.contains(id)) {
+        let roster = crate::proxy::intercept::roster_for_answer(proxy, id, None, *version).await;
+        rosters.insert(id.clone(), roster);
+    }
+    let shown = |group: Value, id: &str| -> std::result::Result<Value, Outcome> {
+        use crate::proxy::intercept::RosterAnswer;
+        let inline = group["member"].as_array().is_some_and(|m| !m.is_empty());
+        if inline {
+            // Two rosters for one Group: never merged silently.
+            return Err(crate::group::drift(id));
+        }
+        match rosters.get(id) {
+            Some(RosterAnswer::Members(members)) => {
+                let active = members.as_array().map_or(0, |members| {
+                    members
+                        .iter()
+                        .filter(|m| crate::fhir::member_array::is_active(m))
+                        .count()
+                });
+                let mut group = group;
+                if let Some(object) = group.as_object_mut() {
+                    object.insert("quantity".into(), active.into());
+                    // FHIR JSON has no empty arrays.
+                    match members.as_array().is_some_and(|m| !m.is_empty()) {
+                        true => object.insert("member".into(), members.clone()),
+                        false => object.remove("member"),
+                    };
+                }
+                Ok(group)
+            }
+            Some(RosterAnswer::Paged { active_members }) => Ok(with_paging_link(
+                with_quantity(group, *active_members),
+                &format!("{base}/Group/{id}/$members"),
+                &proxy.config.fhir.extension_base,
+            )),
+            _ => Err(Outcome::error(
+                503,
+                IssueType::Transient,
+                format!(
+                    "the members of Group/{id}, found by this search, cannot be read now; \
+                     retry the search"
+                ),
+            )),
+        }
+    };
+    for entry in bundle["entry"].as_array_mut().into_iter().flatten() {
+        let Some(id) = entry["resource"]["id"].as_str().map(str::to_string) else {
+            continue;
+        };
+        if entry["resource"]["resourceType"] != "Group" || !managed.contains(&id) {
+            continue;
+        }
+        match shown(entry["resource"].take(), &id) {
+            Ok(group) => entry["resource"] = group,
+            Err(outcome) => {
+                send_outcome(session, &outcome, &ctx.request_id).await?;
+                return Ok(true);
+            }
+        }
+    }
+    let body = Bytes::from(serde_json::to_vec(&bundle).unwrap_or_default());
+    let mut header = json_header(&reply.headers, ctx)?;
     header.insert_header("content-length", body.len().to_string())?;
     session
         .write_response_header(Box::new(header), false)
