@@ -428,6 +428,9 @@ async fn search_by_member_merges_legacy_and_migrated_groups() {
         .find(|e| e["resource"]["id"] == migrated_a.as_str())
         .unwrap();
     assert_eq!(a["resource"]["quantity"], 2);
+    // Listed with its roster, as the legacy server lists Groups it keeps.
+    assert_eq!(references(&a["resource"]).len(), 2);
+    assert!(references(&a["resource"]).contains(&"Patient/x".to_string()));
 
     // A member no migrated Group holds: the legacy server's answer as is.
     let url = format!("{}/4_0_0/Group?member=Patient/nobody", stack.proxy.url());

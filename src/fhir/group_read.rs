@@ -41,6 +41,46 @@ pub fn with_quantity(mut group: Value, active_members: i64) -> Value {
     group
 }
 
+/// A Group listed in an answer (a search, a write's reply) with the roster
+/// the member store holds for it: `members` as stored and presented, or,
+/// when too many to inline, their active count and where to page them.
+pub enum ListedRoster<'a> {
+    Members(&'a [Value]),
+    Paged {
+        active_members: i64,
+        members_url: &'a str,
+        extension_base: &'a str,
+    },
+}
+
+/// `group` as the legacy server holds it (no `member`), shown with its
+/// roster: `member` (none at all when empty: FHIR JSON has no empty
+/// arrays) and `quantity`, or `quantity` and a `$members` link.
+pub fn with_listed_roster(group: Value, roster: ListedRoster<'_>) -> Value {
+    match roster {
+        ListedRoster::Members(members) => {
+            let active = members
+                .iter()
+                .filter(|m| crate::fhir::member_array::is_active(m))
+                .count();
+            let mut group = with_quantity(group, active as i64);
+            if let (Some(object), false) = (group.as_object_mut(), members.is_empty()) {
+                object.insert("member".into(), Value::Array(members.to_vec()));
+            }
+            group
+        }
+        ListedRoster::Paged {
+            active_members,
+            members_url,
+            extension_base,
+        } => with_paging_link(
+            with_quantity(group, active_members),
+            members_url,
+            extension_base,
+        ),
+    }
+}
+
 /// Points a read that left the roster out (too large) at the paging operation.
 pub fn with_paging_link(mut group: Value, members_url: &str, extension_base: &str) -> Value {
     if let Some(object) = group.as_object_mut() {
@@ -190,6 +230,32 @@ pub fn split_around_members(group: &Value) -> (Vec<u8>, Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_groups_get_their_roster_or_its_count_and_link() {
+        let group = json!({"resourceType": "Group", "id": "g", "member": []});
+        let members = [
+            json!({"entity": {"reference": "Patient/1"}}),
+            json!({"entity": {"reference": "Patient/2"}, "inactive": true}),
+        ];
+        let shown = with_listed_roster(group.clone(), ListedRoster::Members(&members));
+        assert_eq!(shown["member"], json!(members));
+        assert_eq!(shown["quantity"], 1);
+        let empty = with_listed_roster(group.clone(), ListedRoster::Members(&[]));
+        assert!(empty.get("member").is_none(), "no empty array: {empty}");
+        assert_eq!(empty["quantity"], 0);
+        let paged = with_listed_roster(
+            group,
+            ListedRoster::Paged {
+                active_members: 20_000,
+                members_url: "/4_0_0/Group/g/$members",
+                extension_base: DEFAULT_EXTENSION_BASE,
+            },
+        );
+        assert!(paged.get("member").is_none());
+        assert_eq!(paged["quantity"], 20_000);
+        assert_eq!(paged["extension"][0]["valueUri"], "/4_0_0/Group/g/$members");
+    }
 
     #[test]
     fn members_stored_with_reference_fields_are_shown_with_extensions_instead() {

@@ -3,11 +3,9 @@
 //! reverse index finds the migrated ones, and the two Bundles are merged.
 //! Pure: building the second query and merging the results.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use serde_json::{json, Value};
-
-use crate::fhir::group_read::{with_paging_link, with_quantity};
 
 /// The references a `member` search asks for (comma means "or"), if any.
 pub fn member_search_terms(query: Option<&str>) -> Option<Vec<String>> {
@@ -52,16 +50,9 @@ pub fn query_for_ids(query: Option<&str>, ids: &[String]) -> Option<String> {
 }
 
 /// Adds the migrated Groups of `migrated` (a searchset from the legacy server
-/// restricted to their ids) to `inline` (the legacy server's own answer).
-/// Migrated Groups get `quantity` and a link to their `$members` instead of a
-/// roster, which would make search results unbounded.
-pub fn merge_member_search(
-    mut inline: Value,
-    migrated: Value,
-    active_members: &HashMap<String, i64>,
-    base: &str,
-    extension_base: &str,
-) -> Value {
+/// restricted to their ids) to `inline` (the legacy server's own answer),
+/// each once. Their rosters are put in afterwards, like any search's.
+pub fn merge_member_search(mut inline: Value, migrated: Value) -> Value {
     let mut seen: HashSet<String> = entries(&inline)
         .filter_map(|e| e["resource"]["id"].as_str().map(str::to_string))
         .collect();
@@ -73,17 +64,7 @@ pub fn merge_member_search(
         if !seen.insert(id.clone()) {
             continue;
         }
-        let mut entry = entry.clone();
-        let group = with_quantity(
-            entry["resource"].take(),
-            active_members.get(&id).copied().unwrap_or(0),
-        );
-        entry["resource"] = with_paging_link(
-            group,
-            &format!("{base}/Group/{id}/$members"),
-            extension_base,
-        );
-        added.push(entry);
+        added.push(entry.clone());
     }
     let added_count = added.len() as i64;
     // A legacy server that reports fewer than it returned is not counting
@@ -139,26 +120,16 @@ mod tests {
     }
 
     #[test]
-    fn merging_adds_migrated_groups_once_with_quantity() {
+    fn merging_adds_migrated_groups_once() {
         let inline = json!({"resourceType": "Bundle", "type": "searchset", "total": 1,
             "entry": [{"resource": {"resourceType": "Group", "id": "legacy"}}]});
         let migrated = json!({"resourceType": "Bundle", "total": 2, "entry": [
             {"resource": {"resourceType": "Group", "id": "m1"}},
             {"resource": {"resourceType": "Group", "id": "legacy"}}]});
-        let merged = merge_member_search(
-            inline,
-            migrated,
-            &HashMap::from([("m1".to_string(), 4)]),
-            "/4_0_0",
-            crate::fhir::group_read::DEFAULT_EXTENSION_BASE,
-        );
+        let merged = merge_member_search(inline, migrated);
         assert_eq!(merged["total"], 2);
+        assert_eq!(merged["entry"].as_array().unwrap().len(), 2);
         assert_eq!(merged["entry"][1]["resource"]["id"], "m1");
-        assert_eq!(merged["entry"][1]["resource"]["quantity"], 4);
-        assert_eq!(
-            merged["entry"][1]["resource"]["extension"][0]["valueUri"],
-            "/4_0_0/Group/m1/$members"
-        );
     }
 
     #[test]
@@ -167,7 +138,7 @@ mod tests {
             "entry": [{"resource": {"resourceType": "Group", "id": "legacy"}}]});
         let migrated = json!({"resourceType": "Bundle", "total": 1, "entry": [
             {"resource": {"resourceType": "Group", "id": "m1"}}]});
-        let merged = merge_member_search(inline, migrated, &HashMap::new(), "/4_0_0", "https://x");
+        let merged = merge_member_search(inline, migrated);
         assert_eq!(merged["entry"].as_array().unwrap().len(), 2);
         assert_eq!(merged["total"], 0);
     }

@@ -3,14 +3,12 @@
 //! reverse index and read from the legacy server by id, with the client's own
 //! credentials both times; the two Bundles are merged.
 
-use std::collections::HashMap;
-
 use bytes::Bytes;
 use pingora::proxy::Session;
 use pingora::Result;
 use serde_json::Value;
 
-use crate::fhir::group_read::{with_paging_link, with_quantity};
+use crate::fhir::group_read::{with_listed_roster, ListedRoster};
 use crate::fhir::group_search::{member_search_terms, merge_member_search, query_for_ids};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::patch::UpstreamReply;
@@ -81,21 +79,13 @@ pub async fn group_member_search(
         relay(session, ctx, inline).await?;
         return Ok(true);
     };
-    let active: HashMap<String, i64> = migrated.into_iter().collect();
-    let merged = merge_member_search(
-        inline_bundle,
-        by_id_bundle,
-        &active,
-        base,
-        &proxy.config.fhir.extension_base,
-    );
-    let body = Bytes::from(serde_json::to_vec(&merged).unwrap_or_default());
-    let mut header = json_header(&inline.headers, ctx)?;
-    header.insert_header("content-length", body.len().to_string())?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session.write_response_body(Some(body), true).await?;
+    let mut merged = merge_member_search(inline_bundle, by_id_bundle);
+    let managed: Vec<String> = migrated.into_iter().map(|(id, _)| id).collect();
+    if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut merged, &managed).await {
+        send_outcome(session, &outcome, &ctx.request_id).await?;
+        return Ok(true);
+    }
+    send_bundle(session, ctx, &inline.headers, &merged).await?;
     Ok(true)
 }
 
@@ -158,75 +148,84 @@ pub async fn group_search(
         relay(session, ctx, reply).await?;
         return Ok(true);
     }
-    let mut rosters = HashMap::new();
-    for (id, version) in groups.iter().filter(|(id, _)| managed.contains(id)) {
-        let roster = crate::proxy::intercept::roster_for_answer(proxy, id, None, *version).await;
-        rosters.insert(id.clone(), roster);
+    if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut bundle, &managed).await {
+        send_outcome(session, &outcome, &ctx.request_id).await?;
+        return Ok(true);
     }
-    let shown = |group: Value, id: &str| -> std::result::Result<Value, Outcome> {
-        use crate::proxy::intercept::RosterAnswer;
-        let inline = group["member"].as_array().is_some_and(|m| !m.is_empty());
-        if inline {
-            // Two rosters for one Group: never merged silently.
-            return Err(crate::group::drift(id));
-        }
-        match rosters.get(id) {
-            Some(RosterAnswer::Members(members)) => {
-                let active = members.as_array().map_or(0, |members| {
-                    members
-                        .iter()
-                        .filter(|m| crate::fhir::member_array::is_active(m))
-                        .count()
-                });
-                let mut group = group;
-                if let Some(object) = group.as_object_mut() {
-                    object.insert("quantity".into(), active.into());
-                    // FHIR JSON has no empty arrays.
-                    match members.as_array().is_some_and(|m| !m.is_empty()) {
-                        true => object.insert("member".into(), members.clone()),
-                        false => object.remove("member"),
-                    };
-                }
-                Ok(group)
-            }
-            Some(RosterAnswer::Paged { active_members }) => Ok(with_paging_link(
-                with_quantity(group, *active_members),
-                &format!("{base}/Group/{id}/$members"),
-                &proxy.config.fhir.extension_base,
-            )),
-            _ => Err(Outcome::error(
-                503,
-                IssueType::Transient,
-                format!(
-                    "the members of Group/{id}, found by this search, cannot be read now; \
-                     retry the search"
-                ),
-            )),
-        }
-    };
+    send_bundle(session, ctx, &reply.headers, &bundle).await?;
+    Ok(true)
+}
+
+/// The Group entries of `bundle` that are kept here (`managed`) get the
+/// roster of the version listed, as a read shows it. Refused rather than
+/// answered without it: a kept Group whose listed document holds members
+/// too (drift), or whose roster cannot be read now.
+async fn put_in_kept_rosters(
+    proxy: &FhirGroupProxy,
+    base: &str,
+    bundle: &mut Value,
+    managed: &[String],
+) -> std::result::Result<(), Outcome> {
+    use crate::proxy::intercept::{roster_for_answer, RosterAnswer};
     for entry in bundle["entry"].as_array_mut().into_iter().flatten() {
-        let Some(id) = entry["resource"]["id"].as_str().map(str::to_string) else {
+        let resource = &mut entry["resource"];
+        let Some(id) = resource["id"].as_str().map(str::to_string) else {
             continue;
         };
-        if entry["resource"]["resourceType"] != "Group" || !managed.contains(&id) {
+        if resource["resourceType"] != "Group" || !managed.contains(&id) {
             continue;
         }
-        match shown(entry["resource"].take(), &id) {
-            Ok(group) => entry["resource"] = group,
-            Err(outcome) => {
-                send_outcome(session, &outcome, &ctx.request_id).await?;
-                return Ok(true);
-            }
+        if resource["member"].as_array().is_some_and(|m| !m.is_empty()) {
+            // Two rosters for one Group: never merged silently.
+            return Err(crate::group::drift(&id));
         }
+        let version = resource["meta"]["versionId"]
+            .as_str()
+            .and_then(|v| v.parse().ok());
+        let roster = match version {
+            Some(version) => roster_for_answer(proxy, &id, None, version).await,
+            None => RosterAnswer::Unknown,
+        };
+        let members_url = format!("{base}/Group/{id}/$members");
+        let listed = match &roster {
+            RosterAnswer::Members(members) => {
+                ListedRoster::Members(members.as_array().map(Vec::as_slice).unwrap_or_default())
+            }
+            RosterAnswer::Paged { active_members } => ListedRoster::Paged {
+                active_members: *active_members,
+                members_url: &members_url,
+                extension_base: &proxy.config.fhir.extension_base,
+            },
+            RosterAnswer::Unknown => {
+                return Err(Outcome::error(
+                    503,
+                    IssueType::Transient,
+                    format!(
+                        "the members of Group/{id}, found by this search, cannot be read now; \
+                         retry the search"
+                    ),
+                ))
+            }
+        };
+        *resource = with_listed_roster(resource.take(), listed);
     }
-    let body = Bytes::from(serde_json::to_vec(&bundle).unwrap_or_default());
-    let mut header = json_header(&reply.headers, ctx)?;
+    Ok(())
+}
+
+/// Answers with `bundle`, under the legacy server's answer headers.
+async fn send_bundle(
+    session: &mut Session,
+    ctx: &RequestContext,
+    upstream_headers: &http::HeaderMap,
+    bundle: &Value,
+) -> Result<()> {
+    let body = Bytes::from(serde_json::to_vec(bundle).unwrap_or_default());
+    let mut header = json_header(upstream_headers, ctx)?;
     header.insert_header("content-length", body.len().to_string())?;
     session
         .write_response_header(Box::new(header), false)
         .await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(true)
+    session.write_response_body(Some(body), true).await
 }
 
 /// The client's search (or the same path with `query` instead), sent upstream
