@@ -39,7 +39,6 @@ pub async fn group_member_search(
         Ok(Ok(groups)) if groups.is_empty() => return Ok(false),
         Ok(Ok(groups)) => groups,
         Ok(Err(error)) => {
-            ctx.intercepted = true;
             let outcome = match error {
                 WriteError::Outcome(outcome) => outcome,
                 other => Outcome::error(
@@ -48,14 +47,9 @@ pub async fn group_member_search(
                     format!("the member index cannot be searched now: {other}"),
                 ),
             };
-            send_outcome(session, &outcome, &ctx.request_id).await?;
-            return Ok(true);
+            return answered(session, ctx, &outcome).await;
         }
-        Err(outcome) => {
-            ctx.intercepted = true;
-            send_outcome(session, &outcome, &ctx.request_id).await?;
-            return Ok(true);
-        }
+        Err(outcome) => return answered(session, ctx, &outcome).await,
     };
     ctx.intercepted = true;
 
@@ -82,8 +76,7 @@ pub async fn group_member_search(
     let mut merged = merge_member_search(inline_bundle, by_id_bundle);
     let managed: Vec<String> = migrated.into_iter().map(|(id, _)| id).collect();
     if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut merged, &managed).await {
-        send_outcome(session, &outcome, &ctx.request_id).await?;
-        return Ok(true);
+        return answered(session, ctx, &outcome).await;
     }
     send_bundle(session, ctx, &inline.headers, &merged).await?;
     Ok(true)
@@ -110,9 +103,7 @@ pub async fn group_search(
         Ok(false) => return Ok(false),
         Ok(true) => {}
         Err(outcome) => {
-            ctx.intercepted = true;
-            send_outcome(session, &outcome, &ctx.request_id).await?;
-            return Ok(true);
+            return answered(session, ctx, &outcome).await;
         }
     }
     ctx.intercepted = true;
@@ -139,18 +130,14 @@ pub async fn group_search(
     let ids: Vec<String> = groups.iter().map(|(id, _)| id.clone()).collect();
     let managed = match proxy.managed_among(&ids).await {
         Ok(managed) => managed,
-        Err(outcome) => {
-            send_outcome(session, &outcome, &ctx.request_id).await?;
-            return Ok(true);
-        }
+        Err(outcome) => return answered(session, ctx, &outcome).await,
     };
     if managed.is_empty() {
         relay(session, ctx, reply).await?;
         return Ok(true);
     }
     if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut bundle, &managed).await {
-        send_outcome(session, &outcome, &ctx.request_id).await?;
-        return Ok(true);
+        return answered(session, ctx, &outcome).await;
     }
     send_bundle(session, ctx, &reply.headers, &bundle).await?;
     Ok(true)
@@ -262,4 +249,15 @@ async fn search_upstream(
             Ok(Err(()))
         }
     }
+}
+
+/// Answers the search with `outcome` (a refusal or a store failure).
+async fn answered(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    outcome: &Outcome,
+) -> Result<bool> {
+    ctx.intercepted = true;
+    send_outcome(session, outcome, &ctx.request_id).await?;
+    Ok(true)
 }
