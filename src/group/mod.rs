@@ -219,6 +219,9 @@ pub struct GroupService {
     /// A Group the legacy server created that this MongoDB does not hold:
     /// the upstream keeps its Groups elsewhere (readiness reports it).
     upstream_elsewhere: Arc<std::sync::Mutex<Option<String>>>,
+    /// `_uuid` addresses seen, and the id each names when it is not the id
+    /// itself (see [`Self::alias_of`]).
+    uuid_aliases: Arc<std::sync::Mutex<std::collections::HashMap<String, Option<String>>>>,
 }
 
 impl GroupService {
@@ -258,6 +261,7 @@ impl GroupService {
             },
             queues: Arc::default(),
             upstream_elsewhere: Arc::default(),
+            uuid_aliases: Arc::default(),
         })
     }
 
@@ -314,11 +318,12 @@ impl GroupService {
         Ok(RosterHome::Empty)
     }
 
-    /// The plain id of the Group `address` (`id|owner`) names, when it is the
-    /// only Group with that id; `None` when it names none, or the id is
-    /// shared by owners (then the proxy cannot tell its Groups apart).
+    /// The plain id of the Group `address` (`id|owner`, or a `_uuid` that is
+    /// not the Group's id) names, when it is the only Group with that id;
+    /// `None` when it names none or itself, or the id is shared by owners
+    /// (then the proxy cannot tell its Groups apart).
     pub async fn plain_group_id(&self, address: &str) -> Result<Option<String>, WriteError> {
-        let Some(id) = self.documents.id_for_address(address).await? else {
+        let Some(id) = self.alias_of(address).await? else {
             return Ok(None);
         };
         match self.documents.head(&id).await {
@@ -326,6 +331,38 @@ impl GroupService {
             Ok(None) | Err(DocumentStoreError::Ambiguous { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The id of the Group `address` names when that is not `address`
+    /// itself: for `id|owner`, looked up each time (the Group may come and
+    /// go); for a `_uuid`, once per process and address, since a document's
+    /// `_uuid` never changes. Most Groups the reference server creates have
+    /// their `_uuid` as id, and they need no lookup after the first.
+    async fn alias_of(&self, address: &str) -> Result<Option<String>, WriteError> {
+        const KEPT: usize = 65_536;
+        if !icanbwell_conventions::is_uuid(address) || address.contains('|') {
+            return Ok(self.documents.id_for_address(address).await?);
+        }
+        if let Some(known) = self
+            .uuid_aliases
+            .lock()
+            .ok()
+            .and_then(|a| a.get(address).cloned())
+        {
+            return Ok(known);
+        }
+        let alias = self
+            .documents
+            .id_for_address(address)
+            .await?
+            .filter(|id| id != address);
+        if let Ok(mut aliases) = self.uuid_aliases.lock() {
+            if aliases.len() >= KEPT {
+                aliases.clear();
+            }
+            aliases.insert(address.to_string(), alias.clone());
+        }
+        Ok(alias)
     }
 
     /// `address` is not the id of a Group: if it is another address of a

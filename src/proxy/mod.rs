@@ -233,10 +233,12 @@ impl FhirGroupProxy {
             return Ok(true);
         }
         let mut route = route;
-        if let Some(address) = route.group_id_mut().filter(|a| a.contains('|')) {
-            // `id|owner` of the only Group with that id is that Group: the
-            // proxy answers for it as for `Group/{id}` (the legacy server
-            // resolves the same document from the path it is sent).
+        let other_address = |a: &&mut String| a.contains('|') || icanbwell_conventions::is_uuid(a);
+        if let Some(address) = route.group_id_mut().filter(other_address) {
+            // `id|owner` of the only Group with that id, or its `_uuid`, is
+            // that Group: the proxy answers for it as for `Group/{id}` (the
+            // legacy server resolves the same document from the path it is
+            // sent).
             let owned = address.clone();
             let plain = self
                 .ask_stores(None, |service| async move {
