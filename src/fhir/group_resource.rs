@@ -96,9 +96,7 @@ fn parse_roster(members: &Value) -> Result<Vec<Value>, Outcome> {
 /// put back (the legacy server never saw it) and `quantity` set to its active
 /// members. Bodies that are not a Group are returned as they are.
 pub fn with_roster(reply_body: &[u8], member_json: &Value) -> Option<Vec<u8>> {
-    let Ok(Value::Object(mut group)) = serde_json::from_slice::<Value>(reply_body) else {
-        return None;
-    };
+    let group = serde_json::from_slice::<Value>(reply_body).ok()?;
     if group.get("resourceType").and_then(Value::as_str) != Some("Group") {
         return None;
     }
@@ -106,17 +104,11 @@ pub fn with_roster(reply_body: &[u8], member_json: &Value) -> Option<Vec<u8>> {
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let active = members
-        .iter()
-        .filter(|m| m.get("inactive") != Some(&Value::Bool(true)))
-        .count();
-    group.insert("quantity".into(), active.into());
-    if members.is_empty() {
-        group.remove("member");
-    } else {
-        group.insert("member".into(), member_json.clone());
-    }
-    serde_json::to_vec(&Value::Object(group)).ok()
+    let group = crate::fhir::group_read::with_listed_roster(
+        group,
+        crate::fhir::group_read::ListedRoster::Members(members),
+    );
+    serde_json::to_vec(&group).ok()
 }
 
 #[cfg(test)]

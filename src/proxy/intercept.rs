@@ -9,6 +9,7 @@ use pingora::Result;
 
 use crate::config::MixedPatchPolicy;
 use crate::fhir::atr::{parse_atr_parameters, AtrOperation};
+use crate::fhir::group_read::{with_listed_roster, ListedRoster};
 use crate::fhir::member_patch::{parse_patch, PatchClass, PatchLimits};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
@@ -233,19 +234,13 @@ impl WithRoster<'_> {
         let Some(group) = is_group else {
             return reply;
         };
-        match roster {
-            RosterAnswer::Members(members) => with_members(reply, members),
-            RosterAnswer::Paged { active_members } => {
-                let mut group = crate::fhir::group_read::with_quantity(group, *active_members);
-                group = crate::fhir::group_read::with_paging_link(
-                    group,
-                    &format!("{}/Group/{}/$members", self.base, self.group_id),
-                    self.extension_base,
-                );
+        let members_url = format!("{}/Group/{}/$members", self.base, self.group_id);
+        match roster.listed(&members_url, self.extension_base) {
+            Some(listed) => {
+                let group = with_listed_roster(group, listed);
                 reply.body = Bytes::from(serde_json::to_vec(&group).unwrap_or_default());
-                reply
             }
-            RosterAnswer::Unknown => {
+            None => {
                 let outcome = Outcome::information(
                     reply.status,
                     format!(
@@ -259,9 +254,9 @@ impl WithRoster<'_> {
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static(FHIR_JSON),
                 );
-                reply
             }
         }
+        reply
     }
 }
 
@@ -583,6 +578,28 @@ pub(crate) enum RosterAnswer {
     Unknown,
 }
 
+impl RosterAnswer {
+    /// How a Group listed with this roster shows it (see
+    /// [`with_listed_roster`]); `None` when it is not known.
+    pub(crate) fn listed<'a>(
+        &'a self,
+        members_url: &'a str,
+        extension_base: &'a str,
+    ) -> Option<ListedRoster<'a>> {
+        match self {
+            RosterAnswer::Members(members) => Some(ListedRoster::Members(
+                members.as_array().map(Vec::as_slice).unwrap_or_default(),
+            )),
+            RosterAnswer::Paged { active_members } => Some(ListedRoster::Paged {
+                active_members: *active_members,
+                members_url,
+                extension_base,
+            }),
+            RosterAnswer::Unknown => None,
+        }
+    }
+}
+
 pub(crate) async fn roster_for_answer(
     proxy: &FhirGroupProxy,
     group_id: &str,
@@ -706,37 +723,11 @@ async fn write_success(
             .to_bytes(),
         ),
         Prefer::Representation => {
-            // `quantity` of the version answered: from its roster when that
-            // was read, else from the counts (which may be a later version's).
-            let active = match answer.roster {
-                RosterAnswer::Members(members) => members.as_array().map(|members| {
-                    members
-                        .iter()
-                        .filter(|m| crate::fhir::member_array::is_active(m))
-                        .count() as i64
-                }),
-                RosterAnswer::Paged { active_members } => Some((*active_members).max(0)),
-                RosterAnswer::Unknown => None,
-            };
-            if let (Some(active), Some(object)) = (active, resource.as_object_mut()) {
-                object.insert("quantity".into(), active.into());
-            }
-            match answer.roster {
-                RosterAnswer::Members(members) => {
-                    if let Some(object) = resource.as_object_mut() {
-                        if members.as_array().is_some_and(|m| !m.is_empty()) {
-                            object.insert("member".into(), members.clone());
-                        }
-                    }
-                }
-                RosterAnswer::Paged { .. } => {
-                    resource = crate::fhir::group_read::with_paging_link(
-                        resource,
-                        &format!("{base}/Group/{group_id}/$members"),
-                        answer.extension_base,
-                    );
-                }
-                RosterAnswer::Unknown => {}
+            // The roster (and `quantity`) of the version answered, when it
+            // was read.
+            let members_url = format!("{base}/Group/{group_id}/$members");
+            if let Some(listed) = answer.roster.listed(&members_url, answer.extension_base) {
+                resource = with_listed_roster(resource, listed);
             }
             Bytes::from(serde_json::to_vec(&resource).unwrap_or_default())
         }
