@@ -92,12 +92,12 @@ impl GroupService {
 pub const MAX_GROUPS_PER_MEMBER_SEARCH: usize = 500;
 
 impl GroupService {
-    /// The migrated Groups that currently hold any of `references`, with
-    /// their active member counts, by FHIR id.
+    /// The ids of the migrated Groups that currently hold any of
+    /// `references`.
     pub async fn migrated_groups_with(
         &self,
         references: &[String],
-    ) -> Result<Vec<(String, i64)>, WriteError> {
+    ) -> Result<Vec<String>, WriteError> {
         let names: Vec<&str> = references.iter().map(String::as_str).collect();
         let groups = self
             .events
@@ -117,18 +117,10 @@ impl GroupService {
         // events in ClickHouse; their inline members are the truth.
         let ids: Vec<&str> = groups.iter().map(|g| g.group_id.as_str()).collect();
         let migrated = self.documents.migrated_among(&ids).await?;
-        let groups: Vec<_> = groups
-            .into_iter()
-            .filter(|g| migrated.contains(&g.group_id))
-            .collect();
-        let keys: Vec<&str> = groups.iter().map(|g| g.group_key.as_str()).collect();
-        let counts = self.events.counts_of(&keys).await?;
         Ok(groups
             .into_iter()
-            .map(|g| {
-                let active = counts.get(&g.group_key).map_or(0, |c| c.active_members);
-                (g.group_id, active)
-            })
+            .map(|g| g.group_id)
+            .filter(|id| migrated.contains(id))
             .collect())
     }
 }

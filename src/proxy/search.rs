@@ -8,7 +8,7 @@ use pingora::proxy::Session;
 use pingora::Result;
 use serde_json::Value;
 
-use crate::fhir::group_read::{with_listed_roster, ListedRoster};
+use crate::fhir::group_read::with_listed_roster;
 use crate::fhir::group_search::{member_search_terms, merge_member_search, query_for_ids};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::patch::UpstreamReply;
@@ -57,8 +57,7 @@ pub async fn group_member_search(
         Ok(reply) => reply,
         Err(()) => return Ok(true),
     };
-    let ids: Vec<String> = migrated.iter().map(|(id, _)| id.clone()).collect();
-    let Some(id_query) = query_for_ids(query.as_deref(), &ids) else {
+    let Some(id_query) = query_for_ids(query.as_deref(), &migrated) else {
         relay(session, ctx, inline).await?;
         return Ok(true);
     };
@@ -74,8 +73,7 @@ pub async fn group_member_search(
         return Ok(true);
     };
     let mut merged = merge_member_search(inline_bundle, by_id_bundle);
-    let managed: Vec<String> = migrated.into_iter().map(|(id, _)| id).collect();
-    if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut merged, &managed).await {
+    if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut merged, &migrated).await {
         return answered(session, ctx, &outcome).await;
     }
     send_bundle(session, ctx, &inline.headers, &merged).await?;
@@ -102,9 +100,7 @@ pub async fn group_search(
     match proxy.manages_any_group().await {
         Ok(false) => return Ok(false),
         Ok(true) => {}
-        Err(outcome) => {
-            return answered(session, ctx, &outcome).await;
-        }
+        Err(outcome) => return answered(session, ctx, &outcome).await,
     }
     ctx.intercepted = true;
     let reply = match search_upstream(proxy, session, ctx, None).await? {
@@ -115,19 +111,16 @@ pub async fn group_search(
         relay(session, ctx, reply).await?;
         return Ok(true);
     };
-    let groups: Vec<(String, u64)> = bundle["entry"]
+    // Groups listed with a version: the ones whose roster can be shown.
+    let ids: Vec<String> = bundle["entry"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|entry| entry["resource"]["resourceType"] == "Group")
-        .filter_map(|entry| {
-            let resource = &entry["resource"];
-            let id = resource["id"].as_str()?.to_string();
-            let version = resource["meta"]["versionId"].as_str()?.parse().ok()?;
-            Some((id, version))
-        })
+        .map(|entry| &entry["resource"])
+        .filter(|resource| resource["resourceType"] == "Group")
+        .filter(|resource| listed_version(resource).is_some())
+        .filter_map(|resource| resource["id"].as_str().map(str::to_string))
         .collect();
-    let ids: Vec<String> = groups.iter().map(|(id, _)| id.clone()).collect();
     let managed = match proxy.managed_among(&ids).await {
         Ok(managed) => managed,
         Err(outcome) => return answered(session, ctx, &outcome).await,
@@ -166,37 +159,29 @@ async fn put_in_kept_rosters(
             // Two rosters for one Group: never merged silently.
             return Err(crate::group::drift(&id));
         }
-        let version = resource["meta"]["versionId"]
-            .as_str()
-            .and_then(|v| v.parse().ok());
-        let roster = match version {
+        let roster = match listed_version(resource) {
             Some(version) => roster_for_answer(proxy, &id, None, version).await,
             None => RosterAnswer::Unknown,
         };
         let members_url = format!("{base}/Group/{id}/$members");
-        let listed = match &roster {
-            RosterAnswer::Members(members) => {
-                ListedRoster::Members(members.as_array().map(Vec::as_slice).unwrap_or_default())
-            }
-            RosterAnswer::Paged { active_members } => ListedRoster::Paged {
-                active_members: *active_members,
-                members_url: &members_url,
-                extension_base: &proxy.config.fhir.extension_base,
-            },
-            RosterAnswer::Unknown => {
-                return Err(Outcome::error(
-                    503,
-                    IssueType::Transient,
-                    format!(
-                        "the members of Group/{id}, found by this search, cannot be read now; \
-                         retry the search"
-                    ),
-                ))
-            }
+        let Some(listed) = roster.listed(&members_url, &proxy.config.fhir.extension_base) else {
+            return Err(Outcome::error(
+                503,
+                IssueType::Transient,
+                format!(
+                    "the members of Group/{id}, found by this search, cannot be read now; \
+                     retry the search"
+                ),
+            ));
         };
         *resource = with_listed_roster(resource.take(), listed);
     }
     Ok(())
+}
+
+/// The `meta.versionId` of a resource listed in a Bundle.
+fn listed_version(resource: &Value) -> Option<u64> {
+    resource["meta"]["versionId"].as_str()?.parse().ok()
 }
 
 /// Answers with `bundle`, under the legacy server's answer headers.

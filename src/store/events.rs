@@ -946,13 +946,6 @@ pub struct GroupWithMember {
     pub group_id: String,
 }
 
-#[derive(Debug, Row, Deserialize)]
-struct GroupCounts {
-    group_key: String,
-    members: i64,
-    active_members: i64,
-}
-
 impl EventStore {
     /// The Groups whose current members include any of `references`, at most
     /// `limit` of them, ordered by id.
@@ -979,33 +972,5 @@ impl EventStore {
             .bind(limit as u64)
             .fetch_all::<GroupWithMember>()
             .await?)
-    }
-
-    /// Member counts of several groups, by group key.
-    pub async fn counts_of(
-        &self,
-        group_keys: &[&str],
-    ) -> Result<HashMap<String, MemberCounts>, EventStoreError> {
-        let rows = self
-            .query(&format!(
-                "SELECT group_key, toInt64(sumMerge(members)) AS members, \
-                        toInt64(sumMerge(active_members)) AS active_members \
-                 FROM {COUNTS} WHERE group_key IN (SELECT arrayJoin(?)) GROUP BY group_key"
-            ))
-            .bind(group_keys)
-            .fetch_all::<GroupCounts>()
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                (
-                    r.group_key,
-                    MemberCounts {
-                        members: r.members,
-                        active_members: r.active_members,
-                    },
-                )
-            })
-            .collect())
     }
 }
