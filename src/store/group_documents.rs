@@ -174,7 +174,7 @@ impl GroupDocuments {
 
     /// The head of Group `id`, without its member array.
     pub async fn head(&self, id: &str) -> Result<Option<GroupHead>, DocumentStoreError> {
-        let generation = self.generation(id).await?;
+        let generation = self.member_state(id).await?.generation;
         self.head_of_generation(id, generation).await
     }
 
@@ -274,14 +274,6 @@ impl GroupDocuments {
             .projection(doc! { "id": 1 })
             .await?;
         Ok(found.and_then(|d| d.get_str("id").ok().map(str::to_string)))
-    }
-
-    /// How many times a migrated Group with this id was deleted.
-    async fn generation(&self, id: &str) -> Result<i64, DocumentStoreError> {
-        let state = self.states.find_one(doc! { "_id": id }).await?;
-        Ok(state
-            .and_then(|s| s.get_i64("generation").ok())
-            .unwrap_or(0))
     }
 
     /// Ids of Groups with a write left `pending` (its writer stopped or could
@@ -569,15 +561,8 @@ impl GroupDocuments {
     ) -> Result<(), DocumentStoreError> {
         // Only our own pending record: one left by a stopped writer must stay
         // for recovery even when this write fails.
-        let mut update = doc! { "$unset": { "pending": "" } };
-        if committed {
-            update.insert("$set", doc! { "storage": STORAGE_CLICKHOUSE });
-        }
-        let cleared = self
-            .states
-            .update_one(doc! { "_id": id, "pending.token": token }, update)
-            .await?;
-        if committed && cleared.matched_count == 0 {
+        let cleared = self.clear_pending(id, token, committed).await?;
+        if committed && !cleared {
             // Our record is gone (recovery finished it): the storage mark
             // must stand all the same.
             self.states
@@ -591,22 +576,25 @@ impl GroupDocuments {
         self.release_lease(id, token).await
     }
 
-    /// Clears the pending write left by a writer that stopped; called by the
-    /// writer that now holds the lock (recovery).
+    /// Clears the pending write `pending_token` (its own writer's at the end
+    /// of a write, or one a stopped writer left, cleared by the writer that
+    /// now holds the lock) and, when it committed, marks the Group stored in
+    /// ClickHouse; `false` when that record was no longer there.
     pub async fn clear_pending(
         &self,
         id: &str,
         pending_token: &str,
         committed: bool,
-    ) -> Result<(), DocumentStoreError> {
+    ) -> Result<bool, DocumentStoreError> {
         let mut update = doc! { "$unset": { "pending": "" } };
         if committed {
             update.insert("$set", doc! { "storage": STORAGE_CLICKHOUSE });
         }
-        self.states
+        let cleared = self
+            .states
             .update_one(doc! { "_id": id, "pending.token": pending_token }, update)
             .await?;
-        Ok(())
+        Ok(cleared.matched_count > 0)
     }
 
     /// Drops the member state of a deleted Group and starts a new generation:
