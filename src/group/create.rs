@@ -13,7 +13,7 @@
 
 use crate::fhir::migration::GroupOutcome;
 use crate::group::migrate::MigrateOptions;
-use crate::group::patch::UpstreamReply;
+use crate::group::write::UpstreamReply;
 
 use super::GroupService;
 

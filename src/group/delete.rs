@@ -6,7 +6,7 @@
 use std::future::Future;
 
 use crate::fhir::outcome::Outcome;
-use crate::group::patch::UpstreamReply;
+use crate::group::write::UpstreamReply;
 use crate::store::events::{event_sequence, EventType, MemberEventRow, SlotRow};
 
 use super::{GroupService, WriteError};
@@ -30,12 +30,11 @@ impl GroupService {
         if !self.documents.member_state(id).await?.in_clickhouse {
             return Ok(None);
         }
-        let token = uuid::Uuid::new_v4().to_string();
-        self.acquire_lease_waiting(id, &token).await?;
+        let lease = self.take_lease_waiting(id).await?;
         let result = self
-            .delete_under_lease(id, request_id, &token, delete_upstream)
+            .delete_under_lease(id, request_id, lease.token(), delete_upstream)
             .await;
-        if let Err(e) = self.documents.release_lease(id, &token).await {
+        if let Err(e) = lease.release().await {
             tracing::warn!(group = id, error = %e, "could not release the member write lock");
         }
         result.map(Some)

@@ -7,11 +7,14 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+use crate::fhir::atr::atr_plan;
 use crate::fhir::member_array::{self, Known, Need, Plan, Planned, RefSlot, Slot, SlotEvent};
 use crate::fhir::member_patch::{patch_failure, MemberOps};
 use crate::fhir::outcome::{IssueType, Outcome};
+use crate::fhir::roster_replace::replace_all;
 use crate::store::events::{event_sequence, ArrayFacts, EventType, MemberEventRow};
 
+use super::write::MemberEdit;
 use super::{GroupService, WriteError};
 
 /// More rounds than the planner's bound (2 + blocking ops, at most one per
@@ -33,6 +36,13 @@ pub(super) struct Planning {
 }
 
 impl Planning {
+    /// Nothing known: for a write answered before it is planned.
+    pub fn unknown() -> Self {
+        Planning {
+            known: Known::default(),
+        }
+    }
+
     /// Facts known before anything is fetched.
     pub fn from_facts(facts: &ArrayFacts) -> Self {
         Planning {
@@ -187,6 +197,140 @@ impl GroupService {
         }
         Ok(())
     }
+}
+
+impl GroupService {
+    /// The plan of a write that goes alone (positional ops, a roster
+    /// replacement, ATR) against the stored slots, from the facts read for
+    /// its attempt; `planning` holds what the patch planner fetched.
+    pub(super) async fn plan_edit(
+        &self,
+        group_key: &str,
+        facts: &ArrayFacts,
+        planning: &mut Planning,
+        authority: Option<&str>,
+        edit: &MemberEdit,
+    ) -> Result<Plan, WriteError> {
+        let mut plan = match edit {
+            MemberEdit::Patch(members) => {
+                self.plan_member_ops(group_key, members, planning).await?
+            }
+            MemberEdit::ReplaceRoster(desired) => {
+                let stored = self.events.all_slots(group_key).await?;
+                // Compared as the legacy server would store them, so members
+                // sent back as a read showed them keep their slots.
+                let desired = desired.clone().map(|mut desired| {
+                    desired
+                        .iter_mut()
+                        .for_each(|element| stored_as_legacy(element, authority));
+                    desired
+                });
+                replace_all(&stored, &facts.floor, desired.as_deref(), &mut new_slot_id)
+                    .map_err(|e| WriteError::Outcome(roster_failure(&e)))?
+            }
+            MemberEdit::Atr(operation, members) => {
+                let keys: Vec<&str> = members.iter().map(|m| m.match_key.as_str()).collect();
+                let found = self.events.slots_by_match_key(group_key, &keys).await?;
+                let len = facts.counts.members.max(0) as usize;
+                atr_plan(
+                    *operation,
+                    members,
+                    &found,
+                    len,
+                    &facts.floor,
+                    &mut new_slot_id,
+                )
+                .map_err(WriteError::Outcome)?
+            }
+        };
+        plan_stored_as_legacy(&mut plan, authority);
+        Ok(plan)
+    }
+
+    /// Plans one value-only patch of a batch from the facts the batch holds;
+    /// it never fetches, since the store does not know the earlier patches.
+    pub(super) fn plan_in_batch(
+        &self,
+        members: &MemberOps,
+        planning: &Planning,
+        authority: Option<&str>,
+    ) -> Result<Plan, WriteError> {
+        let mut plan = match member_array::plan(
+            &members.ops,
+            &planning.known,
+            &mut new_slot_id,
+            self.settings.remove_by_reference,
+        ) {
+            Ok(Planned::Done(plan)) => plan,
+            Ok(Planned::Need(need)) => return Err(WriteError::Outcome(Outcome::error(
+                500,
+                IssueType::Exception,
+                format!("internal error: a batched member patch needs facts the batch did not fetch ({need:?}); nothing was changed"),
+            ))),
+            Err(error) => {
+                return Err(WriteError::Outcome(patch_failure(
+                    &error,
+                    &members.indexes,
+                    self.settings.patch_failure_status,
+                )))
+            }
+        };
+        plan_stored_as_legacy(&mut plan, authority);
+        Ok(plan)
+    }
+
+    /// Adds the slots of every reference in `references` to `planning`, so
+    /// value-only patches plan without fetching.
+    pub(super) async fn prefetch_references(
+        &self,
+        group_key: &str,
+        references: &[&str],
+        planning: &mut Planning,
+    ) -> Result<(), WriteError> {
+        let found = self
+            .events
+            .slots_by_match_key(group_key, references)
+            .await?;
+        for (reference, slots) in found {
+            let slots = slots
+                .into_iter()
+                .map(|slot| RefSlot {
+                    slot,
+                    position: None,
+                })
+                .collect();
+            planning.known.by_ref.insert(reference, slots);
+        }
+        Ok(())
+    }
+
+    /// The member store's facts of a Group; for a Group it does not manage
+    /// yet (`managed` false: its first member write), whether the `member`
+    /// key exists comes from the document, where the legacy server kept it.
+    pub(super) async fn array_facts(
+        &self,
+        id: &str,
+        group_key: &str,
+        managed: bool,
+    ) -> Result<ArrayFacts, WriteError> {
+        let mut facts = self.events.array_facts(group_key).await?;
+        // Before its first member write (or after a delete and re-create)
+        // the member store's marker is not this Group's.
+        if !managed {
+            facts.absent = facts.counts.members == 0 && !self.documents.has_member_key(id).await?;
+        }
+        Ok(facts)
+    }
+}
+
+/// A roster the planner cannot store (its order keys ran out): refused,
+/// nothing written.
+fn roster_failure(error: &member_array::PatchError) -> Outcome {
+    Outcome::error(
+        500,
+        IssueType::Exception,
+        format!("the member store cannot store this roster, nothing was changed: {error}"),
+    )
 }
 
 /// A member element as the legacy server would store it. Servers of the

@@ -159,14 +159,14 @@ impl GroupService {
         options: &MigrateOptions,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> GroupOutcome {
-        let token = uuid::Uuid::new_v4().to_string();
-        if let Err(error) = self.acquire_lease_waiting(id, &token).await {
-            return failed(error);
-        }
+        let lease = match self.take_lease_waiting(id).await {
+            Ok(lease) => lease,
+            Err(error) => return failed(error),
+        };
         let result = self
-            .migrate_under_lease(id, &token, options, progress)
+            .migrate_under_lease(id, lease.token(), options, progress)
             .await;
-        self.end_migration_lease(id, &token, result).await
+        end_migration_lease(id, lease, result).await
     }
 
     /// Writes Group `id`'s roster back into its document and marks it not
@@ -176,24 +176,12 @@ impl GroupService {
         id: &str,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> GroupOutcome {
-        let token = uuid::Uuid::new_v4().to_string();
-        if let Err(error) = self.acquire_lease_waiting(id, &token).await {
-            return failed(error);
-        }
+        let lease = match self.take_lease_waiting(id).await {
+            Ok(lease) => lease,
+            Err(error) => return failed(error),
+        };
         let result = self.reverse_under_lease(id, progress).await;
-        self.end_migration_lease(id, &token, result).await
-    }
-
-    async fn end_migration_lease(
-        &self,
-        id: &str,
-        token: &str,
-        result: Result<GroupOutcome, WriteError>,
-    ) -> GroupOutcome {
-        if let Err(e) = self.documents.release_lease(id, token).await {
-            tracing::warn!(group = id, error = %e, "could not release the member write lock");
-        }
-        result.unwrap_or_else(failed)
+        end_migration_lease(id, lease, result).await
     }
 
     /// The Group's head and member state, after finishing a write that a
@@ -621,6 +609,18 @@ fn failed(error: WriteError) -> GroupOutcome {
         WriteError::Outcome(outcome) => outcome.first_diagnostics().to_string(),
         other => other.to_string(),
     })
+}
+
+/// A migration writes no pending record of its own: its lease just goes.
+async fn end_migration_lease(
+    id: &str,
+    lease: super::lease::Lease,
+    result: Result<GroupOutcome, WriteError>,
+) -> GroupOutcome {
+    if let Err(e) = lease.release().await {
+        tracing::warn!(group = id, error = %e, "could not release the member write lock");
+    }
+    result.unwrap_or_else(failed)
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
 //! Use cases that join the two stores: member writes (and their recovery).
 //! Everything here runs on the store runtime (see [`StoreRuntime`]).
 
-pub mod batch;
+pub mod commit;
 pub mod create;
 pub mod delete;
+pub mod lease;
 pub mod members;
 pub mod migrate;
-pub mod patch;
+mod plan;
 pub mod queue;
 pub mod read;
 pub mod recovery;
+pub mod write;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,7 +217,7 @@ pub struct GroupService {
     pub documents: GroupDocuments,
     pub settings: WriteSettings,
     /// This process's writers of one Group wait in line for the lock.
-    pub queues: Arc<queue::GroupQueues<batch::BatchJob>>,
+    pub queues: Arc<queue::GroupQueues<commit::QueuedWrite>>,
     /// A Group the legacy server created that this MongoDB does not hold:
     /// the upstream keeps its Groups elsewhere (readiness reports it).
     upstream_elsewhere: Arc<std::sync::Mutex<Option<String>>>,
@@ -440,23 +442,6 @@ impl GroupService {
             .collect();
         managed.sort();
         Ok(managed)
-    }
-
-    /// Takes the Group's write lock for `token`, waiting up to `write_wait`
-    /// (breaking a lock whose holder died); 503 when the Group stays busy.
-    pub(crate) async fn acquire_lease_waiting(
-        &self,
-        id: &str,
-        token: &str,
-    ) -> Result<(), WriteError> {
-        let deadline = std::time::Instant::now() + self.settings.write_wait;
-        while !self.try_lease(id, token).await? {
-            if std::time::Instant::now() >= deadline {
-                return Err(busy(id));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
     }
 
     async fn head_or_404(&self, id: &str) -> Result<GroupHead, WriteError> {

@@ -111,7 +111,7 @@ impl GroupService {
             let request_id = request_ids
                 .get(&version)
                 .map_or(pending.request_id.as_str(), String::as_str);
-            let entry = super::batch::at_version(&document, version);
+            let entry = super::plan::at_version(&document, version);
             self.documents
                 // The ops are not kept past the writer: the entry names no outcome.
                 .insert_history(&entry, request_id, "PATCH", &pending.url, &[])
@@ -176,12 +176,11 @@ impl GroupService {
             .groups_with_pending_writes(SWEEP_BATCH)
             .await?
         {
-            let token = uuid::Uuid::new_v4().to_string();
-            if !self.try_lease(&id, &token).await? {
+            let Some(lease) = self.take_lease(&id).await? else {
                 continue;
-            }
+            };
             let result = self.recover_under_lease(&id).await;
-            self.documents.release_lease(&id, &token).await?;
+            lease.release().await?;
             result?;
             recovered += 1;
         }

@@ -13,11 +13,11 @@ use crate::fhir::group_read::{with_listed_roster, ListedRoster};
 use crate::fhir::member_patch::{parse_patch, PatchClass, PatchLimits};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
-use crate::group::patch::{
+use crate::group::read::AnswerRoster;
+use crate::group::write::{
     MemberEdit, MemberPatchRequest, MemberPatchResult, UpstreamDocument, UpstreamPart,
     UpstreamReply,
 };
-use crate::group::read::AnswerRoster;
 use crate::group::{RosterHome, WriteError};
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::respond::answer_outcome;
@@ -190,7 +190,7 @@ pub(crate) async fn send_showing_the_roster(
         Err(outcome) => return answer(session, ctx, &outcome).await,
     };
     let version = match (200..300).contains(&reply.status) {
-        true => crate::group::patch::version_in_reply(&reply),
+        true => crate::group::write::version_in_reply(&reply),
         false => None,
     };
     let reply = match version {

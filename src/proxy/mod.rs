@@ -487,21 +487,21 @@ impl FhirGroupProxy {
     /// or a PUT's Group without `member`), conditional on the version the
     /// member half was planned against.
     /// The legacy server's half of a split write (see
-    /// [`crate::group::patch::UpstreamPart`]): always a `PUT` of the Group
+    /// [`crate::group::write::UpstreamPart`]): always a `PUT` of the Group
     /// with `If-Match`, with the client's credentials and the usual rewrite.
     pub(crate) fn conditional_upstream_write(
         &self,
         session: &Session,
         ctx: &RequestContext,
-        document: crate::group::patch::UpstreamDocument,
-    ) -> Result<crate::group::patch::UpstreamPart> {
+        document: crate::group::write::UpstreamDocument,
+    ) -> Result<crate::group::write::UpstreamPart> {
         let mut request = session.req_header().clone();
         self.rewrite_for_upstream(session, &mut request, ctx)?;
         request.remove_header(&http::header::EXPECT);
         request.set_method(http::Method::PUT);
         request.insert_header(http::header::CONTENT_TYPE, "application/fhir+json")?;
         let client = self.upstream_client.clone();
-        Ok(crate::group::patch::UpstreamPart {
+        Ok(crate::group::write::UpstreamPart {
             document,
             put: Box::new(move |version: u64, body: bytes::Bytes| {
                 let mut request = request.clone();

@@ -7,7 +7,7 @@ use pingora::Result;
 
 use crate::fhir::outcome::Outcome;
 use crate::fhir::FHIR_JSON;
-use crate::group::patch::UpstreamReply;
+use crate::group::write::UpstreamReply;
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::RequestContext;
 

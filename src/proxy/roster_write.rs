@@ -15,7 +15,7 @@ use pingora::Result;
 use crate::config::PutWithoutMember;
 use crate::fhir::group_resource::parse_group_body;
 use crate::group::create::Adoption;
-use crate::group::patch::MemberEdit;
+use crate::group::write::MemberEdit;
 use crate::group::RosterHome;
 use crate::proxy::intercept::{answer, forward, read_intercepted_body, Next};
 use crate::proxy::{FhirGroupProxy, RequestContext};
@@ -84,7 +84,7 @@ pub async fn group_update(
     let part = proxy.conditional_upstream_write(
         session,
         ctx,
-        crate::group::patch::UpstreamDocument::Given(upstream_body),
+        crate::group::write::UpstreamDocument::Given(upstream_body),
     )?;
     let edit = MemberEdit::ReplaceRoster(roster);
     let written = crate::proxy::intercept::write_members(

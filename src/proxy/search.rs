@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::fhir::group_read::with_listed_roster;
 use crate::fhir::group_search::{member_search_terms, merge_member_search, query_for_ids};
 use crate::fhir::outcome::{IssueType, Outcome};
-use crate::group::patch::UpstreamReply;
+use crate::group::write::UpstreamReply;
 use crate::group::WriteError;
 use crate::proxy::intercept::relay;
 use crate::proxy::read::json_header;

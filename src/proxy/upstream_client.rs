@@ -14,7 +14,7 @@ use pingora::proxy::Session;
 
 use crate::config::UpstreamSettings;
 use crate::fhir::outcome::{IssueType, Outcome};
-use crate::group::patch::UpstreamReply;
+use crate::group::write::UpstreamReply;
 use crate::operations::metrics::{metrics, UpstreamClientKind};
 
 #[derive(Clone)]

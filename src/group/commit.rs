@@ -1,0 +1,747 @@
+//! The one member write pipeline: every member write (PATCH, roster PUT,
+//! ATR) is a batch, of one or of the value-only patches queued behind it in
+//! this process's line for the Group (see [`super::queue`]).
+//!
+//! Commit protocol (no multi-document transactions anywhere):
+//! 1. take the Group's lease ([`super::lease`]), finishing first whatever a
+//!    stopped writer left `pending` ([`super::recovery`]);
+//! 2. read the Group head and member facts; plan every request of the batch
+//!    ([`super::plan`], pure): each gets the next version when it changes
+//!    anything, and fails alone when it does not apply;
+//! 3. stage the events of every version in ClickHouse (durable, invisible);
+//! 4. mark the versions `pending` in MemberState, with what recovery needs;
+//! 5. **commit point**: compare-and-swap `meta.versionId` base -> last in the
+//!    Group document, tagging it with the write's token (or, for a split
+//!    write, the legacy server's guarded PUT of the Group);
+//! 6. write a history entry per version, publish the staged events, drop
+//!    `pending` and the lease.
+//!
+//! A writer that dies after 5 leaves `pending`; the next writer (or the
+//! sweep) finds it and finishes step 6. A writer that dies before 5 leaves
+//! staged events nobody publishes: invisible, as if never sent.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::fhir::document_patch::apply_other_ops;
+use crate::fhir::outcome::{IssueType, Outcome};
+use crate::store::group_documents::{to_fhir_json, version_of, GroupHead};
+
+use super::lease::{Backoff, Ending, Lease};
+use super::members::Planning;
+use super::plan::{self, Answer, Base, Job, Replay};
+use super::write::{
+    version_in_reply, MemberEdit, MemberPatchRequest, MemberPatchResult, UpstreamDocument,
+    UpstreamPart, UpstreamReply,
+};
+use super::{busy, GroupService, WriteError};
+
+/// Most member changes written in one batch (one staging insert).
+const BATCH_MAX_CHANGES: usize = 10_000;
+
+/// A member write waiting in its Group's line.
+pub struct QueuedWrite {
+    request: MemberPatchRequest,
+    queued_at: Instant,
+    reply: oneshot::Sender<Answer>,
+}
+
+impl QueuedWrite {
+    fn new(request: MemberPatchRequest) -> (Self, oneshot::Receiver<Answer>) {
+        let (reply, answer) = oneshot::channel();
+        let write = Self {
+            request,
+            queued_at: Instant::now(),
+            reply,
+        };
+        (write, answer)
+    }
+
+    fn weight(&self) -> usize {
+        plan::weight(&self.request)
+    }
+}
+
+/// What one attempt under the lease came to.
+enum Attempt {
+    /// Every request's answer; `committed`: a version was committed, so the
+    /// events are published and the write finished before anyone is answered.
+    Done {
+        answers: Vec<Answer>,
+        committed: bool,
+    },
+    /// Another writer holds the Group, or the Group moved under the attempt:
+    /// plan again.
+    Busy,
+}
+
+/// What the legacy server's half of a split write does on one attempt.
+enum UpstreamHalf {
+    /// PUT this Group body.
+    Put(Bytes),
+    /// Its ops change nothing: only the member half is written.
+    Unchanged,
+    /// The stored Group moved on since the head was read: start over.
+    Moved,
+}
+
+/// What the legacy server's guarded PUT of a split write came to.
+enum UpstreamCommit {
+    /// It refused (or failed): its answer is the client's, nothing of ours
+    /// is visible.
+    Refused(UpstreamReply),
+    /// A legacy writer moved the version first: plan again.
+    Moved,
+    /// It changed nothing: the member half commits on its own.
+    NoVersion,
+    /// It made the next version: the member events belong to it.
+    Made(Option<mongodb::bson::Document>, UpstreamReply),
+}
+
+impl GroupService {
+    pub async fn apply_member_patch(&self, request: MemberPatchRequest) -> Answer {
+        // A stale If-Match is refused (and a retry answered) before waiting
+        // in line: races of many writers on one version end fast.
+        if let Some(done) = self.settle_without_writing(&request).await? {
+            return Ok(*done);
+        }
+        let line = self.queues.line(&request.group_id);
+        let alone = !plan::batchable(&request);
+        let (write, answer) = QueuedWrite::new(request);
+        if alone {
+            let id = write.request.group_id.clone();
+            let Ok(_turn) = tokio::time::timeout(self.settings.write_wait, line.turn()).await
+            else {
+                return Err(busy(&id));
+            };
+            self.write_in_turn(vec![write]).await;
+        } else if line.join(write) {
+            // The first writer in a line writes everything queued behind it.
+            while let Some(writes) = line.next_batch(BATCH_MAX_CHANGES, QueuedWrite::weight) {
+                let _turn = line.turn().await;
+                self.write_in_turn(writes).await;
+            }
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(WriteError::Outcome(Outcome::error(
+                500,
+                IssueType::Exception,
+                "the member write was dropped unexpectedly; read the Group to see its state",
+            )))
+        })
+    }
+
+    /// Writes `writes` (one Group's), attempt after attempt until each has
+    /// its answer. No client waits longer than `write_wait` in all, line
+    /// included: those past it are answered busy, the rest planned again.
+    async fn write_in_turn(&self, writes: Vec<QueuedWrite>) {
+        let mut writes = self.answer_late(writes);
+        let Some(first) = writes.first() else { return };
+        let id = first.request.group_id.clone();
+        let mut backoff = Backoff::until(Instant::now() + self.settings.write_wait);
+        let answers = loop {
+            match self.attempt(&id, &writes).await {
+                Ok(answers) => break answers,
+                Err(None) => {
+                    writes = self.answer_late(writes);
+                    if writes.is_empty() {
+                        return;
+                    }
+                    if !backoff.wait().await {
+                        break writes.iter().map(|_| Err(busy(&id))).collect();
+                    }
+                }
+                Err(Some(error)) => {
+                    // Each client's answer is logged where it is sent.
+                    let shared: Vec<Answer> = writes
+                        .iter()
+                        .skip(1)
+                        .map(|_| Err(plan::shared(&error)))
+                        .collect();
+                    break std::iter::once(Err(error)).chain(shared).collect();
+                }
+            }
+        };
+        for (write, answer) in writes.into_iter().zip(answers) {
+            // A client that gave up no longer listens; its write stands.
+            let _ = write.reply.send(answer);
+        }
+    }
+
+    /// Answers busy the writes that waited past `write_wait`; the others.
+    fn answer_late(&self, writes: Vec<QueuedWrite>) -> Vec<QueuedWrite> {
+        let now = Instant::now();
+        let (waiting, late): (Vec<_>, Vec<_>) = writes
+            .into_iter()
+            .partition(|write| now < write.queued_at + self.settings.write_wait);
+        for write in late {
+            let _ = write.reply.send(Err(busy(&write.request.group_id)));
+        }
+        waiting
+    }
+
+    /// One attempt under the Group's lease, which ends here on every path;
+    /// `Err(None)`: try again.
+    async fn attempt(
+        &self,
+        id: &str,
+        writes: &[QueuedWrite],
+    ) -> Result<Vec<Answer>, Option<WriteError>> {
+        let Some(lease) = self.take_lease(id).await? else {
+            return Err(None);
+        };
+        let requests: Vec<&MemberPatchRequest> = writes.iter().map(|w| &w.request).collect();
+        match self.write_under_lease(id, &requests, &lease).await {
+            Ok(Attempt::Done {
+                answers,
+                committed: true,
+            }) => {
+                self.complete_committed(id, lease).await;
+                Ok(answers)
+            }
+            Ok(Attempt::Done { answers, .. }) => {
+                lease.end_logged(Ending::NotCommitted).await;
+                Ok(answers)
+            }
+            Ok(Attempt::Busy) => {
+                lease.end_logged(Ending::NotCommitted).await;
+                Err(None)
+            }
+            Err(error) => {
+                let ending = match error {
+                    WriteError::CommitUnknown { .. } => Ending::KeepPending,
+                    _ => Ending::NotCommitted,
+                };
+                lease.end_logged(ending).await;
+                Err(Some(error))
+            }
+        }
+    }
+
+    async fn write_under_lease(
+        &self,
+        id: &str,
+        requests: &[&MemberPatchRequest],
+        lease: &Lease,
+    ) -> Result<Attempt, WriteError> {
+        let (head, managed) = self.head_for_writing(id).await?;
+        let earlier = plan::earlier_with_same_id(requests);
+        let mut replays = Vec::with_capacity(requests.len());
+        for (request, earlier) in requests.iter().zip(&earlier) {
+            replays.push(match earlier {
+                Some(_) => Replay::New,
+                None => self.replay(request, &head.group_key).await?,
+            });
+        }
+        // A write that goes alone is planned here, with what it fetches
+        // (positions, the whole roster, the legacy server's half); a batch
+        // from the references its patches name, fetched once. A write
+        // answered without planning (a retry, a stale If-Match) reads nothing.
+        let first = requests[0];
+        let alone = !plan::batchable(first) && requests.len() == 1;
+        let admitted = matches!(replays[0], Replay::New)
+            && plan::stale_if_match(
+                self.settings.version_conflict_status,
+                id,
+                first.if_match,
+                head.version,
+            )
+            .is_ok();
+        let authority = self.legacy_authority(&head);
+        let mut alone_plan = None;
+        let mut split_body = None;
+        let mut planning = Planning::unknown();
+        if alone && admitted {
+            if let Some(part) = &first.upstream_part {
+                match self.upstream_half(id, head.version, &part.document).await? {
+                    UpstreamHalf::Put(body) => split_body = Some(body),
+                    UpstreamHalf::Unchanged => {}
+                    // Written around the proxy since the head was read.
+                    UpstreamHalf::Moved => return Ok(Attempt::Busy),
+                }
+            }
+            let facts = self.array_facts(id, &head.group_key, managed).await?;
+            planning = Planning::from_facts(&facts);
+            let mut fetched = planning.clone();
+            alone_plan = Some(
+                self.plan_edit(
+                    &head.group_key,
+                    &facts,
+                    &mut fetched,
+                    authority,
+                    &first.edit,
+                )
+                .await,
+            );
+        } else if !alone {
+            let facts = self.array_facts(id, &head.group_key, managed).await?;
+            planning = Planning::from_facts(&facts);
+            let named: BTreeSet<&str> = requests
+                .iter()
+                .flat_map(|request| match &request.edit {
+                    MemberEdit::Patch(members) => members.removed_references(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            let named: Vec<&str> = named.into_iter().collect();
+            self.prefetch_references(&head.group_key, &named, &mut planning)
+                .await?;
+        }
+
+        let token = lease.token();
+        let base = Base {
+            group_id: id,
+            group_key: &head.group_key,
+            token,
+            version: head.version,
+            conflict_status: self.settings.version_conflict_status,
+        };
+        let jobs = requests
+            .iter()
+            .zip(replays)
+            .map(|(request, replay)| Job {
+                request,
+                replay,
+                changes_document: split_body.is_some(),
+            })
+            .collect();
+        let batch = plan::plan_batch(&base, jobs, &mut planning, |_, request, planning| {
+            if let Some(planned) = alone_plan.take() {
+                return planned;
+            }
+            match &request.edit {
+                MemberEdit::Patch(members) => self.plan_in_batch(members, planning, authority),
+                // Never queued together (see `plan::batchable`); refused
+                // rather than misread.
+                _ => Err(WriteError::Outcome(Outcome::error(
+                    500,
+                    IssueType::Exception,
+                    "internal error: a member write that goes alone reached a batch",
+                ))),
+            }
+        });
+        if !batch.writes(head.version) {
+            // Nothing to write: refusals, tests and retries only; only a
+            // request that changed nothing is answered with the document.
+            let unchanged = batch
+                .planned
+                .iter()
+                .any(|p| matches!(p, plan::Planned::Unchanged(_)));
+            let document = match unchanged {
+                true => self.documents.document(id).await?,
+                false => None,
+            };
+            return Ok(Attempt::Done {
+                answers: plan::answers(batch.planned, document.as_ref(), &head.group_key),
+                committed: false,
+            });
+        }
+
+        self.events.stage(batch.rows).await?;
+        let committed_at = mongodb::bson::DateTime::now();
+        let writers: Vec<&MemberPatchRequest> = requests
+            .iter()
+            .zip(&batch.planned)
+            .filter(|(_, planned)| matches!(planned, plan::Planned::Writes { .. }))
+            .map(|(request, _)| *request)
+            .collect();
+        if !self
+            .documents
+            .mark_pending(
+                id,
+                token,
+                head.version + 1..=batch.version,
+                &writers[0].request_id,
+                &writers[0].url,
+                committed_at,
+            )
+            .await?
+        {
+            return Err(lease_lost(id));
+        }
+        for request in &writers {
+            self.record_request(&head.group_key, request).await?;
+        }
+
+        if let (Some(body), Some(part)) = (split_body, &first.upstream_part) {
+            match self
+                .commit_through_upstream(first, part, body, head.version, token)
+                .await?
+            {
+                UpstreamCommit::Refused(reply) => {
+                    return Ok(Attempt::Done {
+                        answers: vec![Ok(MemberPatchResult {
+                            version: head.version,
+                            document: None,
+                            group_key: None,
+                            replayed: false,
+                            events_written: 0,
+                            upstream_reply: Some(reply),
+                        })],
+                        committed: false,
+                    })
+                }
+                UpstreamCommit::Moved => return Ok(Attempt::Busy),
+                UpstreamCommit::NoVersion => {}
+                UpstreamCommit::Made(document, reply) => {
+                    let mut answers =
+                        plan::answers(batch.planned, document.as_ref(), &head.group_key);
+                    if let Some(Ok(result)) = answers.first_mut() {
+                        result.upstream_reply = Some(reply);
+                    }
+                    return Ok(Attempt::Done {
+                        answers,
+                        committed: true,
+                    });
+                }
+            }
+        }
+
+        // The proxy's own commit point: compare-and-swap of the version.
+        let committed = self
+            .documents
+            .commit_version(id, head.version, batch.version, token, committed_at)
+            .await
+            .map_err(|e| WriteError::CommitUnknown {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        let Some(document) = committed else {
+            // Someone (the legacy server, via passthrough) moved the version
+            // between our read and our commit; nothing of ours is visible.
+            // Planned again on the new one, If-Match requests get their conflict.
+            return Ok(Attempt::Busy);
+        };
+        super::crash_point_after_commit();
+        // Committed. What follows is completion: failures here are finished
+        // by recovery, and the clients' writes stand.
+        for (request, planned) in requests.iter().zip(&batch.planned) {
+            let plan::Planned::Writes { version, .. } = planned else {
+                continue;
+            };
+            let method = match request.edit {
+                MemberEdit::ReplaceRoster(_) => "PUT",
+                _ => "PATCH",
+            };
+            let entry = plan::at_version(&document, *version);
+            if let Err(e) = self
+                .documents
+                .insert_history(
+                    &entry,
+                    &request.request_id,
+                    method,
+                    &request.url,
+                    &request.patch_ops,
+                )
+                .await
+            {
+                tracing::error!(group = id, version, error = %e, "history entry not written for a committed member write");
+            }
+        }
+        Ok(Attempt::Done {
+            answers: plan::answers(batch.planned, Some(&document), &head.group_key),
+            committed: true,
+        })
+    }
+
+    /// The legacy server's half of a split patch or roster PUT is the commit
+    /// point. Which version it made is read from its answer, never assumed:
+    /// - the next version: the member events belong to it;
+    /// - none (its half changed nothing, say a PUT whose only change is the
+    ///   roster): the member half commits on its own, like a member-only write;
+    /// - a later one (a server that ignores `If-Match` even on PUT let another
+    ///   write in between): the events cannot belong to that version; the
+    ///   client is told exactly what was applied and what was not.
+    async fn commit_through_upstream(
+        &self,
+        request: &MemberPatchRequest,
+        part: &UpstreamPart,
+        body: Bytes,
+        base_version: u64,
+        token: &str,
+    ) -> Result<UpstreamCommit, WriteError> {
+        let id = request.group_id.as_str();
+        let reply = (part.put)(base_version, body)
+            .await
+            .map_err(WriteError::Outcome)?;
+        if !(200..300).contains(&reply.status) {
+            if reply.status == 412 && request.if_match.is_none() {
+                // A legacy writer moved the version under us: start over.
+                return Ok(UpstreamCommit::Moved);
+            }
+            return Ok(UpstreamCommit::Refused(reply));
+        }
+        let new_version = base_version + 1;
+        let made = match version_in_reply(&reply) {
+            Some(version) => Some(version),
+            None => self.documents.head(id).await?.map(|head| head.version),
+        };
+        match made {
+            Some(version) if version == base_version => return Ok(UpstreamCommit::NoVersion),
+            Some(version) if version == new_version => {}
+            made => {
+                // Nothing of ours becomes visible: the staged events stay
+                // unpublished, and the pending record is dropped.
+                tracing::error!(group = id, base_version, ?made, "the legacy server's half of a split write landed on an unexpected version; its member operations were not applied");
+                return Err(WriteError::Outcome(Outcome::error(
+                    409,
+                    IssueType::Conflict,
+                    format!(
+                        "Group/{id}: the legacy server applied this request's other changes, \
+                         but as version {} instead of {new_version} (another write came \
+                         between; this legacy server did not honour If-Match on PUT), so \
+                         its member operations were NOT applied; read the Group and send the \
+                         member operations again",
+                        made.map_or("unknown".to_string(), |v| v.to_string())
+                    ),
+                )));
+            }
+        }
+        if let Err(e) = self.documents.mark_upstream_committed(id, token).await {
+            tracing::error!(group = id, error = %e, "split patch committed upstream but not recorded");
+        }
+        let document = match self.documents.tag_version(id, new_version, token).await {
+            Ok(document) => document,
+            Err(e) => {
+                tracing::warn!(group = id, error = %e, "could not tag the upstream version");
+                None
+            }
+        };
+        if !request.patch_ops.is_empty() {
+            self.record_split_patch_in_history(id, new_version, &request.patch_ops)
+                .await;
+        }
+        Ok(UpstreamCommit::Made(document, reply))
+    }
+
+    /// The legacy server recorded the PUT the proxy sent for a split patch;
+    /// the version is the client's PATCH, with all its ops. The reference
+    /// server writes history after it answers (its post-request processor),
+    /// so the entry may not be there yet: then a task of its own looks
+    /// again, for a while, without holding up the answer.
+    async fn record_split_patch_in_history(
+        &self,
+        id: &str,
+        version: u64,
+        patch_ops: &[serde_json::Value],
+    ) {
+        const LOOK_FOR: Duration = Duration::from_secs(10);
+        match self
+            .documents
+            .record_patch_in_history(id, version, patch_ops)
+            .await
+        {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(group = id, version, error = %e, "the history entry of a split patch still names the proxy's PUT");
+                return;
+            }
+        }
+        let documents = self.documents.clone();
+        let id = id.to_string();
+        let patch_ops = patch_ops.to_vec();
+        tokio::spawn(async move {
+            let give_up = Instant::now() + LOOK_FOR;
+            let mut wait = Duration::from_millis(10);
+            loop {
+                tokio::time::sleep(wait).await;
+                let outcome = documents
+                    .record_patch_in_history(&id, version, &patch_ops)
+                    .await;
+                match outcome {
+                    Ok(true) => return,
+                    Ok(false) if Instant::now() < give_up => {}
+                    Ok(false) => {
+                        tracing::warn!(group = %id, version, "the legacy server wrote no history entry for a split patch's PUT in 10 s; none was relabelled");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = %id, version, error = %e, "the history entry of a split patch still names the proxy's PUT");
+                        return;
+                    }
+                }
+                wait = (wait * 2).min(Duration::from_millis(500));
+            }
+        });
+    }
+
+    /// After the commit point: publish the events and end the write. Nothing
+    /// here can fail the write, which stands; what does not happen now is
+    /// finished by recovery (the pending record stays until then).
+    async fn complete_committed(&self, id: &str, lease: Lease) {
+        let token = lease.token().to_string();
+        match self.events.publish(&token).await {
+            Ok(()) => {
+                if let Err(e) = lease.end_committed().await {
+                    tracing::warn!(group = id, error = %e, "committed write not marked finished; recovery will");
+                }
+            }
+            Err(e) => {
+                tracing::error!(group = id, error = %e, "member events committed but not yet published; recovery publishes them");
+                // The client hears of this write; recovery must not take a
+                // later legacy write (which may drop the commit token) as
+                // proof that it never happened.
+                if let Err(e) = self.documents.mark_committed(id, &token).await {
+                    tracing::warn!(group = id, error = %e, "could not record the commit for recovery");
+                }
+                // The lock goes now so recovery need not wait for it to expire.
+                lease.end_logged(Ending::KeepPending).await;
+            }
+        }
+    }
+
+    /// Records which request a client's `X-Request-Id` names, before the
+    /// write can commit, so a reuse for another request is recognised.
+    async fn record_request(
+        &self,
+        group_key: &str,
+        request: &MemberPatchRequest,
+    ) -> Result<(), WriteError> {
+        if let Some(client_id) = &request.client_request_id {
+            self.documents
+                .record_request(group_key, client_id, &request.request_digest)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Under the lock: the Group's head after finishing what a stopped writer
+    /// left pending; `NotMigrated` when its members are still inline or the
+    /// Group is not in this MongoDB at all (the legacy server answers);
+    /// `Drift` when a managed Group's document gained inline members. With
+    /// the head: whether the member store manages the Group already (false
+    /// before its first member write).
+    pub(super) async fn head_for_writing(&self, id: &str) -> Result<(GroupHead, bool), WriteError> {
+        let facts = self.documents.write_facts(id).await?;
+        let state = facts.state;
+        let Some((head, inline)) = facts.head else {
+            return Err(WriteError::NotMigrated);
+        };
+        if inline && state.inline_array_is_drift(head.version) {
+            return Err(WriteError::Outcome(super::drift(id)));
+        }
+        if inline && state.in_clickhouse {
+            // The copy an interrupted migration left: gone before the version
+            // moves on (after which it would read as drift).
+            let version_id = mongodb::bson::Bson::String(head.version.to_string());
+            if !self.documents.strip_inline_members(id, &version_id).await? {
+                return Err(WriteError::Outcome(super::drift(id)));
+            }
+        }
+        if inline && !state.in_clickhouse && state.pending.is_none() {
+            return Err(WriteError::NotMigrated);
+        }
+        match &state.pending {
+            Some(pending) => {
+                // Finish what a stopped writer left behind, then look again.
+                self.recover_pending(id, &head, pending).await?;
+                let managed = self.documents.member_state(id).await?.in_clickhouse;
+                Ok((self.head_or_404(id).await?, managed))
+            }
+            None => Ok((head, state.in_clickhouse)),
+        }
+    }
+
+    /// With If-Match: a retry of a committed request gets its answer, and a
+    /// stale version its refusal, without taking the lock.
+    async fn settle_without_writing(
+        &self,
+        request: &MemberPatchRequest,
+    ) -> Result<Option<Box<MemberPatchResult>>, WriteError> {
+        if request.if_match.is_none() {
+            return Ok(None);
+        }
+        // Unknown here: the legacy server answers (see `head_for_writing`).
+        let Some(head) = self.documents.head(&request.group_id).await? else {
+            return Ok(None);
+        };
+        match self.replay(request, &head.group_key).await? {
+            Replay::New => {}
+            Replay::Same(replayed) => return Ok(Some(replayed)),
+            Replay::Conflict(outcome) => return Err(WriteError::Outcome(outcome)),
+        }
+        plan::stale_if_match(
+            self.settings.version_conflict_status,
+            &request.group_id,
+            request.if_match,
+            head.version,
+        )?;
+        Ok(None)
+    }
+
+    /// A retry of a request that already committed gets that commit's answer;
+    /// another request under a used `X-Request-Id` is refused.
+    async fn replay(
+        &self,
+        request: &MemberPatchRequest,
+        group_key: &str,
+    ) -> Result<Replay, WriteError> {
+        let Some(client_id) = &request.client_request_id else {
+            return Ok(Replay::New);
+        };
+        let Some(commit) = self.events.find_commit(group_key, client_id).await? else {
+            return Ok(Replay::New);
+        };
+        let recorded = self.documents.request_digest(group_key, client_id).await?;
+        if recorded.is_some_and(|digest| digest != request.request_digest) {
+            return Ok(Replay::Conflict(plan::reused_request_id(
+                client_id,
+                &request.group_id,
+                commit.group_version,
+            )));
+        }
+        Ok(Replay::Same(Box::new(MemberPatchResult {
+            version: commit.group_version,
+            document: self.documents.document(&request.group_id).await?,
+            group_key: Some(group_key.to_string()),
+            replayed: true,
+            events_written: 0,
+            upstream_reply: None,
+        })))
+    }
+
+    /// What the legacy server's half of a split write does on this attempt,
+    /// on the version being written. The other ops that do not apply fail
+    /// the whole request, as on the legacy server.
+    async fn upstream_half(
+        &self,
+        id: &str,
+        version: u64,
+        document: &UpstreamDocument,
+    ) -> Result<UpstreamHalf, WriteError> {
+        let ops = match document {
+            UpstreamDocument::Given(body) => return Ok(UpstreamHalf::Put(body.clone())),
+            UpstreamDocument::Patched(ops) => ops,
+        };
+        let Some(stored) = self.documents.document(id).await? else {
+            return Err(WriteError::NotMigrated);
+        };
+        if version_of(&stored) != Some(version) {
+            return Ok(UpstreamHalf::Moved);
+        }
+        // `member` stays as stored (absent once the member store keeps the
+        // roster): the other ops never touch it, and a PUT without it would
+        // make the legacy server drop what it holds.
+        let resource = to_fhir_json(&stored);
+        match apply_other_ops(&resource, ops, self.settings.patch_failure_status)
+            .map_err(WriteError::Outcome)?
+        {
+            Some(patched) => Ok(UpstreamHalf::Put(Bytes::from(
+                serde_json::to_vec(&patched).unwrap_or_default(),
+            ))),
+            None => Ok(UpstreamHalf::Unchanged),
+        }
+    }
+}
+
+fn lease_lost(id: &str) -> WriteError {
+    WriteError::Outcome(Outcome::error(
+        503,
+        IssueType::Transient,
+        format!("the write lease on Group/{id} expired before the write committed; nothing was changed, retry"),
+    ))
+}
