@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         Command::SchemaApply { print: false } => {
             let runtime = tokio::runtime::Runtime::new().context("cannot start a tokio runtime")?;
             runtime
-                .block_on(fhir_group_proxy::store::events::apply_schema(
+                .block_on(fhir_group_proxy::store::setup::apply_schema(
                     &config.clickhouse,
                 ))
                 .context("schema apply failed")?;
@@ -211,7 +211,7 @@ fn migrate(config: &Config, args: MigrateArgs) -> anyhow::Result<()> {
     let filter = migration_filter(&args)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start a tokio runtime")?;
     runtime.block_on(async {
-        fhir_group_proxy::store::events::apply_schema(&config.clickhouse)
+        fhir_group_proxy::store::setup::apply_schema(&config.clickhouse)
             .await
             .context("cannot apply the ClickHouse schema")?;
         let holder = fhir_group_proxy::group::LeaseHolder::here("migrate", &config.mongo.database);

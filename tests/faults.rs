@@ -177,7 +177,7 @@ async fn killed_stores_lose_no_acknowledged_write_and_show_no_unacknowledged_one
         database: database.clone(),
         ..Default::default()
     };
-    fhir_group_proxy::store::events::apply_schema(&settings)
+    fhir_group_proxy::store::setup::apply_schema(&settings)
         .await
         .expect("schema");
     let (standin_addr, _standin) =

@@ -185,7 +185,7 @@ async fn clickhouse_tables_of_another_shape_are_refused_by_name() {
         .execute()
         .await
         .unwrap();
-    let refused = store::events::apply_schema(&settings)
+    let refused = store::setup::apply_schema(&settings)
         .await
         .expect_err("a foreign table is refused");
     let message = refused.to_string();
@@ -206,7 +206,7 @@ async fn clickhouse_tables_of_another_shape_are_refused_by_name() {
     assert_eq!(left, 1, "nothing was created beside it");
 
     let own = support::fresh_member_database("fgp_own").await;
-    store::events::apply_schema(&own)
+    store::setup::apply_schema(&own)
         .await
         .expect("the proxy's own tables pass the check, again and again");
     for database in [db, &own.database] {
@@ -286,10 +286,10 @@ async fn a_database_of_schema_version_one_is_upgraded_once_and_reads_back_the_sa
             .expect("version 1 event");
     }
 
-    store::events::apply_schema(&settings)
+    store::setup::apply_schema(&settings)
         .await
         .expect("the upgrade runs");
-    store::events::apply_schema(&settings)
+    store::setup::apply_schema(&settings)
         .await
         .expect("a second run is a no-op");
 

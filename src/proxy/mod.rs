@@ -128,7 +128,7 @@ impl FhirGroupProxy {
             // The schema is applied in the background so the proxy serves
             // passthrough traffic even while ClickHouse is still starting.
             store_runtime.handle().spawn(async move {
-                crate::store::events::apply_schema_until_done(&settings).await
+                crate::store::setup::apply_schema_until_done(&settings).await
             });
             let sweeper = service.clone();
             store_runtime

@@ -7,4 +7,5 @@ pub mod group_commit;
 pub mod group_documents;
 pub mod mongo;
 pub mod schema;
+pub mod setup;
 pub mod upgrade;

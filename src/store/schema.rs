@@ -29,7 +29,7 @@
 //! strictly per group and events keep their plan order, so ties never occur.
 //!
 //! Version 1 (`Group_4_0_0_Member*`, members keyed by reference) is upgraded
-//! by [`crate::store::upgrade`]; `Schema` records which versions are in place.
+//! by `store::upgrade`; `Schema` records which versions are in place.
 
 use crate::config::ClickHouseSettings;
 

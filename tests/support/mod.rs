@@ -238,7 +238,7 @@ pub async fn fresh_member_database(prefix: &str) -> fhir_group_proxy::config::Cl
         database: unique_name(prefix),
         ..Default::default()
     };
-    fhir_group_proxy::store::events::apply_schema(&clickhouse)
+    fhir_group_proxy::store::setup::apply_schema(&clickhouse)
         .await
         .expect("schema applies on the real ClickHouse");
     clickhouse
