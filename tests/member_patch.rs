@@ -813,10 +813,20 @@ async fn mixed_patches_can_be_refused_by_setting() {
     assert_outcome(&reply, 422, "not-supported");
 }
 
+/// How a stopped writer recorded its write.
+#[derive(Clone, Copy, PartialEq)]
+enum Record {
+    /// As releases before the lock held the record: `pending` in MemberState
+    /// and a bare lock.
+    Pending,
+    /// As now: the lock itself (token, URL, time).
+    Lock,
+}
+
 /// Leaves the traces of a writer that stopped mid-write on Group `id`: its
-/// staged event (adding `reference` at `version`), its `pending` record and its
-/// expired lock; `committed` also moves the Group to `version` with its token,
-/// as the commit point would have.
+/// staged event (adding `reference` at `version`) and its expired lock, with
+/// its record kept as `record` says; `committed` also moves the Group to
+/// `version` with its token, as the commit point would have.
 async fn leave_stopped_writer(
     stack: &Stack,
     id: &str,
@@ -824,6 +834,7 @@ async fn leave_stopped_writer(
     version: u64,
     reference: &str,
     committed: bool,
+    record: Record,
 ) {
     use fhir_group_proxy::store::events::{event_sequence, EventType, MemberEventRow};
     use fhir_group_proxy::store::schema::EVENTS_STAGED;
@@ -865,19 +876,42 @@ async fn leave_stopped_writer(
             .await
             .unwrap();
     }
-    stack.mongo.collection::<Document>("Group_4_0_0_MemberState")
-        .update_one(doc! {"_id": id}, doc! {"$set": {"pending": {"token": token, "version": version as i64, "requestId": format!("req-{token}")}}})
-        .await.unwrap();
-    stack.mongo.collection::<Document>("Group_4_0_0_MemberLocks")
-        .insert_one(doc! {"_id": id, "token": token, "expiresAt": mongodb::bson::DateTime::from_millis(1_000)})
-        .await.unwrap();
+    let expired = mongodb::bson::DateTime::from_millis(1_000);
+    let lock = match record {
+        Record::Pending => {
+            stack.mongo.collection::<Document>("Group_4_0_0_MemberState")
+                .update_one(doc! {"_id": id}, doc! {"$set": {"pending": {"token": token, "version": version as i64, "requestId": format!("req-{token}")}}})
+                .await.unwrap();
+            doc! {"_id": id, "token": token, "expiresAt": expired}
+        }
+        Record::Lock => doc! {
+            "_id": id, "token": token, "expiresAt": expired, "takenAt": expired,
+            "url": format!("/4_0_0/Group/{id}"),
+        },
+    };
+    stack
+        .mongo
+        .collection::<Document>("Group_4_0_0_MemberLocks")
+        .insert_one(lock)
+        .await
+        .unwrap();
 }
 
 /// A writer that stopped after the commit point is finished by the next
-/// writer (its events become visible); one that stopped before it never
-/// happened (its staged events stay invisible).
+/// writer (its events become visible, its history entry is written); one
+/// that stopped before it never happened (its staged events stay invisible).
 #[tokio::test]
-async fn stopped_writers_are_recovered_by_the_next_writer() {
+async fn stopped_writers_recorded_in_their_lock_are_recovered_by_the_next_writer() {
+    stopped_writers_are_recovered(Record::Lock).await;
+}
+
+/// The same for the records releases before this one left in MemberState.
+#[tokio::test]
+async fn stopped_writers_recorded_as_pending_are_recovered_by_the_next_writer() {
+    stopped_writers_are_recovered(Record::Pending).await;
+}
+
+async fn stopped_writers_are_recovered(record: Record) {
     let stack = Stack::start(&[]).await;
     let id = stack.create_group(json!([])).await;
     stack
@@ -885,7 +919,16 @@ async fn stopped_writers_are_recovered_by_the_next_writer() {
         .await
         .assert_status(200);
 
-    leave_stopped_writer(&stack, &id, "after-commit", 3, "Patient/committed", true).await;
+    leave_stopped_writer(
+        &stack,
+        &id,
+        "after-commit",
+        3,
+        "Patient/committed",
+        true,
+        record,
+    )
+    .await;
     let reply = stack.patch(&id, json!([add("Patient/2")]), &[]).await;
     reply.assert_status(200);
     assert_eq!(reply.header("etag"), Some("W/\"4\""));
@@ -893,8 +936,32 @@ async fn stopped_writers_are_recovered_by_the_next_writer() {
         refs(&stack.members(&id).await),
         vec!["Patient/1", "Patient/2", "Patient/committed"]
     );
+    let entry = stack
+        .mongo
+        .collection::<Document>("Group_4_0_0_History")
+        .find_one(doc! {"resource.id": &id, "resource.meta.versionId": "3"})
+        .await
+        .unwrap()
+        .expect("the stopped write's history entry is written by recovery");
+    assert_eq!(
+        entry
+            .get_document("request")
+            .unwrap()
+            .get_str("id")
+            .unwrap(),
+        "req-after-commit"
+    );
 
-    leave_stopped_writer(&stack, &id, "before-commit", 5, "Patient/ghost", false).await;
+    leave_stopped_writer(
+        &stack,
+        &id,
+        "before-commit",
+        5,
+        "Patient/ghost",
+        false,
+        record,
+    )
+    .await;
     let reply = stack.patch(&id, json!([add("Patient/3")]), &[]).await;
     reply.assert_status(200);
     assert_eq!(reply.header("etag"), Some("W/\"5\""));

@@ -3,22 +3,30 @@
 //! this process's line for the Group (see [`super::queue`]).
 //!
 //! Commit protocol (no multi-document transactions anywhere):
-//! 1. take the Group's lease ([`super::lease`]), finishing first whatever a
-//!    stopped writer left `pending` ([`super::recovery`]);
-//! 2. read the Group head and member facts; plan every request of the batch
-//!    ([`super::plan`], pure): each gets the next version when it changes
-//!    anything, and fails alone when it does not apply;
-//! 3. stage the events of every version in ClickHouse (durable, invisible);
-//! 4. mark the versions `pending` in MemberState, with what recovery needs;
-//! 5. **commit point**: compare-and-swap `meta.versionId` base -> last in the
-//!    Group document, tagging it with the write's token (or, for a split
-//!    write, the legacy server's guarded PUT of the Group);
-//! 6. write a history entry per version, publish the staged events, drop
-//!    `pending` and the lease.
+//! 1. take the Group's lock ([`super::lease`]; its document records the
+//!    write's token, URL and time), finishing first the writes of a holder
+//!    that stopped ([`super::recovery`]);
+//! 2. read the Group head (and, unless the state the request was routed by
+//!    provably still holds, the member state) and the member facts; plan
+//!    every request of the batch ([`super::plan`], pure): each gets the next
+//!    version when it changes anything, and fails alone when it does not
+//!    apply;
+//! 3. stage the events of every version in ClickHouse (durable, invisible),
+//!    each carrying its version and request id;
+//! 4. **commit point**: compare-and-swap `meta.versionId` base -> last in the
+//!    Group document, tagging it with the write's token and member key
+//!    generation (or, for a split write, the legacy server's guarded PUT of
+//!    the Group);
+//! 5. write a history entry per version, publish the staged events, delete
+//!    the lock.
 //!
-//! A writer that dies after 5 leaves `pending`; the next writer (or the
-//! sweep) finds it and finishes step 6. A writer that dies before 5 leaves
-//! staged events nobody publishes: invisible, as if never sent.
+//! A writer that stops after 4 leaves its lock, which expires; the next
+//! writer (or the sweep) takes it over and finishes step 5 from the lock's
+//! record, the staged events and the Group document. A writer that stops
+//! before 4 leaves staged events nobody publishes: invisible, as if never
+//! sent. A single-member PATCH of a Group kept here costs six MongoDB
+//! commands: the routing read of the member state, the lock insert, the
+//! head, the compare-and-swap, the history entry and the lock delete.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -28,7 +36,9 @@ use tokio::sync::oneshot;
 
 use crate::fhir::document_patch::apply_other_ops;
 use crate::fhir::outcome::{IssueType, Outcome};
-use crate::store::group_documents::{to_fhir_json, version_of, GroupHead};
+use crate::store::group_documents::{
+    to_fhir_json, version_of, CommitMarks, GroupHead, MemberState,
+};
 
 use super::lease::{Backoff, Ending, Lease};
 use super::members::Planning;
@@ -67,11 +77,12 @@ impl QueuedWrite {
 
 /// What one attempt under the lease came to.
 enum Attempt {
-    /// Every request's answer; `committed`: a version was committed, so the
-    /// events are published and the write finished before anyone is answered.
+    /// Every request's answer; `committed`: a version was committed (with
+    /// whether the Group was managed before), so the events are published
+    /// and the write finished before anyone is answered.
     Done {
         answers: Vec<Answer>,
-        committed: bool,
+        committed: Option<bool>,
     },
     /// Another writer holds the Group, or the Group moved under the attempt:
     /// plan again.
@@ -142,8 +153,11 @@ impl GroupService {
         let Some(first) = writes.first() else { return };
         let id = first.request.group_id.clone();
         let mut backoff = Backoff::until(Instant::now() + self.settings.write_wait);
+        let mut first_attempt = true;
         let answers = loop {
-            match self.attempt(&id, &writes).await {
+            let attempt = self.attempt(&id, &writes, first_attempt).await;
+            first_attempt = false;
+            match attempt {
                 Ok(answers) => break answers,
                 Err(None) => {
                     writes = self.answer_late(writes);
@@ -189,31 +203,39 @@ impl GroupService {
         &self,
         id: &str,
         writes: &[QueuedWrite],
+        first_attempt: bool,
     ) -> Result<Vec<Answer>, Option<WriteError>> {
-        let Some(lease) = self.take_lease(id).await? else {
+        let url = writes.first().map(|w| w.request.url.as_str());
+        let Some(lease) = self.take_lease(id, url).await? else {
             return Err(None);
         };
         let requests: Vec<&MemberPatchRequest> = writes.iter().map(|w| &w.request).collect();
-        match self.write_under_lease(id, &requests, &lease).await {
+        // The state the request was routed by holds on the first attempt
+        // when the Group document's commit marks agree (see `head_for_writing`).
+        let seen = match first_attempt {
+            true => writes.first().and_then(|w| w.request.seen_state.as_ref()),
+            false => None,
+        };
+        match self.write_under_lease(id, &requests, &lease, seen).await {
             Ok(Attempt::Done {
                 answers,
-                committed: true,
+                committed: Some(managed),
             }) => {
-                self.complete_committed(id, lease).await;
+                self.complete_committed(id, lease, managed).await;
                 Ok(answers)
             }
             Ok(Attempt::Done { answers, .. }) => {
-                lease.end_logged(Ending::NotCommitted).await;
+                lease.end_logged(Ending::Done).await;
                 Ok(answers)
             }
             Ok(Attempt::Busy) => {
-                lease.end_logged(Ending::NotCommitted).await;
+                lease.end_logged(Ending::Done).await;
                 Err(None)
             }
             Err(error) => {
                 let ending = match error {
-                    WriteError::CommitUnknown { .. } => Ending::KeepPending,
-                    _ => Ending::NotCommitted,
+                    WriteError::CommitUnknown { .. } => Ending::Unknown,
+                    _ => Ending::Done,
                 };
                 lease.end_logged(ending).await;
                 Err(Some(error))
@@ -226,8 +248,9 @@ impl GroupService {
         id: &str,
         requests: &[&MemberPatchRequest],
         lease: &Lease,
+        seen: Option<&MemberState>,
     ) -> Result<Attempt, WriteError> {
-        let (head, managed) = self.head_for_writing(id).await?;
+        let (head, managed, generation) = self.head_for_writing(id, seen).await?;
         let earlier = plan::earlier_with_same_id(requests);
         let mut replays = Vec::with_capacity(requests.len());
         for (request, earlier) in requests.iter().zip(&earlier) {
@@ -336,39 +359,26 @@ impl GroupService {
             };
             return Ok(Attempt::Done {
                 answers: plan::answers(batch.planned, document.as_ref(), &head.group_key),
-                committed: false,
+                committed: None,
             });
         }
 
+        // The lock already records the write (token, URL, time): the staged
+        // events and the Group document tell recovery the rest.
         self.events.stage(batch.rows).await?;
-        let committed_at = mongodb::bson::DateTime::now();
-        let writers: Vec<&MemberPatchRequest> = requests
-            .iter()
-            .zip(&batch.planned)
-            .filter(|(_, planned)| matches!(planned, plan::Planned::Writes { .. }))
-            .map(|(request, _)| *request)
-            .collect();
-        if !self
-            .documents
-            .mark_pending(
-                id,
-                token,
-                head.version + 1..=batch.version,
-                &writers[0].request_id,
-                &writers[0].url,
-                committed_at,
-            )
-            .await?
-        {
-            return Err(lease_lost(id));
+        let committed_at = lease.taken_at();
+        for (request, planned) in requests.iter().zip(&batch.planned) {
+            if matches!(planned, plan::Planned::Writes { .. }) {
+                self.record_request(&head.group_key, request).await?;
+            }
         }
-        for request in &writers {
-            self.record_request(&head.group_key, request).await?;
+        if !lease.still_ours() {
+            return Err(lease_lost(id));
         }
 
         if let (Some(body), Some(part)) = (split_body, &first.upstream_part) {
             match self
-                .commit_through_upstream(first, part, body, head.version, token)
+                .commit_through_upstream(first, part, body, head.version, lease)
                 .await?
             {
                 UpstreamCommit::Refused(reply) => {
@@ -381,7 +391,7 @@ impl GroupService {
                             events_written: 0,
                             upstream_reply: Some(reply),
                         })],
-                        committed: false,
+                        committed: None,
                     })
                 }
                 UpstreamCommit::Moved => return Ok(Attempt::Busy),
@@ -394,7 +404,7 @@ impl GroupService {
                     }
                     return Ok(Attempt::Done {
                         answers,
-                        committed: true,
+                        committed: Some(managed),
                     });
                 }
             }
@@ -403,7 +413,14 @@ impl GroupService {
         // The proxy's own commit point: compare-and-swap of the version.
         let committed = self
             .documents
-            .commit_version(id, head.version, batch.version, token, committed_at)
+            .commit_version(
+                id,
+                head.version,
+                batch.version,
+                token,
+                committed_at,
+                generation,
+            )
             .await
             .map_err(|e| WriteError::CommitUnknown {
                 id: id.to_string(),
@@ -443,7 +460,7 @@ impl GroupService {
         }
         Ok(Attempt::Done {
             answers: plan::answers(batch.planned, Some(&document), &head.group_key),
-            committed: true,
+            committed: Some(managed),
         })
     }
 
@@ -461,8 +478,9 @@ impl GroupService {
         part: &UpstreamPart,
         body: Bytes,
         base_version: u64,
-        token: &str,
+        lease: &Lease,
     ) -> Result<UpstreamCommit, WriteError> {
+        let token = lease.token();
         let id = request.group_id.as_str();
         let reply = (part.put)(base_version, body)
             .await
@@ -475,9 +493,19 @@ impl GroupService {
             return Ok(UpstreamCommit::Refused(reply));
         }
         let new_version = base_version + 1;
+        // From here the legacy server may have committed: a store failure
+        // leaves the write to recovery, never drops it.
         let made = match version_in_reply(&reply) {
             Some(version) => Some(version),
-            None => self.documents.head(id).await?.map(|head| head.version),
+            None => self
+                .documents
+                .head(id)
+                .await
+                .map_err(|e| WriteError::CommitUnknown {
+                    id: id.to_string(),
+                    reason: e.to_string(),
+                })?
+                .map(|head| head.version),
         };
         match made {
             Some(version) if version == base_version => return Ok(UpstreamCommit::NoVersion),
@@ -500,7 +528,7 @@ impl GroupService {
                 )));
             }
         }
-        if let Err(e) = self.documents.mark_upstream_committed(id, token).await {
+        if let Err(e) = lease.mark_upstream_committed().await {
             tracing::error!(group = id, error = %e, "split patch committed upstream but not recorded");
         }
         let document = match self.documents.tag_version(id, new_version, token).await {
@@ -572,26 +600,25 @@ impl GroupService {
     /// After the commit point: publish the events and end the write. Nothing
     /// here can fail the write, which stands; what does not happen now is
     /// finished by recovery (the pending record stays until then).
-    async fn complete_committed(&self, id: &str, lease: Lease) {
-        let token = lease.token().to_string();
-        match self.events.publish(&token).await {
-            Ok(()) => {
-                if let Err(e) = lease.end_committed().await {
-                    tracing::warn!(group = id, error = %e, "committed write not marked finished; recovery will");
-                }
-            }
-            Err(e) => {
-                tracing::error!(group = id, error = %e, "member events committed but not yet published; recovery publishes them");
-                // The client hears of this write; recovery must not take a
-                // later legacy write (which may drop the commit token) as
-                // proof that it never happened.
-                if let Err(e) = self.documents.mark_committed(id, &token).await {
-                    tracing::warn!(group = id, error = %e, "could not record the commit for recovery");
-                }
-                // The lock goes now so recovery need not wait for it to expire.
-                lease.end_logged(Ending::KeepPending).await;
+    /// `managed`: whether the member store kept the Group's roster before
+    /// this write (else its first member write marks it).
+    async fn complete_committed(&self, id: &str, lease: Lease, managed: bool) {
+        if let Err(e) = self.events.publish(lease.token()).await {
+            tracing::error!(group = id, error = %e, "member events committed but not yet published; recovery publishes them");
+            // The client hears of this write; recovery must not take a later
+            // legacy write (which may drop the commit token) as proof that it
+            // never happened. The lock expires now so recovery need not wait.
+            lease.end_logged(Ending::CommittedUnpublished).await;
+            return;
+        }
+        if !managed {
+            if let Err(e) = self.documents.mark_stored_in_clickhouse(id).await {
+                tracing::warn!(group = id, error = %e, "first member write not marked in the member state; recovery will");
+                lease.end_logged(Ending::CommittedUnpublished).await;
+                return;
             }
         }
+        lease.end_logged(Ending::Done).await;
     }
 
     /// Records which request a client's `X-Request-Id` names, before the
@@ -615,8 +642,34 @@ impl GroupService {
     /// `Drift` when a managed Group's document gained inline members. With
     /// the head: whether the member store manages the Group already (false
     /// before its first member write).
-    pub(super) async fn head_for_writing(&self, id: &str) -> Result<(GroupHead, bool), WriteError> {
+    /// And the generation of its member key.
+    ///
+    /// `seen`, the member state read before the lock was taken, spares a
+    /// second read of it when the document's commit marks agree with it:
+    /// every change of that state (a migration, a reverse, a delete, a first
+    /// write) happens under the lock and changes the marks too.
+    pub(super) async fn head_for_writing(
+        &self,
+        id: &str,
+        seen: Option<&MemberState>,
+    ) -> Result<(GroupHead, bool, i64), WriteError> {
+        let usable =
+            seen.filter(|s| s.in_clickhouse && s.pending.is_none() && s.inline_copy_at.is_none());
+        if let Some(seen) = usable {
+            if let Some((head, false)) =
+                self.documents.head_with_inline(id, seen.generation).await?
+            {
+                if head.marks
+                    == Some(CommitMarks {
+                        generation: seen.generation,
+                    })
+                {
+                    return Ok((head, true, seen.generation));
+                }
+            }
+        }
         let facts = self.documents.write_facts(id).await?;
+        let generation = facts.state.generation;
         let state = facts.state;
         let Some((head, inline)) = facts.head else {
             return Err(WriteError::NotMigrated);
@@ -639,10 +692,14 @@ impl GroupService {
             Some(pending) => {
                 // Finish what a stopped writer left behind, then look again.
                 self.recover_pending(id, &head, pending).await?;
-                let managed = self.documents.member_state(id).await?.in_clickhouse;
-                Ok((self.head_or_404(id).await?, managed))
+                let state = self.documents.member_state(id).await?;
+                Ok((
+                    self.head_or_404(id).await?,
+                    state.in_clickhouse,
+                    state.generation,
+                ))
             }
-            None => Ok((head, state.in_clickhouse)),
+            None => Ok((head, state.in_clickhouse, generation)),
         }
     }
 

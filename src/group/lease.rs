@@ -1,80 +1,112 @@
 //! The per-Group write lock as a value: a [`Lease`] is taken once and ended
 //! exactly once, on every path, because ending consumes it and dropping an
-//! unended one (a cancelled or panicking write) still releases the lock.
+//! unended one (a cancelled or panicking write) still leaves the lock for
+//! the next writer to settle (see `store::member_locks` for the protocol).
 //! And [`Backoff`], the one retry pace of every loop that waits for a Group.
 
 use std::time::{Duration, Instant};
 
-use crate::store::group_documents::{DocumentStoreError, GroupDocuments};
+use mongodb::bson::DateTime;
+
+use crate::store::group_documents::DocumentStoreError;
+use crate::store::member_locks::MemberLocks;
 
 use super::{busy, GroupService, WriteError};
 
-/// How a write under a lease ended, which says what happens to its
-/// `pending` record when the lock is released.
+/// How a write under a lease ended, which says whether its lock (and the
+/// record of the write it carries) goes or stays for the next writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Ending {
-    /// Nothing of the write is visible: its own pending record goes too.
-    NotCommitted,
-    /// The write may have committed (the commit point failed midway), or it
-    /// committed and could not be finished: the pending record stays for
-    /// recovery, which reads the truth from the Group document.
-    KeepPending,
+    /// Nothing of the write is visible, or all of it is: the lock goes.
+    Done,
+    /// The write may have committed (its commit point failed midway): the
+    /// lock stays, expired, and the next writer settles it from the Group
+    /// document.
+    Unknown,
+    /// The write committed but its events could not be published: the lock
+    /// stays, expired and marked committed, and the next writer (or the
+    /// sweep) publishes them.
+    CommittedUnpublished,
 }
 
 /// This writer's hold on one Group's write lock.
 pub(crate) struct Lease {
-    documents: GroupDocuments,
+    locks: MemberLocks,
     id: String,
     token: String,
+    taken_at: DateTime,
+    /// After this, another writer may take the lock over: the commit point
+    /// is not passed any more (see [`Self::still_ours`]).
+    good_until: Instant,
     ended: bool,
 }
 
 impl Lease {
-    /// The write's token: tags its staged events, its pending record and the
-    /// Group version it commits.
+    /// The write's token: tags its staged events, its lock and the Group
+    /// version it commits.
     pub(crate) fn token(&self) -> &str {
         &self.token
     }
 
-    /// Ends the write and releases the lock.
+    /// When the lock was taken: the `meta.lastUpdated` the write commits
+    /// (the lock records it, so recovery writes the same).
+    pub(super) fn taken_at(&self) -> DateTime {
+        self.taken_at
+    }
+
+    /// Whether the lease is safely within its time, by this process's clock:
+    /// a writer that stalled (a pause, a slow store) past it stops before its
+    /// commit point, since a taker may already have judged it dead.
+    pub(super) fn still_ours(&self) -> bool {
+        Instant::now() < self.good_until
+    }
+
+    /// Ends the write: releases the lock or leaves it for the next writer.
     pub(super) async fn end(mut self, ending: Ending) -> Result<(), DocumentStoreError> {
         self.ended = true;
         match ending {
-            // Only our own pending record: one a stopped writer left stays
-            // for recovery even when this write fails.
-            Ending::NotCommitted => self.documents.finish(&self.id, &self.token, false).await,
-            Ending::KeepPending => self.documents.release_lease(&self.id, &self.token).await,
+            Ending::Done => self.locks.release(&self.id, &self.token).await,
+            Ending::Unknown => {
+                self.locks
+                    .leave_unfinished(&self.id, &self.token, false)
+                    .await
+            }
+            Ending::CommittedUnpublished => {
+                self.locks
+                    .leave_unfinished(&self.id, &self.token, true)
+                    .await
+            }
         }
     }
 
-    /// Ends a committed write whose events are published: its pending record
-    /// goes and the Group is marked stored in ClickHouse.
-    pub(super) async fn end_committed(mut self) -> Result<(), DocumentStoreError> {
-        self.ended = true;
-        self.documents.finish(&self.id, &self.token, true).await
-    }
-
-    /// Releases the lock without touching any pending record (recovery and
-    /// whole-Group operations that write none of their own).
+    /// Releases the lock (recovery and whole-Group operations, which leave
+    /// nothing for the next writer to finish).
     pub(crate) async fn release(self) -> Result<(), DocumentStoreError> {
-        self.end(Ending::KeepPending).await
+        self.end(Ending::Done).await
     }
 
-    /// Ends the lease and logs a failure to release it: the lock then
-    /// expires after `lease_ttl`, and nothing of the write is lost.
+    /// [`Self::end`], logging a failure: the lock then expires after
+    /// `lease_ttl` with its record, and nothing of the write is lost.
     pub(super) async fn end_logged(self, ending: Ending) {
         let id = self.id.clone();
         if let Err(e) = self.end(ending).await {
             tracing::warn!(group = %id, error = %e, "could not release the member write lock");
         }
     }
+
+    /// Records that the legacy server committed this split write's other half.
+    pub(super) async fn mark_upstream_committed(&self) -> Result<bool, DocumentStoreError> {
+        self.locks
+            .mark_upstream_committed(&self.id, &self.token)
+            .await
+    }
 }
 
 impl Drop for Lease {
-    /// A write dropped midway (its task cancelled, or a panic): only the lock
-    /// goes, never the pending record, since the write may have passed its
-    /// commit point; the next writer's recovery settles it. Without a runtime
-    /// (process exit) the lock expires on its own.
+    /// A write dropped midway (its task cancelled, or a panic) may have
+    /// passed its commit point: its lock is left expired, with its record,
+    /// for the next writer to settle. Without a runtime (process exit) the
+    /// lock expires on its own.
     fn drop(&mut self) {
         if self.ended {
             return;
@@ -82,13 +114,13 @@ impl Drop for Lease {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (documents, id, token) = (
-            self.documents.clone(),
+        let (locks, id, token) = (
+            self.locks.clone(),
             std::mem::take(&mut self.id),
             std::mem::take(&mut self.token),
         );
         runtime.spawn(async move {
-            if let Err(e) = documents.release_lease(&id, &token).await {
+            if let Err(e) = locks.leave_unfinished(&id, &token, false).await {
                 tracing::warn!(group = %id, error = %e, "could not release the lock of a dropped member write");
             }
         });
@@ -97,27 +129,56 @@ impl Drop for Lease {
 
 impl GroupService {
     /// Takes Group `id`'s write lock for one attempt; `None` when another
-    /// writer holds it (a lock whose holder died is broken first, so the
-    /// next attempt can take it).
-    pub(crate) async fn take_lease(&self, id: &str) -> Result<Option<Lease>, WriteError> {
+    /// writer holds it. `url`: the member write's request URL, recorded in
+    /// the lock for recovery (`None` for holders that write no versions).
+    /// An expired lock is taken over, and the writes its holders left
+    /// unfinished are finished first.
+    pub(crate) async fn take_lease(
+        &self,
+        id: &str,
+        url: Option<&str>,
+    ) -> Result<Option<Lease>, WriteError> {
         let token = uuid::Uuid::new_v4().to_string();
-        if self
-            .documents
-            .acquire_lease(id, &token, self.settings.lease_ttl)
+        let taken_at = DateTime::now();
+        let ttl = self.settings.lease_ttl;
+        let locks = self.documents.locks();
+        let lease = |token: String| Lease {
+            locks: locks.clone(),
+            id: id.to_string(),
+            token,
+            taken_at,
+            // A quarter of the lease is kept as margin for clock steps and
+            // the commit's own round trip.
+            good_until: Instant::now() + ttl - ttl / 4,
+            ended: false,
+        };
+        let url_text = url.unwrap_or_default();
+        if locks.acquire(id, &token, url_text, taken_at, ttl).await? {
+            return Ok(Some(lease(token)));
+        }
+        let Some(found) = locks.find(id).await? else {
+            return Ok(None);
+        };
+        if !found.expired {
+            return Ok(None);
+        }
+        tracing::warn!(group = id, holder = %found.holder.token, "taking over an expired member write lock");
+        if !locks
+            .take_over(id, &found, &token, url_text, taken_at, ttl)
             .await?
         {
-            return Ok(Some(Lease {
-                documents: self.documents.clone(),
-                id: id.to_string(),
-                token,
-                ended: false,
-            }));
+            return Ok(None);
         }
-        if let Some(holder) = self.documents.expired_lease_holder(id).await? {
-            tracing::warn!(group = id, %holder, "breaking an expired member write lock");
-            self.documents.break_expired_lease(id, &holder).await?;
+        let lease = lease(token);
+        let mut unfinished = found.unfinished;
+        unfinished.push(found.holder);
+        if let Err(e) = self.finish_unfinished(id, &unfinished).await {
+            // The records stay in our lock, which is left for the next taker.
+            lease.end_logged(Ending::Unknown).await;
+            return Err(e);
         }
-        Ok(None)
+        locks.clear_unfinished(id, lease.token()).await?;
+        Ok(Some(lease))
     }
 
     /// [`Self::take_lease`], waiting up to `write_wait`; 503 when the Group
@@ -125,7 +186,7 @@ impl GroupService {
     pub(crate) async fn take_lease_waiting(&self, id: &str) -> Result<Lease, WriteError> {
         let mut backoff = Backoff::until(Instant::now() + self.settings.write_wait);
         loop {
-            if let Some(lease) = self.take_lease(id).await? {
+            if let Some(lease) = self.take_lease(id, None).await? {
                 return Ok(lease);
             }
             if !backoff.wait().await {

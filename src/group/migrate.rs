@@ -385,7 +385,8 @@ impl GroupService {
     async fn keep_lease(&self, target: &MigrationTarget<'_>) -> Result<(), WriteError> {
         if self
             .documents
-            .renew_lease(target.id, target.token, self.settings.lease_ttl)
+            .locks()
+            .renew(target.id, target.token, self.settings.lease_ttl)
             .await?
         {
             return Ok(());

@@ -21,7 +21,7 @@ use crate::fhir::outcome::{IssueType, Outcome};
 use crate::store::events::{EventStore, EventStoreError};
 use crate::store::group_commit::BatchSettings;
 pub use crate::store::group_documents::LeaseHolder;
-use crate::store::group_documents::{DocumentStoreError, GroupDocuments, GroupHead};
+use crate::store::group_documents::{DocumentStoreError, GroupDocuments, GroupHead, MemberState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -278,19 +278,20 @@ impl GroupService {
     /// own state alone. The write reads the Group's head under its lock
     /// anyway and hands the request to the legacy server when the document
     /// is gone (`NotMigrated`), or refuses it when its id is shared.
-    pub async fn member_write_home(&self, id: &str) -> Result<RosterHome, WriteError> {
-        let state = self.documents.member_state(id).await?;
-        if state.in_clickhouse {
-            return Ok(RosterHome::Events);
-        }
-        self.roster_home_in(id, state).await
-    }
-
-    async fn roster_home_in(
+    /// With the state read for it, which the write reuses (see
+    /// [`write::MemberPatchRequest::seen_state`]).
+    pub async fn member_write_home(
         &self,
         id: &str,
-        state: crate::store::group_documents::MemberState,
-    ) -> Result<RosterHome, WriteError> {
+    ) -> Result<(RosterHome, Option<MemberState>), WriteError> {
+        let state = self.documents.member_state(id).await?;
+        if state.in_clickhouse {
+            return Ok((RosterHome::Events, Some(state)));
+        }
+        Ok((self.roster_home_in(id, state).await?, None))
+    }
+
+    async fn roster_home_in(&self, id: &str, state: MemberState) -> Result<RosterHome, WriteError> {
         match self
             .documents
             .head_of_generation(id, state.generation)
@@ -413,11 +414,11 @@ impl GroupService {
     /// At the start of a serving process: breaks the locks its own previous
     /// run left when it died, so their Groups need not wait out the lease.
     pub async fn break_own_dead_leases(&self) {
-        match self.documents.break_own_dead_leases().await {
+        match self.documents.locks().expire_own_dead().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
                 locks = n,
-                "broke member write locks left by this proxy's previous run"
+                "expired the member write locks left by this proxy's previous run: the next writer of each Group finishes what they recorded"
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "could not look for locks left by this proxy's previous run")

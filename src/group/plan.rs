@@ -333,6 +333,7 @@ mod tests {
             request_id: format!("req-{digest}"),
             url: "/Group/g".into(),
             upstream_part: None,
+            seen_state: None,
             patch_ops: ops,
         }
     }

@@ -75,6 +75,7 @@ impl GroupService {
                 last_updated: None,
                 commit_token: None,
                 authority: None,
+                marks: None,
             },
             None => return Ok(None),
         };

@@ -1,22 +1,83 @@
-//! Finishing a write whose writer stopped after marking it `pending`. Runs
-//! under the Group's write lock. The write committed exactly when the Group
-//! document carries its token at its version (or, for a split patch, when the
-//! upstream confirmed its half); then its staged events are published.
-//! Otherwise it never happened, and its staged events stay invisible.
+//! Finishing a write whose writer stopped: one whose lock a new writer took
+//! over (see `store::member_locks`), or one an earlier release recorded as
+//! `pending` in MemberState. Runs under the Group's write lock. The write
+//! committed exactly when the Group document carries its token at its last
+//! version (or, for a split patch, when the upstream confirmed its half, or
+//! its writer saw the commit pass); then its staged events are published and
+//! its history completed. Otherwise it never happened, and its staged events
+//! stay invisible.
 
 use std::time::Duration;
 
 use crate::store::group_documents::{GroupHead, PendingWrite};
+use crate::store::member_locks::LockedWrite;
 
 use super::{GroupService, WriteError};
 
 impl GroupService {
+    /// Finishes the writes of the lock holders this writer took over. The
+    /// versions a write was to make are those of its staged events; a
+    /// holder that staged none (it stopped before, or writes no versions)
+    /// left nothing to finish.
+    pub(super) async fn finish_unfinished(
+        &self,
+        id: &str,
+        writes: &[LockedWrite],
+    ) -> Result<(), WriteError> {
+        for write in writes {
+            // Migrations, deletes and sweeps record no URL: their staged
+            // events are never published by anyone else. So do the locks of
+            // releases that recorded their writes in MemberState instead.
+            if write.url.is_empty() {
+                continue;
+            }
+            let staged = self.events.staged_request_ids(&write.token).await?;
+            let (Some(&from), Some(&to)) = (staged.keys().min(), staged.keys().max()) else {
+                continue;
+            };
+            let Some(head) = self.documents.head(id).await? else {
+                continue;
+            };
+            let pending = PendingWrite {
+                token: write.token.clone(),
+                version: to,
+                from_version: from,
+                url: write.url.clone(),
+                request_id: staged.get(&from).cloned().unwrap_or_default(),
+                committed_at: write.taken_at,
+                upstream_committed: write.upstream_committed,
+                committed: write.committed,
+            };
+            if self.settle(id, &head, &pending).await? {
+                self.documents.mark_stored_in_clickhouse(id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes a write an earlier release left `pending` in MemberState,
+    /// and clears that record.
     pub async fn recover_pending(
         &self,
         id: &str,
         head: &GroupHead,
         pending: &PendingWrite,
     ) -> Result<(), WriteError> {
+        let committed = self.settle(id, head, pending).await?;
+        self.documents
+            .clear_pending(id, &pending.token, committed)
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes a stopped write's events and completes its history when it
+    /// committed; whether it did.
+    async fn settle(
+        &self,
+        id: &str,
+        head: &GroupHead,
+        pending: &PendingWrite,
+    ) -> Result<bool, WriteError> {
         let committed = pending.upstream_committed
             || pending.committed
             || (head.version == pending.version
@@ -54,10 +115,7 @@ impl GroupService {
         } else {
             tracing::warn!(group = id, token = %pending.token, "dropping a write that never committed");
         }
-        self.documents
-            .clear_pending(id, &pending.token, committed)
-            .await?;
-        Ok(())
+        Ok(committed)
     }
 }
 
@@ -171,12 +229,17 @@ impl GroupService {
     /// busy with a live writer are skipped: that writer recovers them.
     pub async fn recover_stalled_writes(&self) -> Result<usize, WriteError> {
         let mut recovered = 0;
-        for id in self
-            .documents
-            .groups_with_pending_writes(SWEEP_BATCH)
-            .await?
-        {
-            let Some(lease) = self.take_lease(&id).await? else {
+        let mut ids = self.documents.locks().expired_ids(SWEEP_BATCH).await?;
+        ids.extend(
+            self.documents
+                .groups_with_pending_writes(SWEEP_BATCH)
+                .await?,
+        );
+        ids.sort();
+        ids.dedup();
+        for id in ids {
+            // Taking an expired lock over finishes the writes it records.
+            let Some(lease) = self.take_lease(&id, None).await? else {
                 continue;
             };
             let result = self.recover_under_lease(&id).await;

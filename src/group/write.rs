@@ -27,6 +27,9 @@ pub struct MemberPatchRequest {
     pub url: String,
     /// For a split mixed patch: sends the non-member ops upstream.
     pub upstream_part: Option<UpstreamPart>,
+    /// The Group's member state as read to route the request, if it was:
+    /// the write's first attempt reuses it when it still holds.
+    pub seen_state: Option<crate::store::group_documents::MemberState>,
     /// The client's JSON Patch, every op in order (empty for PUT and ATR):
     /// the history entry's outcome lists them, as the reference server's does.
     pub patch_ops: Vec<serde_json::Value>,

@@ -345,6 +345,7 @@ pub(crate) async fn write_members(
         request_id: ctx.request_id.clone(),
         url: format!("{base}/Group/{group_id}"),
         upstream_part,
+        seen_state: ctx.member_state_seen.take(),
         patch_ops,
     };
 

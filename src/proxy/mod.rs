@@ -79,6 +79,8 @@ pub struct RequestContext {
     /// Where the request's Group keeps its members, once looked up for a
     /// member write (see [`FhirGroupProxy::member_write_home`]).
     pub member_write_home: Option<crate::group::RosterHome>,
+    /// The member state read with it, which the write's first attempt reuses.
+    pub member_state_seen: Option<crate::store::group_documents::MemberState>,
     pub started: Instant,
     /// Carries the request id (and trace id) into every log line of the request.
     pub span: tracing::Span,
@@ -353,13 +355,17 @@ impl FhirGroupProxy {
             return Ok(Some(home));
         }
         let id = id.to_string();
-        let home = self
+        let found = self
             .ask_stores(None, |service| async move {
                 service.member_write_home(&id).await.map(Some)
             })
             .await?;
-        ctx.member_write_home = home;
-        Ok(home)
+        let Some((home, seen)) = found else {
+            return Ok(None);
+        };
+        ctx.member_write_home = Some(home);
+        ctx.member_state_seen = seen;
+        Ok(Some(home))
     }
 
     /// Whether any Group's roster lives in the member store (`false` with
@@ -574,6 +580,7 @@ impl ProxyHttp for FhirGroupProxy {
             created: None,
             refusal: None,
             member_write_home: None,
+            member_state_seen: None,
             started: Instant::now(),
             span: tracing::Span::none(),
             _in_flight: self.lifecycle.track_request(),

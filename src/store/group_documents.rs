@@ -3,40 +3,39 @@
 //!
 //! The Group document (`Group_4_0_0`) is the FHIR JSON plus `_uuid` etc.; the
 //! proxy only ever changes `meta.versionId` (a string), `meta.lastUpdated` (a
-//! BSON date) and `_memberCommitToken`, each time with one conditional update.
+//! BSON date) and its own `_member*` marks, each time with one conditional update.
 //!
 //! The proxy's state lives in its own collections, so a legacy server that
 //! rewrites whole Group documents cannot drop it. `Group_4_0_0_MemberLocks`
-//! holds the one write in flight per Group (token, expiry);
-//! `Group_4_0_0_MemberState` holds:
-//! - `storage: "clickhouse"` once a Group's members live in ClickHouse;
-//! - `pending`: a write whose Mongo commit may have happened but whose events
-//!   may not be published yet (see `group::recovery`).
+//! holds the one write in flight per Group and what recovery needs to finish
+//! it (see `store::member_locks`); `Group_4_0_0_MemberState` holds:
+//! - `storage: "clickhouse"` once a Group's members live in ClickHouse, and
+//!   the generation of its member key;
+//! - `pending`: only from releases before the write record moved into the
+//!   lock: a write whose commit may have happened but whose events may not
+//!   be published yet, still finished by `group::recovery`.
+//!
+//! The commit also marks the Group document (`_memberStorage`,
+//! `_memberGeneration`, `_memberCommitToken`): for people and tools reading
+//! MongoDB, and so a write can tell, from the head it reads anyway, that the
+//! member state it read before taking the lock still holds.
 
 use mongodb::bson::raw::ValueAccessErrorKind;
 use mongodb::bson::{doc, Bson, DateTime, Document, RawArray, RawArrayBuf, RawDocumentBuf};
 use mongodb::options::ReturnDocument;
 use mongodb::Collection;
 
+use super::member_locks::MemberLocks;
+use super::mongo::ids_where;
+pub use super::mongo::{DocumentStoreError, LeaseHolder};
+
 pub const GROUP_COLLECTION: &str = "Group_4_0_0";
 pub const GROUP_HISTORY_COLLECTION: &str = "Group_4_0_0_History";
 pub const MEMBER_STATE_COLLECTION: &str = "Group_4_0_0_MemberState";
-pub const MEMBER_LOCK_COLLECTION: &str = "Group_4_0_0_MemberLocks";
+pub use super::member_locks::MEMBER_LOCK_COLLECTION;
 pub const MEMBER_REQUEST_COLLECTION: &str = "Group_4_0_0_MemberRequests";
 
 pub const STORAGE_CLICKHOUSE: &str = "clickhouse";
-
-#[derive(Debug, thiserror::Error)]
-pub enum DocumentStoreError {
-    #[error("MongoDB: {0}")]
-    Mongo(#[from] mongodb::error::Error),
-    #[error("Group/{id} is stored more than once (ids shared across tenants); refusing to guess")]
-    Ambiguous { id: String },
-    #[error("Group/{id} in MongoDB is malformed: {what}")]
-    Malformed { id: String, what: String },
-    #[error("MongoDB refused to update Group/{id}: {what}")]
-    Refused { id: String, what: String },
-}
 
 /// What a member write needs to know of a Group document.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +51,18 @@ pub struct GroupHead {
     /// server's kind: their stored references carry internal fields
     /// derived from it, and so must the members the proxy stores.
     pub authority: Option<String>,
+    /// The document's own marks of a member write's commit
+    /// (`_memberStorage`, `_memberGeneration`): set with every commit and
+    /// migration under the Group's lock, dropped by a reverse migration,
+    /// absent on a Group created again. When they match the member state
+    /// read before the lock was taken, that state still holds.
+    pub marks: Option<CommitMarks>,
+}
+
+/// See [`GroupHead::marks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitMarks {
+    pub generation: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -114,37 +125,13 @@ impl MemberState {
     }
 }
 
-/// Who takes a lock: a process role and place that stay the same across
-/// restarts (`owner`), and this particular run of it (`boot`). A process
-/// that finds locks of its own owner from another boot knows their holder is
-/// dead, without waiting out their lease.
-#[derive(Clone, Debug)]
-pub struct LeaseHolder {
-    pub owner: String,
-    pub boot: String,
-}
-
-impl LeaseHolder {
-    /// `role` on this host at `place` (for the proxy: its listen address).
-    pub fn here(role: &str, place: &str) -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into());
-        Self {
-            owner: format!("{role}@{host}/{place}"),
-            boot: uuid::Uuid::new_v4().to_string(),
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct GroupDocuments {
-    holder: LeaseHolder,
+    locks: MemberLocks,
     database: mongodb::Database,
     groups: Collection<Document>,
     history: Collection<Document>,
     states: Collection<Document>,
-    locks: Collection<Document>,
     requests: Collection<Document>,
 }
 
@@ -157,14 +144,31 @@ impl GroupDocuments {
         holder: LeaseHolder,
     ) -> Self {
         Self {
-            holder,
+            locks: MemberLocks::new(database, holder),
             database: database.clone(),
             groups: database.collection(GROUP_COLLECTION),
             history: history.collection(GROUP_HISTORY_COLLECTION),
             states: database.collection(MEMBER_STATE_COLLECTION),
-            locks: database.collection(MEMBER_LOCK_COLLECTION),
             requests: database.collection(MEMBER_REQUEST_COLLECTION),
         }
+    }
+
+    /// The per-Group write locks (see [`super::member_locks`]).
+    pub fn locks(&self) -> &MemberLocks {
+        &self.locks
+    }
+
+    /// Records that Group `id`'s members live in ClickHouse (after its first
+    /// member write commits).
+    pub async fn mark_stored_in_clickhouse(&self, id: &str) -> Result<(), DocumentStoreError> {
+        self.states
+            .update_one(
+                doc! { "_id": id },
+                doc! { "$set": { "storage": STORAGE_CLICKHOUSE } },
+            )
+            .upsert(true)
+            .await?;
+        Ok(())
     }
 
     /// Whether MongoDB answers (for readiness probes).
@@ -204,6 +208,20 @@ impl GroupDocuments {
         })
     }
 
+    /// The head of Group `id` as member key generation `generation` sees
+    /// it, with whether the document holds members inline: what a write
+    /// reads under the lock when the member state it saw before still holds.
+    pub async fn head_with_inline(
+        &self,
+        id: &str,
+        generation: i64,
+    ) -> Result<Option<(GroupHead, bool)>, DocumentStoreError> {
+        Ok(self
+            .head_and_inline(id, generation, true)
+            .await?
+            .map(|(head, inline)| (head, inline.unwrap_or(false))))
+    }
+
     pub async fn head_of_generation(
         &self,
         id: &str,
@@ -224,7 +242,10 @@ impl GroupDocuments {
         generation: i64,
         with_inline: bool,
     ) -> Result<Option<(GroupHead, Option<bool>)>, DocumentStoreError> {
-        let mut projection = doc! { "id": 1, "meta": 1, "_uuid": 1, "_memberCommitToken": 1, "_sourceAssigningAuthority": 1 };
+        let mut projection = doc! {
+            "id": 1, "meta": 1, "_uuid": 1, "_memberCommitToken": 1, "_sourceAssigningAuthority": 1,
+            "_memberStorage": 1, "_memberGeneration": 1,
+        };
         if with_inline {
             projection.insert("member", 1);
         }
@@ -282,19 +303,7 @@ impl GroupDocuments {
         &self,
         limit: i64,
     ) -> Result<Vec<String>, DocumentStoreError> {
-        let mut cursor = self
-            .states
-            .find(doc! { "pending": { "$exists": true } })
-            .projection(doc! { "_id": 1 })
-            .limit(limit)
-            .await?;
-        let mut ids = Vec::new();
-        while cursor.advance().await? {
-            if let Ok(id) = cursor.deserialize_current()?.get_str("_id") {
-                ids.push(id.to_string());
-            }
-        }
-        Ok(ids)
+        ids_where(&self.states, doc! { "pending": { "$exists": true } }, limit).await
     }
 
     /// Whether the Group document still holds members inline (not migrated).
@@ -315,18 +324,6 @@ impl GroupDocuments {
             .count_documents(doc! { "id": id, "member": { "$exists": true } })
             .await?;
         Ok(count > 0)
-    }
-
-    /// The token of the lock on Group `id` when that lock has expired.
-    pub async fn expired_lease_holder(
-        &self,
-        id: &str,
-    ) -> Result<Option<String>, DocumentStoreError> {
-        let lock = self
-            .locks
-            .find_one(doc! { "_id": id, "expiresAt": { "$lt": DateTime::now() } })
-            .await?;
-        Ok(lock.and_then(|l| l.get_str("token").ok().map(str::to_string)))
     }
 
     pub async fn member_state(&self, id: &str) -> Result<MemberState, DocumentStoreError> {
@@ -368,133 +365,6 @@ impl GroupDocuments {
                 .unwrap_or_default(),
             pending,
         })
-    }
-
-    /// Takes the per-Group write lock unless another writer holds it. The lock
-    /// is a document with the Group id as `_id`: only an insert with a unique
-    /// `_id` is atomic on MongoDB and FerretDB alike (FerretDB 1.x runs
-    /// conditional updates as find-then-update).
-    pub async fn acquire_lease(
-        &self,
-        id: &str,
-        token: &str,
-        ttl: std::time::Duration,
-    ) -> Result<bool, DocumentStoreError> {
-        let now = DateTime::now();
-        let expires = DateTime::from_millis(now.timestamp_millis() + ttl.as_millis() as i64);
-        let lock = doc! {
-            "_id": id, "token": token, "expiresAt": expires, "takenAt": now,
-            "owner": &self.holder.owner, "boot": &self.holder.boot,
-        };
-        match self.locks.insert_one(lock).await {
-            Ok(_) => Ok(true),
-            Err(e) if is_duplicate_key(&e) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Removes an expired lock (and only that one) so a new writer can start.
-    pub async fn break_expired_lease(
-        &self,
-        id: &str,
-        token: &str,
-    ) -> Result<bool, DocumentStoreError> {
-        let result = self
-            .locks
-            .delete_one(doc! { "_id": id, "token": token, "expiresAt": { "$lt": DateTime::now() } })
-            .await?;
-        Ok(result.deleted_count > 0)
-    }
-
-    /// Removes the locks that an earlier run of this same process (same
-    /// owner, another boot) left when it died; how many.
-    pub async fn break_own_dead_leases(&self) -> Result<u64, DocumentStoreError> {
-        let result = self
-            .locks
-            .delete_many(doc! { "owner": &self.holder.owner, "boot": { "$ne": &self.holder.boot } })
-            .await?;
-        Ok(result.deleted_count)
-    }
-
-    pub async fn release_lease(&self, id: &str, token: &str) -> Result<(), DocumentStoreError> {
-        self.locks
-            .delete_one(doc! { "_id": id, "token": token })
-            .await?;
-        Ok(())
-    }
-
-    async fn holds_lease(&self, id: &str, token: &str) -> Result<bool, DocumentStoreError> {
-        Ok(self
-            .locks
-            .count_documents(
-                doc! { "_id": id, "token": token, "expiresAt": { "$gt": DateTime::now() } },
-            )
-            .await?
-            > 0)
-    }
-
-    /// Records, under our lease, the write about to commit as `version`.
-    /// Records the write about to commit `versions` (with what recovery
-    /// needs to finish it, history entries included); `false` when the lease
-    /// was lost meanwhile.
-    /// `committed_at` is the `meta.lastUpdated` the commit will write.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn mark_pending(
-        &self,
-        id: &str,
-        token: &str,
-        versions: std::ops::RangeInclusive<u64>,
-        request_id: &str,
-        url: &str,
-        committed_at: DateTime,
-    ) -> Result<bool, DocumentStoreError> {
-        if !self.holds_lease(id, token).await? {
-            return Ok(false);
-        }
-        self.states
-            .update_one(
-                doc! { "_id": id },
-                doc! { "$set": { "pending": {
-                    "token": token,
-                    "version": *versions.end() as i64,
-                    "fromVersion": *versions.start() as i64,
-                    "requestId": request_id,
-                    "url": url,
-                    "lastUpdated": committed_at,
-                } } },
-            )
-            .upsert(true)
-            .await?;
-        Ok(true)
-    }
-
-    /// Records that the upstream committed the other half of a split patch.
-    pub async fn mark_upstream_committed(
-        &self,
-        id: &str,
-        token: &str,
-    ) -> Result<bool, DocumentStoreError> {
-        let result = self
-            .states
-            .update_one(
-                doc! { "_id": id, "pending.token": token },
-                doc! { "$set": { "pending.upstreamCommitted": true } },
-            )
-            .await?;
-        Ok(result.matched_count > 0)
-    }
-
-    /// Records that the pending write `token` passed its commit point, for a
-    /// writer that could not finish it (a later legacy write may drop the
-    /// commit token from the document; this record stays).
-    pub async fn mark_committed(&self, id: &str, token: &str) -> Result<(), DocumentStoreError> {
-        self.states
-            .update_one(
-                doc! { "_id": id, "pending.token": token },
-                doc! { "$set": { "pending.committed": true } },
-            )
-            .await?;
-        Ok(())
     }
 
     /// The resource of the history entry of version `version` of Group `id`.
@@ -549,31 +419,6 @@ impl GroupDocuments {
             .return_document(ReturnDocument::After)
             .await?
             .map(without_members))
-    }
-
-    /// Ends our write under our lock: drops `pending`, marks the Group as
-    /// stored in ClickHouse when it committed, then releases the lock.
-    pub async fn finish(
-        &self,
-        id: &str,
-        token: &str,
-        committed: bool,
-    ) -> Result<(), DocumentStoreError> {
-        // Only our own pending record: one left by a stopped writer must stay
-        // for recovery even when this write fails.
-        let cleared = self.clear_pending(id, token, committed).await?;
-        if committed && !cleared {
-            // Our record is gone (recovery finished it): the storage mark
-            // must stand all the same.
-            self.states
-                .update_one(
-                    doc! { "_id": id },
-                    doc! { "$set": { "storage": STORAGE_CLICKHOUSE } },
-                )
-                .upsert(true)
-                .await?;
-        }
-        self.release_lease(id, token).await
     }
 
     /// Clears the pending write `pending_token` (its own writer's at the end
@@ -643,6 +488,7 @@ impl GroupDocuments {
         new_version: u64,
         token: &str,
         committed_at: DateTime,
+        generation: i64,
     ) -> Result<Option<Document>, DocumentStoreError> {
         let updated = self
             .groups
@@ -652,9 +498,10 @@ impl GroupDocuments {
                     "meta.versionId": new_version.to_string(),
                     "meta.lastUpdated": committed_at,
                     "_memberCommitToken": token,
-                    // For people and tools reading MongoDB directly; the proxy's
-                    // own record is MemberState, which legacy rewrites cannot drop.
+                    // See the module docs: the proxy's own record is
+                    // MemberState, which legacy rewrites cannot drop.
                     "_memberStorage": STORAGE_CLICKHOUSE,
+                    "_memberGeneration": generation,
                 } },
             )
             .return_document(ReturnDocument::After)
@@ -948,6 +795,7 @@ impl GroupDocuments {
         };
         let mut unset = RawDocumentBuf::new();
         unset.append("_memberStorage", "");
+        unset.append("_memberGeneration", "");
         let mut update = RawDocumentBuf::new();
         if members.is_empty() {
             unset.append("member", "");
@@ -979,26 +827,6 @@ impl GroupDocuments {
             _ => return Err(refused(format!("unexpected reply {reply}"))),
         };
         Ok(matched > 0)
-    }
-
-    /// Extends our lock on Group `id` (long migrations); false when it is no
-    /// longer ours.
-    pub async fn renew_lease(
-        &self,
-        id: &str,
-        token: &str,
-        ttl: std::time::Duration,
-    ) -> Result<bool, DocumentStoreError> {
-        let expires =
-            DateTime::from_millis(DateTime::now().timestamp_millis() + ttl.as_millis() as i64);
-        let result = self
-            .locks
-            .update_one(
-                doc! { "_id": id, "token": token },
-                doc! { "$set": { "expiresAt": expires } },
-            )
-            .await?;
-        Ok(result.matched_count > 0)
     }
 
     /// Whether any Group keeps its members in ClickHouse.
@@ -1043,15 +871,6 @@ pub fn member_key(uuid: &str, generation: i64) -> String {
 fn without_members(mut document: Document) -> Document {
     document.remove("member");
     document
-}
-
-fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
-    match error.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == 11000,
-        ErrorKind::Command(e) => e.code == 11000,
-        _ => error.to_string().contains("E11000") || error.to_string().contains("duplicate key"),
-    }
 }
 
 /// Client request ids are visible ASCII, so a newline cannot occur in one.
@@ -1107,6 +926,13 @@ fn parse_head(id: &str, document: &Document) -> Result<GroupHead, DocumentStoreE
             .get_str("_sourceAssigningAuthority")
             .ok()
             .map(str::to_string),
+        marks: match (
+            document.get_str("_memberStorage"),
+            document.get_i64("_memberGeneration"),
+        ) {
+            (Ok(STORAGE_CLICKHOUSE), Ok(generation)) => Some(CommitMarks { generation }),
+            _ => None,
+        },
     })
 }
 

@@ -5,6 +5,7 @@ pub mod clickhouse;
 pub mod events;
 pub mod group_commit;
 pub mod group_documents;
+pub mod member_locks;
 pub mod mongo;
 pub mod schema;
 pub mod setup;

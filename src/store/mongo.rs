@@ -64,3 +64,67 @@ fn record_command(event: CommandEvent) {
         _ => {}
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentStoreError {
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("Group/{id} is stored more than once (ids shared across tenants); refusing to guess")]
+    Ambiguous { id: String },
+    #[error("Group/{id} in MongoDB is malformed: {what}")]
+    Malformed { id: String, what: String },
+    #[error("MongoDB refused to update Group/{id}: {what}")]
+    Refused { id: String, what: String },
+}
+
+/// Who takes a lock: a process role and place that stay the same across
+/// restarts (`owner`), and this particular run of it (`boot`). A process
+/// that finds locks of its own owner from another boot knows their holder is
+/// dead, without waiting out their lease.
+#[derive(Clone, Debug)]
+pub struct LeaseHolder {
+    pub owner: String,
+    pub boot: String,
+}
+
+impl LeaseHolder {
+    /// `role` on this host at `place` (for the proxy: its listen address).
+    pub fn here(role: &str, place: &str) -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        Self {
+            owner: format!("{role}@{host}/{place}"),
+            boot: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+}
+
+pub(super) fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match error.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == 11000,
+        ErrorKind::Command(e) => e.code == 11000,
+        _ => error.to_string().contains("E11000") || error.to_string().contains("duplicate key"),
+    }
+}
+
+/// The `_id`s of up to `limit` documents of `collection` matching `filter`.
+pub(super) async fn ids_where(
+    collection: &mongodb::Collection<mongodb::bson::Document>,
+    filter: mongodb::bson::Document,
+    limit: i64,
+) -> Result<Vec<String>, DocumentStoreError> {
+    let mut cursor = collection
+        .find(filter)
+        .projection(doc! { "_id": 1 })
+        .limit(limit)
+        .await?;
+    let mut ids = Vec::new();
+    while cursor.advance().await? {
+        if let Ok(id) = cursor.deserialize_current()?.get_str("_id") {
+            ids.push(id.to_string());
+        }
+    }
+    Ok(ids)
+}
