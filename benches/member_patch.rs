@@ -4,7 +4,9 @@
 //!
 //! Reported: latency of a value op (add one member) and of a positional op
 //! (pin member N, set its `inactive`) on groups of 1k, 100k and 1M members,
-//! and member-add throughput with 64 concurrent clients.
+//! the store round trips of one PATCH, PATCHes/s against the store's own
+//! compare-and-swap rate (16 clients on 16 Groups and on 1), and member-add
+//! throughput with 64 concurrent clients.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -78,6 +80,9 @@ async fn main() {
     }
 
     store_round_trips(&client, &proxy_base, &proxy.admin_url()).await;
+    if std::env::var("FGP_BENCH_RATIO").as_deref() != Ok("0") {
+        store_ratio(&client, &proxy_base).await;
+    }
 
     if std::env::var("FGP_BENCH_THROUGHPUT").as_deref() == Ok("0") {
         return;
@@ -349,4 +354,120 @@ async fn throughput(client: &HttpClient, base: &str, groups: &[String]) -> (f64,
         return (0.0, 0.0, 0.0, failed);
     }
     (rate, pct(&ok, 50), pct(&ok, 99), failed)
+}
+
+/// Clients of the store-ratio rows (issue: 16 clients on 16 Groups and on 1).
+const RATIO_CLIENTS: usize = 16;
+/// How long each store-ratio row runs.
+const RATIO_RUN: Duration = Duration::from_secs(4);
+
+/// Member PATCHes/s through the proxy against what its MongoDB does on its
+/// own in the same run: single-document compare-and-swap updates of a
+/// version field (`findAndModify`, as the proxy's commit point), by the same
+/// number of clients, on as many documents as the proxy's rows have Groups.
+/// The ratio says how much of its store's write rate the proxy reaches.
+async fn store_ratio(client: &HttpClient, base: &str) {
+    println!("\n## Member PATCHes/s against the store's own compare-and-swap rate ({RATIO_CLIENTS} clients, {} s per row, same run)\n", RATIO_RUN.as_secs());
+    println!("raw = {RATIO_CLIENTS} clients doing `findAndModify` of `{{_id, v: n}}` to `n + 1` directly on FerretDB (retrying a lost race); proxy = {RATIO_CLIENTS} clients sending single-member adds (`return=minimal`)\n");
+    println!(
+        "| documents / Groups | raw CAS updates/s | proxy PATCHes/s | proxy ÷ raw | proxy failed |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for groups in [RATIO_CLIENTS, 1] {
+        let raw = raw_cas_rate(groups).await;
+        let mut ids = Vec::with_capacity(groups);
+        for _ in 0..groups {
+            let id = create_group(client, base).await;
+            seed_members(client, base, &id, 1_000).await;
+            ids.push(id);
+        }
+        let (rate, failed) = patches_for(client, base, &ids, RATIO_RUN).await;
+        println!(
+            "| {groups} | {raw:.0} | {rate:.0} | {:.2} | {failed} |",
+            rate / raw.max(f64::MIN_POSITIVE)
+        );
+    }
+}
+
+/// Successful compare-and-swap updates per second on `documents` documents.
+async fn raw_cas_rate(documents: usize) -> f64 {
+    use mongodb::bson::doc;
+    let client = mongodb::Client::with_uri_str(mongo_uri())
+        .await
+        .expect("mongo client");
+    let collection = client
+        .database(&format!("fgp_bench_raw_{}", uuid::Uuid::new_v4().simple()))
+        .collection::<mongodb::bson::Document>("cas");
+    for n in 0..documents {
+        collection
+            .insert_one(doc! { "_id": n as i64, "v": 0_i64 })
+            .await
+            .expect("seed");
+    }
+    let deadline = Instant::now() + RATIO_RUN;
+    let started = Instant::now();
+    let done: Vec<u64> = futures_util::stream::iter(0..RATIO_CLIENTS)
+        .map(|c| {
+            let collection = collection.clone();
+            async move {
+                let id = (c % documents) as i64;
+                let mut swaps = 0;
+                while Instant::now() < deadline {
+                    let seen = collection
+                        .find_one(doc! { "_id": id })
+                        .await
+                        .expect("read")
+                        .and_then(|d| d.get_i64("v").ok())
+                        .unwrap_or(0);
+                    let swapped = collection
+                        .find_one_and_update(
+                            doc! { "_id": id, "v": seen },
+                            doc! { "$set": { "v": seen + 1 } },
+                        )
+                        .await
+                        .expect("cas");
+                    swaps += u64::from(swapped.is_some());
+                }
+                swaps
+            }
+        })
+        .buffer_unordered(RATIO_CLIENTS)
+        .collect()
+        .await;
+    let rate = done.iter().sum::<u64>() as f64 / started.elapsed().as_secs_f64();
+    let _ = collection.drop().await;
+    rate
+}
+
+/// Successful member PATCHes per second by `RATIO_CLIENTS` clients spread
+/// over `ids` for `run`, and how many failed.
+async fn patches_for(
+    client: &HttpClient,
+    base: &str,
+    ids: &[String],
+    run: Duration,
+) -> (f64, usize) {
+    let deadline = Instant::now() + run;
+    let started = Instant::now();
+    let results: Vec<(usize, usize)> = futures_util::stream::iter(0..RATIO_CLIENTS)
+        .map(|c| {
+            let id = ids[c % ids.len()].clone();
+            async move {
+                let (mut ok, mut failed) = (0, 0);
+                while Instant::now() < deadline {
+                    let reference = format!("Patient/r-{}", uuid::Uuid::new_v4().simple());
+                    match patch_one(client, base, &id, reference).await.0 {
+                        200 => ok += 1,
+                        _ => failed += 1,
+                    }
+                }
+                (ok, failed)
+            }
+        })
+        .buffer_unordered(RATIO_CLIENTS)
+        .collect()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let ok: usize = results.iter().map(|r| r.0).sum();
+    (ok as f64 / elapsed, results.iter().map(|r| r.1).sum())
 }

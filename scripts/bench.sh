@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): member PATCH through the proxy vs the legacy path, in
 # one run on this machine. Starts ClickHouse and FerretDB like the tests do.
-# FGP_BENCH_SIZES=1000,100000 limits the group sizes; FGP_BENCH_THROUGHPUT=0 skips
+# FGP_BENCH_SIZES=1000,100000 limits the group sizes; FGP_BENCH_RATIO=0 skips the
+# store-ratio rows; FGP_BENCH_THROUGHPUT=0 skips
 # the (slow) throughput rows.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 

@@ -221,6 +221,9 @@ pub struct GroupService {
     /// A Group the legacy server created that this MongoDB does not hold:
     /// the upstream keeps its Groups elsewhere (readiness reports it).
     upstream_elsewhere: Arc<std::sync::Mutex<Option<String>>>,
+    /// No Group holds a `pending` record of an earlier release any more
+    /// (see [`Self::recover_stalled_writes`]).
+    no_earlier_pending: Arc<std::sync::atomic::AtomicBool>,
     /// `_uuid` addresses seen, and the id each names when it is not the id
     /// itself (see [`Self::alias_of`]).
     uuid_aliases: Arc<std::sync::Mutex<std::collections::HashMap<String, Option<String>>>>,
@@ -263,6 +266,7 @@ impl GroupService {
             },
             queues: Arc::default(),
             upstream_elsewhere: Arc::default(),
+            no_earlier_pending: Arc::default(),
             uuid_aliases: Arc::default(),
         })
     }

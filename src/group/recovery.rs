@@ -7,6 +7,7 @@
 //! its history completed. Otherwise it never happened, and its staged events
 //! stay invisible.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::store::group_documents::{GroupHead, PendingWrite};
@@ -230,11 +231,18 @@ impl GroupService {
     pub async fn recover_stalled_writes(&self) -> Result<usize, WriteError> {
         let mut recovered = 0;
         let mut ids = self.documents.locks().expired_ids(SWEEP_BATCH).await?;
-        ids.extend(
-            self.documents
+        // Pending records come only from earlier releases: looked for until
+        // none is left, then never again.
+        if !self.no_earlier_pending.load(Ordering::Relaxed) {
+            let pending = self
+                .documents
                 .groups_with_pending_writes(SWEEP_BATCH)
-                .await?,
-        );
+                .await?;
+            if pending.is_empty() {
+                self.no_earlier_pending.store(true, Ordering::Relaxed);
+            }
+            ids.extend(pending);
+        }
         ids.sort();
         ids.dedup();
         for id in ids {
