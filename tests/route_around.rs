@@ -628,6 +628,11 @@ async fn drift_is_refused_listed_and_folded_never_erased() {
         .find(|l| l.starts_with("fgp_group_drift_detected_total"))
         .unwrap_or_default();
     assert!(line.ends_with(" 2"), "two refusals counted: {line:?}");
+    let read_refusal = r#"fgp_http_requests_total{disposition="intercepted",method="GET",route="group_read",status="409"} 1"#;
+    assert!(
+        text.lines().any(|l| l == read_refusal),
+        "the read's refusal is the proxy's answer, not a forwarded one: {text}"
+    );
 
     let check = stack.migrate(&["--check", "--id", &id]);
     assert_eq!(check.status.code(), Some(1), "{check:?}");

@@ -19,7 +19,7 @@ use crate::group::read::RosterForRead;
 use crate::group::{GroupService, WriteError};
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::intercept::relay;
-use crate::proxy::respond::send_outcome;
+use crate::proxy::respond::{answer_outcome, send_outcome};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// Members per streamed chunk.
@@ -90,7 +90,7 @@ async fn fetch_managed(
             | WriteError::Readdress { .. }
             | WriteError::SharedKept { .. }),
         )) => {
-            send_outcome(session, &error.to_outcome(), &ctx.request_id).await?;
+            answer_outcome(session, ctx, &error.to_outcome()).await?;
             return Ok(Err(true));
         }
         Ok(Err(error)) => {
@@ -100,11 +100,11 @@ async fn fetch_managed(
                 IssueType::Transient,
                 format!("the members of Group/{group_id} cannot be read now: {error}"),
             );
-            send_outcome(session, &outcome, &ctx.request_id).await?;
+            answer_outcome(session, ctx, &outcome).await?;
             return Ok(Err(true));
         }
         Err(outcome) => {
-            send_outcome(session, &outcome, &ctx.request_id).await?;
+            answer_outcome(session, ctx, &outcome).await?;
             return Ok(Err(true));
         }
     };
@@ -127,7 +127,7 @@ async fn fetch_managed(
     {
         Ok(reply) => reply,
         Err(outcome) => {
-            send_outcome(session, &outcome, &ctx.request_id).await?;
+            answer_outcome(session, ctx, &outcome).await?;
             return Ok(Err(true));
         }
     };
@@ -145,7 +145,7 @@ async fn fetch_managed(
         {
             // Two rosters for one Group: neither is shown as the truth.
             let outcome = crate::group::drift(group_id);
-            send_outcome(session, &outcome, &ctx.request_id).await?;
+            answer_outcome(session, ctx, &outcome).await?;
             Ok(Err(true))
         }
         Ok(group) if reply.status == 200 && group["resourceType"] == resource_type => {
@@ -278,7 +278,7 @@ pub async fn group_history(
                  _history/{{vid}}"
             ),
         );
-        send_outcome(session, &outcome, &ctx.request_id).await?;
+        answer_outcome(session, ctx, &outcome).await?;
         return Ok(true);
     }
     let mut bundle = bundle;
@@ -324,7 +324,7 @@ pub async fn group_history(
                     IssueType::Transient,
                     format!("the roster of Group/{group_id} version {version} cannot be read now: {error}"),
                 );
-                send_outcome(session, &outcome, &ctx.request_id).await?;
+                answer_outcome(session, ctx, &outcome).await?;
                 return Ok(true);
             }
         }
@@ -464,11 +464,11 @@ pub async fn members_page(
                 IssueType::Transient,
                 format!("members cannot be read now: {error}"),
             );
-            send_outcome(session, &outcome, &ctx.request_id).await?;
+            answer_outcome(session, ctx, &outcome).await?;
             return Ok(true);
         }
         Err(outcome) => {
-            send_outcome(session, &outcome, &ctx.request_id).await?;
+            answer_outcome(session, ctx, &outcome).await?;
             return Ok(true);
         }
     };
@@ -509,7 +509,7 @@ pub async fn members_page(
                         row.slot_id
                     ),
                 );
-                send_outcome(session, &outcome, &ctx.request_id).await?;
+                answer_outcome(session, ctx, &outcome).await?;
                 return Ok(true);
             }
         };

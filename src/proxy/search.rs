@@ -15,7 +15,7 @@ use crate::group::write::UpstreamReply;
 use crate::group::WriteError;
 use crate::proxy::intercept::relay;
 use crate::proxy::read::json_header;
-use crate::proxy::respond::send_outcome;
+use crate::proxy::respond::answer_outcome;
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// Answers the search, or returns `false` when the legacy server alone can.
@@ -230,7 +230,7 @@ async fn search_upstream(
             Ok(Err(()))
         }
         Err(outcome) => {
-            send_outcome(session, &outcome, &ctx.request_id).await?;
+            answer_outcome(session, ctx, &outcome).await?;
             Ok(Err(()))
         }
     }
@@ -243,6 +243,6 @@ async fn answered(
     outcome: &Outcome,
 ) -> Result<bool> {
     ctx.intercepted = true;
-    send_outcome(session, outcome, &ctx.request_id).await?;
+    answer_outcome(session, ctx, outcome).await?;
     Ok(true)
 }
