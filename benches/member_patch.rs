@@ -81,7 +81,7 @@ async fn main() {
 
     store_round_trips(&client, &proxy_base, &proxy.admin_url()).await;
     if std::env::var("FGP_BENCH_RATIO").as_deref() != Ok("0") {
-        store_ratio(&client, &proxy_base).await;
+        store_ratio(&client, &proxy_base, proxy.pid()).await;
     }
 
     if std::env::var("FGP_BENCH_THROUGHPUT").as_deref() == Ok("0") {
@@ -366,27 +366,116 @@ const RATIO_RUN: Duration = Duration::from_secs(4);
 /// version field (`findAndModify`, as the proxy's commit point), by the same
 /// number of clients, on as many documents as the proxy's rows have Groups.
 /// The ratio says how much of its store's write rate the proxy reaches.
-async fn store_ratio(client: &HttpClient, base: &str) {
+async fn store_ratio(client: &HttpClient, base: &str, proxy_pid: u32) {
     println!("\n## Member PATCHes/s against the store's own compare-and-swap rate ({RATIO_CLIENTS} clients, {} s per row, same run)\n", RATIO_RUN.as_secs());
     println!("raw = {RATIO_CLIENTS} clients doing `findAndModify` of `{{_id, v: n}}` to `n + 1` directly on FerretDB (retrying a lost race); proxy = {RATIO_CLIENTS} clients sending single-member adds (`return=minimal`)\n");
     println!(
         "| documents / Groups | raw CAS updates/s | proxy PATCHes/s | proxy ÷ raw | proxy failed |"
     );
     println!("|---:|---:|---:|---:|---:|");
+    let mut cpu_rows = Vec::new();
     for groups in [RATIO_CLIENTS, 1] {
+        let before = Cpu::sample(proxy_pid);
         let raw = raw_cas_rate(groups).await;
+        let raw_cpu = Cpu::sample(proxy_pid).since(&before);
         let mut ids = Vec::with_capacity(groups);
         for _ in 0..groups {
             let id = create_group(client, base).await;
             seed_members(client, base, &id, 1_000).await;
             ids.push(id);
         }
+        let before = Cpu::sample(proxy_pid);
         let (rate, failed) = patches_for(client, base, &ids, RATIO_RUN).await;
+        let proxy_cpu = Cpu::sample(proxy_pid).since(&before);
         println!(
             "| {groups} | {raw:.0} | {rate:.0} | {:.2} | {failed} |",
             rate / raw.max(f64::MIN_POSITIVE)
         );
+        let per = |cpu: &Cpu, n: f64| cpu.per_op_ms(n * RATIO_RUN.as_secs_f64());
+        let r = per(&raw_cpu, raw);
+        cpu_rows.push(format!(
+            "| {groups} | raw CAS | {} | - | - | {} |",
+            r.ferretdb, r.bench
+        ));
+        let p = per(&proxy_cpu, rate);
+        cpu_rows.push(format!(
+            "| {groups} | proxy PATCH | {} | {} | {} | {} |",
+            p.ferretdb, p.clickhouse, p.proxy, p.bench
+        ));
     }
+    println!("\nCPU ms per operation in those rows, from `/proc/<pid>/stat` (utime + stime); the bench process holds the clients and the stand-in legacy server (which answers each PATCH's access probe):\n");
+    println!("| documents / Groups | operation | FerretDB | ClickHouse | proxy | bench process |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    for row in cpu_rows {
+        println!("{row}");
+    }
+}
+
+/// CPU seconds used so far by the processes of a store-ratio row.
+struct Cpu {
+    ferretdb: f64,
+    clickhouse: f64,
+    proxy: f64,
+    bench: f64,
+}
+
+/// Per-operation CPU, formatted (ms).
+struct CpuPerOp {
+    ferretdb: String,
+    clickhouse: String,
+    proxy: String,
+    bench: String,
+}
+
+impl Cpu {
+    fn sample(proxy_pid: u32) -> Self {
+        let service = |name: &str| {
+            let run = std::env::var("FGP_RUN_DIR").unwrap_or_else(|_| ".run".into());
+            std::fs::read_to_string(format!("{run}/{name}/pid"))
+                .ok()
+                .and_then(|pid| cpu_seconds(pid.trim()))
+                .unwrap_or(f64::NAN)
+        };
+        Self {
+            ferretdb: service("ferretdb"),
+            clickhouse: service("clickhouse"),
+            proxy: cpu_seconds(&proxy_pid.to_string()).unwrap_or(f64::NAN),
+            bench: cpu_seconds("self").unwrap_or(f64::NAN),
+        }
+    }
+
+    fn since(&self, before: &Cpu) -> Cpu {
+        Cpu {
+            ferretdb: self.ferretdb - before.ferretdb,
+            clickhouse: self.clickhouse - before.clickhouse,
+            proxy: self.proxy - before.proxy,
+            bench: self.bench - before.bench,
+        }
+    }
+
+    fn per_op_ms(&self, operations: f64) -> CpuPerOp {
+        let ms = |seconds: f64| match seconds.is_finite() && operations > 0.0 {
+            true => format!("{:.2}", seconds * 1e3 / operations),
+            false => "?".into(),
+        };
+        CpuPerOp {
+            ferretdb: ms(self.ferretdb),
+            clickhouse: ms(self.clickhouse),
+            proxy: ms(self.proxy),
+            bench: ms(self.bench),
+        }
+    }
+}
+
+/// utime + stime of process `pid` (all its threads), in seconds: fields 14
+/// and 15 of `/proc/<pid>/stat`, in clock ticks of 1/100 s.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from its closing paren.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// Successful compare-and-swap updates per second on `documents` documents.

@@ -277,6 +277,11 @@ pub struct ProxyProcess {
 }
 
 impl ProxyProcess {
+    /// The proxy process's id (for CPU accounting from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the proxy in front of `upstream_url`, with extra `FGP_*` settings.
     pub fn start(upstream_url: &str, settings: &[(&str, &str)]) -> ProxyProcess {
         Self::start_with_stderr(upstream_url, settings, Stdio::inherit())
