@@ -36,9 +36,7 @@ use tokio::sync::oneshot;
 
 use crate::fhir::document_patch::apply_other_ops;
 use crate::fhir::outcome::{IssueType, Outcome};
-use crate::store::group_documents::{
-    to_fhir_json, version_of, CommitMarks, GroupHead, MemberState,
-};
+use crate::store::group_documents::{to_fhir_json, version_of, GroupHead, MemberState};
 
 use super::lease::{Backoff, Ending, Lease};
 use super::members::Planning;
@@ -653,17 +651,11 @@ impl GroupService {
         id: &str,
         seen: Option<&MemberState>,
     ) -> Result<(GroupHead, bool, i64), WriteError> {
-        let usable =
-            seen.filter(|s| s.in_clickhouse && s.pending.is_none() && s.inline_copy_at.is_none());
-        if let Some(seen) = usable {
-            if let Some((head, false)) =
+        if let Some(seen) = seen.filter(|seen| plan::may_reuse_seen_state(seen)) {
+            if let Some((head, inline)) =
                 self.documents.head_with_inline(id, seen.generation).await?
             {
-                if head.marks
-                    == Some(CommitMarks {
-                        generation: seen.generation,
-                    })
-                {
+                if plan::seen_state_holds(seen, &head, inline) {
                     return Ok((head, true, seen.generation));
                 }
             }

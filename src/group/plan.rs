@@ -16,6 +16,7 @@ use mongodb::bson::Document;
 use crate::fhir::member_array::Plan;
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::store::events::MemberEventRow;
+use crate::store::group_documents::{CommitMarks, GroupHead, MemberState};
 
 use super::members::{event_rows, EventOrigin, Planning};
 use super::write::{MemberEdit, MemberPatchRequest, MemberPatchResult};
@@ -106,6 +107,29 @@ pub(super) fn stale_if_match(
         )),
         _ => Ok(()),
     }
+}
+
+/// Whether the member state read to route a request, before the lock was
+/// taken, may stand in for a read under the lock: only for a Group kept here
+/// with nothing unusual in its state (no record of an earlier release's
+/// write, no copy of a migration in progress). See [`seen_state_holds`].
+pub(super) fn may_reuse_seen_state(seen: &MemberState) -> bool {
+    seen.in_clickhouse && seen.pending.is_none() && seen.inline_copy_at.is_none()
+}
+
+/// Whether that state still holds, judged from the head read under the lock:
+/// every change of the state (a migration, a reverse, a delete, a first
+/// write) happens under the lock and sets or drops the document's commit
+/// marks, so marks of the same generation on a document without inline
+/// members prove nothing changed. Anything else (a document a legacy
+/// `$merge` rewrote, one created again, drift) reads the state again.
+pub(super) fn seen_state_holds(seen: &MemberState, head: &GroupHead, inline: bool) -> bool {
+    may_reuse_seen_state(seen)
+        && !inline
+        && head.marks
+            == Some(CommitMarks {
+                generation: seen.generation,
+            })
 }
 
 /// The Group as an attempt found it.
@@ -597,6 +621,78 @@ mod tests {
         assert!(!batchable(&roster));
         assert_eq!(weight(&roster), 2);
         assert_eq!(weight(&positional), 1);
+    }
+
+    fn kept_state(generation: i64) -> MemberState {
+        MemberState {
+            in_clickhouse: true,
+            generation,
+            ..MemberState::default()
+        }
+    }
+
+    fn head_marked(marks: Option<i64>) -> GroupHead {
+        GroupHead {
+            id: "g".into(),
+            group_key: "k".into(),
+            version: 3,
+            last_updated: None,
+            commit_token: None,
+            authority: None,
+            marks: marks.map(|generation| CommitMarks { generation }),
+        }
+    }
+
+    #[test]
+    fn the_routing_state_stands_when_the_document_carries_its_generations_marks() {
+        assert!(seen_state_holds(
+            &kept_state(2),
+            &head_marked(Some(2)),
+            false
+        ));
+    }
+
+    #[test]
+    fn the_routing_state_is_read_again_when_the_document_does_not_prove_it() {
+        let seen = kept_state(2);
+        assert!(
+            !seen_state_holds(&seen, &head_marked(Some(1)), false),
+            "another generation: deleted and created again"
+        );
+        assert!(
+            !seen_state_holds(&seen, &head_marked(None), false),
+            "no marks: reversed, rewritten by $merge, or never written here"
+        );
+        assert!(
+            !seen_state_holds(&seen, &head_marked(Some(2)), true),
+            "inline members: drift or a migration's copy"
+        );
+    }
+
+    #[test]
+    fn an_unusual_routing_state_is_never_reused() {
+        let not_kept = MemberState::default();
+        let copying = MemberState {
+            inline_copy_at: Some(3),
+            ..kept_state(0)
+        };
+        let earlier_record = MemberState {
+            pending: Some(crate::store::group_documents::PendingWrite {
+                token: "t".into(),
+                version: 4,
+                from_version: 4,
+                url: String::new(),
+                request_id: String::new(),
+                committed_at: None,
+                upstream_committed: false,
+                committed: false,
+            }),
+            ..kept_state(0)
+        };
+        for seen in [not_kept, copying, earlier_record] {
+            assert!(!may_reuse_seen_state(&seen), "{seen:?}");
+            assert!(!seen_state_holds(&seen, &head_marked(Some(0)), false));
+        }
     }
 
     #[test]
