@@ -272,44 +272,44 @@ impl GroupService {
             )
             .is_ok();
         let authority = self.legacy_authority(&head);
+        let facts = match !alone || admitted {
+            true => Some(self.array_facts(id, &head.group_key, managed).await?),
+            false => None,
+        };
+        let mut planning = facts
+            .as_ref()
+            .map_or_else(Planning::unknown, Planning::from_facts);
         let mut alone_plan = None;
         let mut split_body = None;
-        let mut planning = Planning::unknown();
-        if alone && admitted {
-            if let Some(part) = &first.upstream_part {
-                match self.upstream_half(id, head.version, &part.document).await? {
-                    UpstreamHalf::Put(body) => split_body = Some(body),
-                    UpstreamHalf::Unchanged => {}
-                    // Written around the proxy since the head was read.
-                    UpstreamHalf::Moved => return Ok(Attempt::Busy),
+        match (alone, &facts) {
+            (true, Some(facts)) => {
+                if let Some(part) = &first.upstream_part {
+                    match self.upstream_half(id, head.version, &part.document).await? {
+                        UpstreamHalf::Put(body) => split_body = Some(body),
+                        UpstreamHalf::Unchanged => {}
+                        // Written around the proxy since the head was read.
+                        UpstreamHalf::Moved => return Ok(Attempt::Busy),
+                    }
                 }
+                let mut fetched = planning.clone();
+                alone_plan = Some(
+                    self.plan_edit(&head.group_key, facts, &mut fetched, authority, &first.edit)
+                        .await,
+                );
             }
-            let facts = self.array_facts(id, &head.group_key, managed).await?;
-            planning = Planning::from_facts(&facts);
-            let mut fetched = planning.clone();
-            alone_plan = Some(
-                self.plan_edit(
-                    &head.group_key,
-                    &facts,
-                    &mut fetched,
-                    authority,
-                    &first.edit,
-                )
-                .await,
-            );
-        } else if !alone {
-            let facts = self.array_facts(id, &head.group_key, managed).await?;
-            planning = Planning::from_facts(&facts);
-            let named: BTreeSet<&str> = requests
-                .iter()
-                .flat_map(|request| match &request.edit {
-                    MemberEdit::Patch(members) => members.removed_references(),
-                    _ => Vec::new(),
-                })
-                .collect();
-            let named: Vec<&str> = named.into_iter().collect();
-            self.prefetch_references(&head.group_key, &named, &mut planning)
-                .await?;
+            (true, None) => {}
+            (false, _) => {
+                let named: BTreeSet<&str> = requests
+                    .iter()
+                    .flat_map(|request| match &request.edit {
+                        MemberEdit::Patch(members) => members.removed_references(),
+                        _ => Vec::new(),
+                    })
+                    .collect();
+                let named: Vec<&str> = named.into_iter().collect();
+                self.prefetch_references(&head.group_key, &named, &mut planning)
+                    .await?;
+            }
         }
 
         let token = lease.token();
@@ -510,7 +510,7 @@ impl GroupService {
             Some(version) if version == new_version => {}
             made => {
                 // Nothing of ours becomes visible: the staged events stay
-                // unpublished, and the pending record is dropped.
+                // unpublished, and the lock (with its record) goes.
                 tracing::error!(group = id, base_version, ?made, "the legacy server's half of a split write landed on an unexpected version; its member operations were not applied");
                 return Err(WriteError::Outcome(Outcome::error(
                     409,
@@ -597,7 +597,7 @@ impl GroupService {
 
     /// After the commit point: publish the events and end the write. Nothing
     /// here can fail the write, which stands; what does not happen now is
-    /// finished by recovery (the pending record stays until then).
+    /// finished by recovery (the lock, with its record, stays until then).
     /// `managed`: whether the member store kept the Group's roster before
     /// this write (else its first member write marks it).
     async fn complete_committed(&self, id: &str, lease: Lease, managed: bool) {
@@ -639,8 +639,7 @@ impl GroupService {
     /// Group is not in this MongoDB at all (the legacy server answers);
     /// `Drift` when a managed Group's document gained inline members. With
     /// the head: whether the member store manages the Group already (false
-    /// before its first member write).
-    /// And the generation of its member key.
+    /// before its first member write), and the generation of its member key.
     ///
     /// `seen`, the member state read before the lock was taken, spares a
     /// second read of it when the document's commit marks agree with it:
@@ -661,7 +660,6 @@ impl GroupService {
             }
         }
         let facts = self.documents.write_facts(id).await?;
-        let generation = facts.state.generation;
         let state = facts.state;
         let Some((head, inline)) = facts.head else {
             return Err(WriteError::NotMigrated);
@@ -691,7 +689,7 @@ impl GroupService {
                     state.generation,
                 ))
             }
-            None => Ok((head, state.in_clickhouse, generation)),
+            None => Ok((head, state.in_clickhouse, state.generation)),
         }
     }
 

@@ -9,6 +9,7 @@ use crate::fhir::outcome::Outcome;
 use crate::group::write::UpstreamReply;
 use crate::store::events::{event_sequence, EventType, MemberEventRow, SlotRow};
 
+use super::lease::Ending;
 use super::{GroupService, WriteError};
 
 /// Tombstones are staged in chunks of this many rows, so memory stays flat
@@ -34,9 +35,7 @@ impl GroupService {
         let result = self
             .delete_under_lease(id, request_id, lease.token(), delete_upstream)
             .await;
-        if let Err(e) = lease.release().await {
-            tracing::warn!(group = id, error = %e, "could not release the member write lock");
-        }
+        lease.end_logged(Ending::Done).await;
         result.map(Some)
     }
 

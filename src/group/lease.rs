@@ -170,8 +170,7 @@ impl GroupService {
             return Ok(None);
         }
         let lease = lease(token);
-        let mut unfinished = found.unfinished;
-        unfinished.push(found.holder);
+        let unfinished: Vec<_> = found.writes().cloned().collect();
         if let Err(e) = self.finish_unfinished(id, &unfinished).await {
             // The records stay in our lock, which is left for the next taker.
             lease.end_logged(Ending::Unknown).await;

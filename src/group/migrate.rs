@@ -166,7 +166,7 @@ impl GroupService {
         let result = self
             .migrate_under_lease(id, lease.token(), options, progress)
             .await;
-        end_migration_lease(id, lease, result).await
+        end_migration_lease(lease, result).await
     }
 
     /// Writes Group `id`'s roster back into its document and marks it not
@@ -181,7 +181,7 @@ impl GroupService {
             Err(error) => return failed(error),
         };
         let result = self.reverse_under_lease(id, progress).await;
-        end_migration_lease(id, lease, result).await
+        end_migration_lease(lease, result).await
     }
 
     /// The Group's head and member state, after finishing a write that a
@@ -612,15 +612,13 @@ fn failed(error: WriteError) -> GroupOutcome {
     })
 }
 
-/// A migration writes no pending record of its own: its lease just goes.
+/// A migration leaves nothing for the next writer to finish (a stopped
+/// run's staged events are never published): its lock just goes.
 async fn end_migration_lease(
-    id: &str,
     lease: super::lease::Lease,
     result: Result<GroupOutcome, WriteError>,
 ) -> GroupOutcome {
-    if let Err(e) = lease.release().await {
-        tracing::warn!(group = id, error = %e, "could not release the member write lock");
-    }
+    lease.end_logged(super::lease::Ending::Done).await;
     result.unwrap_or_else(failed)
 }
 

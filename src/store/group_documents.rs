@@ -52,10 +52,11 @@ pub struct GroupHead {
     /// derived from it, and so must the members the proxy stores.
     pub authority: Option<String>,
     /// The document's own marks of a member write's commit
-    /// (`_memberStorage`, `_memberGeneration`): set with every commit and
-    /// migration under the Group's lock, dropped by a reverse migration,
-    /// absent on a Group created again. When they match the member state
-    /// read before the lock was taken, that state still holds.
+    /// (`_memberStorage`, `_memberGeneration`), both present: set by every
+    /// member commit under the Group's lock (a migration sets only
+    /// `_memberStorage`), dropped by a reverse migration, absent on a Group
+    /// created again. When they match the member state read before the lock
+    /// was taken, that state still holds.
     pub marks: Option<CommitMarks>,
 }
 

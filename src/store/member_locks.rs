@@ -48,6 +48,14 @@ pub struct LockRecord {
     pub unfinished: Vec<LockedWrite>,
 }
 
+impl LockRecord {
+    /// Every write the lock records, oldest first: what a taker of the lock
+    /// must finish.
+    pub fn writes(&self) -> impl Iterator<Item = &LockedWrite> {
+        self.unfinished.iter().chain(std::iter::once(&self.holder))
+    }
+}
+
 #[derive(Clone)]
 pub struct MemberLocks {
     holder: LeaseHolder,
@@ -176,12 +184,10 @@ impl MemberLocks {
             }
             Err(e) => return Err(e.into()),
         }
-        let mut unfinished: Vec<Bson> = dead
-            .unfinished
-            .iter()
+        let unfinished: Vec<Bson> = dead
+            .writes()
             .map(|w| Bson::Document(write_document(w)))
             .collect();
-        unfinished.push(Bson::Document(write_document(&dead.holder)));
         let moved = self
             .locks
             .update_one(
