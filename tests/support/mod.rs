@@ -10,6 +10,7 @@ pub mod stack;
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -82,11 +83,49 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
+/// A port no server listens on now, for a server another process will bind
+/// (the proxy, a fault test's ClickHouse) or for a closed address.
+///
+/// Taken below the kernel's ephemeral range: in-process servers of parallel
+/// tests bind port 0 and get ports from that range, so between this check and
+/// the child's own bind none of them can take the port (a port taken by
+/// binding port 0 here and released once did collide: the proxy's test then
+/// talked to a stand-in). Each call hands out another port, so parallel tests
+/// of one binary never get the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free local port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (first, end) = ports_below_ephemeral_range();
+    let span = u32::from(end - first);
+    // Test binaries run one after another; each starts elsewhere in the span.
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let Ok(port) = u16::try_from(u32::from(first) + offset) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free local port in {first}..{end}");
+}
+
+/// `first..end`: up to 12k ports just below the ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 by default), above the
+/// well-known ports.
+fn ports_below_ephemeral_range() -> (u16, u16) {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral_start > 2_048,
+        "the ephemeral port range starts at {ephemeral_start}: no room below it for test servers"
+    );
+    (
+        ephemeral_start.saturating_sub(12_000).max(1_025),
+        ephemeral_start,
+    )
 }
 
 /// The stand-in legacy FHIR server on its own Mongo database.
