@@ -15,7 +15,8 @@ use pingora::Result;
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::written_groups::written_groups;
 use crate::group::RosterHome;
-use crate::proxy::intercept::{answer, forward, read_intercepted_body, Next};
+use crate::proxy::request_body::read_intercepted_body;
+use crate::proxy::respond::{answer, forward, Next};
 use crate::proxy::route::JSON_PATCH;
 use crate::proxy::{FhirGroupProxy, RequestContext};
 

@@ -7,9 +7,12 @@ pub mod canonical;
 pub mod failure;
 pub mod forwarding;
 pub mod guard;
-pub mod intercept;
+pub mod member_write;
 pub mod read;
+pub mod request_body;
+pub mod request_facts;
 pub mod respond;
+pub mod roster_answer;
 pub mod roster_write;
 pub mod route;
 pub mod search;
@@ -38,7 +41,7 @@ use crate::operations::shutdown::{
 };
 use crate::operations::{admin, readiness, trace_context};
 use forwarding::{rewrite_upstream_request, ClientFacts, X_REQUEST_ID};
-use intercept::Next;
+use respond::Next;
 use route::Route;
 
 #[derive(Debug, ThisError)]
@@ -231,7 +234,7 @@ impl FhirGroupProxy {
         self.answer_expect_continue(session, ctx).await?;
         if let Some(outcome) = ctx.refusal.take() {
             ctx.route = Route::Refused(outcome.clone()).name();
-            intercept::answer(session, ctx, &outcome).await?;
+            respond::answer(session, ctx, &outcome).await?;
             return Ok(true);
         }
         let mut route = route;
@@ -251,7 +254,7 @@ impl FhirGroupProxy {
                 Ok(Some(id)) => *address = id,
                 Ok(None) => {}
                 Err(outcome) => {
-                    intercept::answer(session, ctx, &outcome).await?;
+                    respond::answer(session, ctx, &outcome).await?;
                     return Ok(true);
                 }
             }
@@ -262,7 +265,7 @@ impl FhirGroupProxy {
         match route {
             Route::Passthrough => Ok(false),
             Route::Refused(outcome) => {
-                intercept::answer(session, ctx, &outcome).await?;
+                respond::answer(session, ctx, &outcome).await?;
                 Ok(true)
             }
             Route::GroupUpdateOtherFormat { group_id } => {
@@ -293,7 +296,7 @@ impl FhirGroupProxy {
                 operation,
             } => {
                 let next =
-                    intercept::atr_operation(self, session, ctx, &base, &group_id, operation)
+                    member_write::atr_operation(self, session, ctx, &base, &group_id, operation)
                         .await?;
                 self.finish_intercept(session, ctx, next).await
             }
@@ -322,7 +325,7 @@ impl FhirGroupProxy {
                 guard::write_in_other_format(self, session, ctx, &group_id, true).await
             }
             Route::GroupPatch { base, group_id } => {
-                let next = intercept::group_patch(self, session, ctx, &base, &group_id).await?;
+                let next = member_write::group_patch(self, session, ctx, &base, &group_id).await?;
                 self.finish_intercept(session, ctx, next).await
             }
         }
@@ -442,7 +445,7 @@ impl FhirGroupProxy {
             Ok(Ok(None)) => return Ok(false),
             Ok(Ok(Some(reply))) => {
                 ctx.intercepted = true;
-                intercept::relay(session, ctx, reply).await?;
+                respond::relay(session, ctx, reply).await?;
                 return Ok(true);
             }
             Ok(Err(error)) => {

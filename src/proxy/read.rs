@@ -18,7 +18,7 @@ use crate::fhir::FHIR_JSON;
 use crate::group::read::RosterForRead;
 use crate::group::{GroupService, WriteError};
 use crate::proxy::forwarding::X_REQUEST_ID;
-use crate::proxy::intercept::relay;
+use crate::proxy::respond::relay;
 use crate::proxy::respond::{answer_outcome, send_outcome};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 

@@ -77,3 +77,36 @@ pub(crate) async fn relay(
     }
     Ok(())
 }
+
+/// Pingora replays at most this much buffered body to the upstream itself.
+const PINGORA_REPLAY_LIMIT: usize = 64 * 1024;
+
+/// Forwarding a body we read: pingora replays what fits its buffer; the rest
+/// goes through our own client.
+pub(crate) fn forward(body: Bytes) -> Next {
+    if body.len() <= PINGORA_REPLAY_LIMIT {
+        Next::Forward
+    } else {
+        Next::ForwardWithBody(body)
+    }
+}
+
+/// What happens next with an inspected request.
+pub enum Next {
+    /// The response was written here.
+    Answered,
+    /// Forward it; pingora replays the buffered body.
+    Forward,
+    /// Forward it through our own client with this body (too big to replay).
+    ForwardWithBody(Bytes),
+}
+
+/// Answers `outcome` in the proxy's name; the request goes no further.
+pub(crate) async fn answer(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    outcome: &Outcome,
+) -> Result<Next> {
+    answer_outcome(session, ctx, outcome).await?;
+    Ok(Next::Answered)
+}

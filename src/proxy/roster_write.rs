@@ -17,7 +17,8 @@ use crate::fhir::group_resource::parse_group_body;
 use crate::group::create::Adoption;
 use crate::group::write::MemberEdit;
 use crate::group::RosterHome;
-use crate::proxy::intercept::{answer, forward, read_intercepted_body, Next};
+use crate::proxy::request_body::read_intercepted_body;
+use crate::proxy::respond::{answer, forward, Next};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 pub async fn group_update(
@@ -69,7 +70,7 @@ pub async fn group_update(
         (None, _) if home == RosterHome::Events => {
             // The kept roster stays, so the answer shows it: the legacy
             // server's reply holds the Group without it.
-            return crate::proxy::intercept::send_showing_the_roster(
+            return crate::proxy::roster_answer::send_showing_the_roster(
                 proxy, session, ctx, base, group_id, body,
             )
             .await;
@@ -87,7 +88,7 @@ pub async fn group_update(
         crate::group::write::UpstreamDocument::Given(upstream_body),
     )?;
     let edit = MemberEdit::ReplaceRoster(roster);
-    let written = crate::proxy::intercept::write_members(
+    let written = crate::proxy::member_write::write_members(
         proxy,
         session,
         ctx,

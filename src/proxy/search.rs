@@ -13,9 +13,9 @@ use crate::fhir::group_search::{member_search_terms, merge_member_search, query_
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::write::UpstreamReply;
 use crate::group::WriteError;
-use crate::proxy::intercept::relay;
 use crate::proxy::read::json_header;
 use crate::proxy::respond::answer_outcome;
+use crate::proxy::respond::relay;
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// Answers the search, or returns `false` when the legacy server alone can.
@@ -146,7 +146,7 @@ async fn put_in_kept_rosters(
     bundle: &mut Value,
     managed: &[String],
 ) -> std::result::Result<(), Outcome> {
-    use crate::proxy::intercept::{roster_for_answer, RosterAnswer};
+    use crate::proxy::roster_answer::{roster_for_answer, RosterAnswer};
     for entry in bundle["entry"].as_array_mut().into_iter().flatten() {
         let resource = &mut entry["resource"];
         let Some(id) = resource["id"].as_str().map(str::to_string) else {
