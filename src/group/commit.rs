@@ -36,6 +36,7 @@ use tokio::sync::oneshot;
 
 use crate::fhir::document_patch::apply_other_ops;
 use crate::fhir::outcome::{IssueType, Outcome};
+use crate::store::events::MemberEventRow;
 use crate::store::group_documents::{to_fhir_json, version_of, GroupHead, MemberState};
 
 use super::lease::{Backoff, Ending, Lease};
@@ -80,12 +81,27 @@ enum Attempt {
     /// and the write finished before anyone is answered.
     Done {
         answers: Vec<Answer>,
-        committed: Option<bool>,
+        committed: Option<Committed>,
     },
     /// Another writer holds the Group, or the Group moved under the attempt:
     /// plan again.
     Busy,
 }
+
+/// A committed attempt, for its completion.
+struct Committed {
+    /// Whether the member store kept the Group's roster before this write.
+    managed: bool,
+    /// The staged events, when few enough to keep for their publication
+    /// (see [`PUBLISH_FROM_MEMORY_MAX_ROWS`]); else they are published from
+    /// the staging table.
+    events: Option<Vec<MemberEventRow>>,
+}
+
+/// Staged events a write keeps in memory for its publication: a member
+/// PATCH's few; a roster PUT of a large Group is published from the
+/// staging table rather than held twice.
+const PUBLISH_FROM_MEMORY_MAX_ROWS: usize = 10_000;
 
 /// What the legacy server's half of a split write does on one attempt.
 enum UpstreamHalf {
@@ -217,9 +233,9 @@ impl GroupService {
         match self.write_under_lease(id, &requests, &lease, seen).await {
             Ok(Attempt::Done {
                 answers,
-                committed: Some(managed),
+                committed: Some(committed),
             }) => {
-                self.complete_committed(id, lease, managed).await;
+                self.complete_committed(id, lease, committed).await;
                 Ok(answers)
             }
             Ok(Attempt::Done { answers, .. }) => {
@@ -363,6 +379,7 @@ impl GroupService {
 
         // The lock already records the write (token, URL, time): the staged
         // events and the Group document tell recovery the rest.
+        let events = (batch.rows.len() <= PUBLISH_FROM_MEMORY_MAX_ROWS).then(|| batch.rows.clone());
         self.events.stage(batch.rows).await?;
         let committed_at = lease.taken_at();
         for (request, planned) in requests.iter().zip(&batch.planned) {
@@ -402,7 +419,7 @@ impl GroupService {
                     }
                     return Ok(Attempt::Done {
                         answers,
-                        committed: Some(managed),
+                        committed: Some(Committed { managed, events }),
                     });
                 }
             }
@@ -458,7 +475,7 @@ impl GroupService {
         }
         Ok(Attempt::Done {
             answers: plan::answers(batch.planned, Some(&document), &head.group_key),
-            committed: Some(managed),
+            committed: Some(Committed { managed, events }),
         })
     }
 
@@ -598,10 +615,14 @@ impl GroupService {
     /// After the commit point: publish the events and end the write. Nothing
     /// here can fail the write, which stands; what does not happen now is
     /// finished by recovery (the lock, with its record, stays until then).
-    /// `managed`: whether the member store kept the Group's roster before
-    /// this write (else its first member write marks it).
-    async fn complete_committed(&self, id: &str, lease: Lease, managed: bool) {
-        if let Err(e) = self.events.publish(lease.token()).await {
+    /// A write to a Group the member store did not keep yet marks it kept.
+    async fn complete_committed(&self, id: &str, lease: Lease, committed: Committed) {
+        let Committed { managed, events } = committed;
+        let published = match events {
+            Some(rows) => self.events.publish_rows(rows).await,
+            None => self.events.publish(lease.token()).await,
+        };
+        if let Err(e) = published {
             tracing::error!(group = id, error = %e, "member events committed but not yet published; recovery publishes them");
             // The client hears of this write; recovery must not take a later
             // legacy write (which may drop the commit token) as proof that it
