@@ -8,8 +8,7 @@ use pingora::Result;
 use crate::auth::{probe_path, Action, AuthError, Authorizer};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::proxy::forwarding::derived_request;
-use crate::proxy::respond::send_outcome_with;
-use crate::proxy::respond::{answer_outcome, relay};
+use crate::proxy::respond::{answer_outcome, answer_outcome_with, relay};
 use crate::proxy::route::Route;
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
@@ -78,9 +77,8 @@ async fn refuse(
     ctx: &mut RequestContext,
     refusal: &AuthError,
 ) -> Result<()> {
-    ctx.intercepted = true;
     let challenge = [("www-authenticate", refusal.challenge())];
-    send_outcome_with(session, &refusal.outcome(), &ctx.request_id, &challenge).await
+    answer_outcome_with(session, ctx, &refusal.outcome(), &challenge).await
 }
 
 /// Upstream mode: asks the legacy server, with the client's own credentials,
@@ -134,7 +132,6 @@ pub async fn probe_upstream(
         200..=299 => Ok(true),
         412 if writes => Ok(true),
         401 | 403 | 404 | 410 => {
-            ctx.intercepted = true;
             relay(session, ctx, reply).await?;
             Ok(false)
         }

@@ -202,8 +202,7 @@ pub async fn write_in_other_format(
         Ok(_) => return Ok(false),
         Err(outcome) => outcome,
     };
-    ctx.intercepted = true;
     let extra: Vec<_> = accept_header.into_iter().collect();
-    crate::proxy::respond::send_outcome_with(session, &outcome, &ctx.request_id, &extra).await?;
+    crate::proxy::respond::answer_outcome_with(session, ctx, &outcome, &extra).await?;
     Ok(true)
 }

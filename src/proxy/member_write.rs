@@ -245,7 +245,6 @@ pub(crate) async fn write_members(
             version: result_version,
             ..
         }) => {
-            ctx.intercepted = true;
             let shown = WithRoster {
                 base,
                 group_id,
@@ -260,7 +259,6 @@ pub(crate) async fn write_members(
             Ok(Some(Next::Answered))
         }
         Ok(result) => {
-            ctx.intercepted = true;
             let roster = match (roster, answer_members) {
                 (RosterAnswer::Unknown, Some(members)) => RosterAnswer::Members(members),
                 (roster, _) => roster,

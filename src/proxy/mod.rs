@@ -444,7 +444,6 @@ impl FhirGroupProxy {
         let outcome = match result {
             Ok(Ok(None)) => return Ok(false),
             Ok(Ok(Some(reply))) => {
-                ctx.intercepted = true;
                 respond::relay(session, ctx, reply).await?;
                 return Ok(true);
             }
@@ -454,8 +453,7 @@ impl FhirGroupProxy {
             }
             Err(outcome) => outcome,
         };
-        ctx.intercepted = true;
-        respond::send_outcome(session, &outcome, &ctx.request_id).await?;
+        respond::answer_outcome(session, ctx, &outcome).await?;
         Ok(true)
     }
 

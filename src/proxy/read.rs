@@ -18,8 +18,7 @@ use crate::fhir::FHIR_JSON;
 use crate::group::read::RosterForRead;
 use crate::group::{GroupService, WriteError};
 use crate::proxy::forwarding::X_REQUEST_ID;
-use crate::proxy::respond::relay;
-use crate::proxy::respond::{answer_outcome, send_outcome};
+use crate::proxy::respond::{answer_header, answer_outcome, relay};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// Members per streamed chunk.
@@ -108,7 +107,6 @@ async fn fetch_managed(
             return Ok(Err(true));
         }
     };
-    ctx.intercepted = true;
 
     let mut request = session.req_header().clone();
     if request.uri.path() != upstream_path {
@@ -202,11 +200,11 @@ pub async fn group_read(
         } else {
             group
         };
-        write_json(session, header, &group).await?;
+        write_json(session, ctx, header, &group).await?;
         return Ok(true);
     }
 
-    write_streamed_group(proxy, session, header, group, roster.group_key, None).await?;
+    write_streamed_group(proxy, session, ctx, header, group, roster.group_key, None).await?;
     Ok(true)
 }
 
@@ -239,10 +237,10 @@ pub async fn group_version_read(
     let (Some(key), false) = (key, inline_members) else {
         // The legacy server's own version: members inline (from before the
         // migration), or a generation whose roster the proxy never kept.
-        write_json(session, header, &group).await?;
+        write_json(session, ctx, header, &group).await?;
         return Ok(true);
     };
-    write_streamed_group(proxy, session, header, group, key, Some(version)).await?;
+    write_streamed_group(proxy, session, ctx, header, group, key, Some(version)).await?;
     Ok(true)
 }
 
@@ -329,7 +327,7 @@ pub async fn group_history(
             }
         }
     }
-    write_json(session, json_header(&headers, ctx)?, &bundle).await?;
+    write_json(session, ctx, json_header(&headers, ctx)?, &bundle).await?;
     Ok(true)
 }
 
@@ -361,12 +359,15 @@ async fn roster_at(
 }
 
 /// A whole JSON body with its `Content-Length`, under `header`.
-async fn write_json(session: &mut Session, mut header: ResponseHeader, body: &Value) -> Result<()> {
+async fn write_json(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    mut header: ResponseHeader,
+    body: &Value,
+) -> Result<()> {
     let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
     header.insert_header("content-length", body.len().to_string())?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
+    answer_header(session, ctx, header, false).await?;
     session.write_response_body(Some(body), true).await
 }
 
@@ -413,13 +414,8 @@ pub async fn members_page(
     let page = match page_request(query.as_deref()) {
         Ok(page) => page,
         Err(why) => {
-            ctx.intercepted = true;
-            send_outcome(
-                session,
-                &Outcome::error(400, IssueType::Invalid, why),
-                &ctx.request_id,
-            )
-            .await?;
+            let outcome = Outcome::error(400, IssueType::Invalid, why);
+            answer_outcome(session, ctx, &outcome).await?;
             return Ok(true);
         }
     };
@@ -526,7 +522,7 @@ pub async fn members_page(
         &link(&page.cursor),
         next.as_deref(),
     );
-    write_json(session, json_header(&headers, ctx)?, &bundle).await?;
+    write_json(session, ctx, json_header(&headers, ctx)?, &bundle).await?;
     Ok(true)
 }
 
@@ -616,6 +612,7 @@ fn stream_members(
 async fn write_streamed_group(
     proxy: &FhirGroupProxy,
     session: &mut Session,
+    ctx: &mut RequestContext,
     mut header: ResponseHeader,
     group: Value,
     group_key: String,
@@ -642,9 +639,7 @@ async fn write_streamed_group(
                 if !started {
                     started = true;
                     header.insert_header("transfer-encoding", "chunked")?;
-                    session
-                        .write_response_header(Box::new(header.clone()), false)
-                        .await?;
+                    answer_header(session, ctx, header.clone(), false).await?;
                     session
                         .write_response_body(Some(Bytes::from(prefix.clone())), false)
                         .await?;
@@ -659,7 +654,7 @@ async fn write_streamed_group(
                         object.insert("quantity".into(), active_members.into());
                     }
                 }
-                write_json(session, header, &group).await?;
+                write_json(session, ctx, header, &group).await?;
                 return Ok(());
             }
             Ok(RosterChunk::End { active_members }) => {
@@ -679,13 +674,7 @@ async fn write_streamed_group(
                     IssueType::Transient,
                     format!("the roster cannot be read now: {error}"),
                 );
-                let request_id = header
-                    .headers
-                    .get(X_REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
-                send_outcome(session, &outcome, &request_id).await?;
+                answer_outcome(session, ctx, &outcome).await?;
                 return Ok(());
             }
             Err(error) => {

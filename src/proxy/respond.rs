@@ -1,4 +1,11 @@
 //! Writing responses the proxy produces itself (as opposed to relayed ones).
+//!
+//! Every answer the proxy gives in its own name starts here: these writers
+//! mark the request answered (`RequestContext::intercepted`, which metrics
+//! and the access log report as the disposition), so no handler sets it by
+//! hand. [`send_outcome`] and [`pass_on`] write without marking: for
+//! answers about forwarding (an upstream that failed) and for the legacy
+//! server's own answer.
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -48,11 +55,53 @@ pub(crate) async fn answer_outcome(
     ctx: &mut RequestContext,
     outcome: &Outcome,
 ) -> Result<()> {
-    ctx.intercepted = true;
-    send_outcome(session, outcome, &ctx.request_id).await
+    answer_outcome_with(session, ctx, outcome, &[]).await
 }
 
+/// [`answer_outcome`] with extra headers (`WWW-Authenticate`, `Accept-Patch`).
+pub(crate) async fn answer_outcome_with(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    outcome: &Outcome,
+    extra_headers: &[(&'static str, String)],
+) -> Result<()> {
+    mark_answered(ctx);
+    send_outcome_with(session, outcome, &ctx.request_id, extra_headers).await
+}
+
+/// Starts the proxy's own answer with `header`; the body (if any) follows
+/// through the session.
+pub(crate) async fn answer_header(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    header: ResponseHeader,
+    end_of_stream: bool,
+) -> Result<()> {
+    mark_answered(ctx);
+    session
+        .write_response_header(Box::new(header), end_of_stream)
+        .await
+}
+
+/// Answers in the proxy's name with `reply` (a legacy server's answer the
+/// proxy took into its own: a refused probe, a search or read it completed).
 pub(crate) async fn relay(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    reply: UpstreamReply,
+) -> Result<()> {
+    mark_answered(ctx);
+    pass_on(session, ctx, reply).await
+}
+
+/// The only place a request becomes the proxy's answer.
+fn mark_answered(ctx: &mut RequestContext) {
+    ctx.intercepted = true;
+}
+
+/// Writes the legacy server's own answer to a request it handled (the
+/// proxy only completed it: a write beside a kept roster, shown with it).
+pub(crate) async fn pass_on(
     session: &mut Session,
     ctx: &RequestContext,
     reply: UpstreamReply,

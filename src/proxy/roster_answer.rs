@@ -14,7 +14,7 @@ use crate::group::read::AnswerRoster;
 use crate::group::write::{MemberPatchResult, UpstreamReply};
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::request_facts::Prefer;
-use crate::proxy::respond::{answer, relay, Next};
+use crate::proxy::respond::{answer, answer_header, pass_on, Next};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 use crate::store::group_documents::to_fhir_json;
 
@@ -52,7 +52,7 @@ pub(crate) async fn send_showing_the_roster(
         }
         None => reply,
     };
-    relay(session, ctx, reply).await?;
+    pass_on(session, ctx, reply).await?;
     Ok(Next::Answered)
 }
 
@@ -223,7 +223,7 @@ pub(crate) struct WriteAnswer<'a> {
 /// answer's time in ISO 8601, and `{}` for `return=minimal`.
 pub(crate) async fn write_success(
     session: &mut Session,
-    ctx: &RequestContext,
+    ctx: &mut RequestContext,
     answer: &WriteAnswer<'_>,
     result: &MemberPatchResult,
 ) -> Result<()> {
@@ -314,9 +314,7 @@ pub(crate) async fn write_success(
         header.insert_header("content-type", FHIR_JSON)?;
     }
     let empty = body.is_empty();
-    session
-        .write_response_header(Box::new(header), empty)
-        .await?;
+    answer_header(session, ctx, header, empty).await?;
     if !empty {
         session.write_response_body(Some(body), true).await?;
     }

@@ -14,8 +14,8 @@ use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::write::UpstreamReply;
 use crate::group::WriteError;
 use crate::proxy::read::json_header;
-use crate::proxy::respond::answer_outcome;
 use crate::proxy::respond::relay;
+use crate::proxy::respond::{answer_header, answer_outcome};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// Answers the search, or returns `false` when the legacy server alone can.
@@ -51,8 +51,6 @@ pub async fn group_member_search(
         }
         Err(outcome) => return answered(session, ctx, &outcome).await,
     };
-    ctx.intercepted = true;
-
     let inline = match search_upstream(proxy, session, ctx, None).await? {
         Ok(reply) => reply,
         Err(()) => return Ok(true),
@@ -102,7 +100,6 @@ pub async fn group_search(
         Ok(true) => {}
         Err(outcome) => return answered(session, ctx, &outcome).await,
     }
-    ctx.intercepted = true;
     let reply = match search_upstream(proxy, session, ctx, None).await? {
         Ok(reply) => reply,
         Err(()) => return Ok(true),
@@ -187,16 +184,14 @@ fn listed_version(resource: &Value) -> Option<u64> {
 /// Answers with `bundle`, under the legacy server's answer headers.
 async fn send_bundle(
     session: &mut Session,
-    ctx: &RequestContext,
+    ctx: &mut RequestContext,
     upstream_headers: &http::HeaderMap,
     bundle: &Value,
 ) -> Result<()> {
     let body = Bytes::from(serde_json::to_vec(bundle).unwrap_or_default());
     let mut header = json_header(upstream_headers, ctx)?;
     header.insert_header("content-length", body.len().to_string())?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
+    answer_header(session, ctx, header, false).await?;
     session.write_response_body(Some(body), true).await
 }
 
@@ -242,7 +237,6 @@ async fn answered(
     ctx: &mut RequestContext,
     outcome: &Outcome,
 ) -> Result<bool> {
-    ctx.intercepted = true;
     answer_outcome(session, ctx, outcome).await?;
     Ok(true)
 }
