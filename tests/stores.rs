@@ -295,7 +295,7 @@ async fn a_database_of_schema_version_one_is_upgraded_once_and_reads_back_the_sa
 
     let events = store::events::EventStore::start(
         &settings,
-        store::group_commit::BatchSettings {
+        store::insert_batcher::BatchSettings {
             max_rows: 100,
             max_delay: std::time::Duration::from_millis(1),
         },

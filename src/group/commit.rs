@@ -46,7 +46,7 @@ use super::write::{
     version_in_reply, MemberEdit, MemberPatchRequest, MemberPatchResult, UpstreamDocument,
     UpstreamPart, UpstreamReply,
 };
-use super::{busy, GroupService, WriteError};
+use super::{busy, GroupError, GroupService};
 
 /// Most member changes written in one batch (one staging insert).
 const BATCH_MAX_CHANGES: usize = 10_000;
@@ -151,7 +151,7 @@ impl GroupService {
             }
         }
         answer.await.unwrap_or_else(|_| {
-            Err(WriteError::Outcome(Outcome::error(
+            Err(GroupError::Outcome(Outcome::error(
                 500,
                 IssueType::Exception,
                 "the member write was dropped unexpectedly; read the Group to see its state",
@@ -218,7 +218,7 @@ impl GroupService {
         id: &str,
         writes: &[QueuedWrite],
         first_attempt: bool,
-    ) -> Result<Vec<Answer>, Option<WriteError>> {
+    ) -> Result<Vec<Answer>, Option<GroupError>> {
         let url = writes.first().map(|w| w.request.url.as_str());
         let Some(lease) = self.take_lease(id, url).await? else {
             return Err(None);
@@ -248,7 +248,7 @@ impl GroupService {
             }
             Err(error) => {
                 let ending = match error {
-                    WriteError::CommitUnknown { .. } => Ending::Unknown,
+                    GroupError::CommitUnknown { .. } => Ending::Unknown,
                     _ => Ending::Done,
                 };
                 lease.end_logged(ending).await;
@@ -263,7 +263,7 @@ impl GroupService {
         requests: &[&MemberPatchRequest],
         lease: &Lease,
         seen: Option<&MemberState>,
-    ) -> Result<Attempt, WriteError> {
+    ) -> Result<Attempt, GroupError> {
         let (head, managed, generation) = self.head_for_writing(id, seen).await?;
         let earlier = plan::earlier_with_same_id(requests);
         let mut replays = Vec::with_capacity(requests.len());
@@ -353,7 +353,7 @@ impl GroupService {
                 MemberEdit::Patch(members) => self.plan_in_batch(members, planning, authority),
                 // Never queued together (see `plan::batchable`); refused
                 // rather than misread.
-                _ => Err(WriteError::Outcome(Outcome::error(
+                _ => Err(GroupError::Outcome(Outcome::error(
                     500,
                     IssueType::Exception,
                     "internal error: a member write that goes alone reached a batch",
@@ -437,7 +437,7 @@ impl GroupService {
                 generation,
             )
             .await
-            .map_err(|e| WriteError::CommitUnknown {
+            .map_err(|e| GroupError::CommitUnknown {
                 id: id.to_string(),
                 reason: e.to_string(),
             })?;
@@ -494,12 +494,12 @@ impl GroupService {
         body: Bytes,
         base_version: u64,
         lease: &Lease,
-    ) -> Result<UpstreamCommit, WriteError> {
+    ) -> Result<UpstreamCommit, GroupError> {
         let token = lease.token();
         let id = request.group_id.as_str();
         let reply = (part.put)(base_version, body)
             .await
-            .map_err(WriteError::Outcome)?;
+            .map_err(GroupError::Outcome)?;
         if !(200..300).contains(&reply.status) {
             if reply.status == 412 && request.if_match.is_none() {
                 // A legacy writer moved the version under us: start over.
@@ -516,7 +516,7 @@ impl GroupService {
                 .documents
                 .head(id)
                 .await
-                .map_err(|e| WriteError::CommitUnknown {
+                .map_err(|e| GroupError::CommitUnknown {
                     id: id.to_string(),
                     reason: e.to_string(),
                 })?
@@ -529,7 +529,7 @@ impl GroupService {
                 // Nothing of ours becomes visible: the staged events stay
                 // unpublished, and the lock (with its record) goes.
                 tracing::error!(group = id, base_version, ?made, "the legacy server's half of a split write landed on an unexpected version; its member operations were not applied");
-                return Err(WriteError::Outcome(Outcome::error(
+                return Err(GroupError::Outcome(Outcome::error(
                     409,
                     IssueType::Conflict,
                     format!(
@@ -646,7 +646,7 @@ impl GroupService {
         &self,
         group_key: &str,
         request: &MemberPatchRequest,
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), GroupError> {
         if let Some(client_id) = &request.client_request_id {
             self.documents
                 .record_request(group_key, client_id, &request.request_digest)
@@ -670,7 +670,7 @@ impl GroupService {
         &self,
         id: &str,
         seen: Option<&MemberState>,
-    ) -> Result<(GroupHead, bool, i64), WriteError> {
+    ) -> Result<(GroupHead, bool, i64), GroupError> {
         if let Some(seen) = seen.filter(|seen| plan::may_reuse_seen_state(seen)) {
             if let Some((head, inline)) =
                 self.documents.head_with_inline(id, seen.generation).await?
@@ -683,21 +683,21 @@ impl GroupService {
         let facts = self.documents.write_facts(id).await?;
         let state = facts.state;
         let Some((head, inline)) = facts.head else {
-            return Err(WriteError::NotMigrated);
+            return Err(GroupError::NotMigrated);
         };
         if inline && state.inline_array_is_drift(head.version) {
-            return Err(WriteError::Outcome(super::drift(id)));
+            return Err(GroupError::Outcome(super::drift(id)));
         }
         if inline && state.in_clickhouse {
             // The copy an interrupted migration left: gone before the version
             // moves on (after which it would read as drift).
             let version_id = mongodb::bson::Bson::String(head.version.to_string());
             if !self.documents.strip_inline_members(id, &version_id).await? {
-                return Err(WriteError::Outcome(super::drift(id)));
+                return Err(GroupError::Outcome(super::drift(id)));
             }
         }
         if inline && !state.in_clickhouse && state.pending.is_none() {
-            return Err(WriteError::NotMigrated);
+            return Err(GroupError::NotMigrated);
         }
         match &state.pending {
             Some(pending) => {
@@ -719,7 +719,7 @@ impl GroupService {
     async fn settle_without_writing(
         &self,
         request: &MemberPatchRequest,
-    ) -> Result<Option<Box<MemberPatchResult>>, WriteError> {
+    ) -> Result<Option<Box<MemberPatchResult>>, GroupError> {
         if request.if_match.is_none() {
             return Ok(None);
         }
@@ -730,7 +730,7 @@ impl GroupService {
         match self.replay(request, &head.group_key).await? {
             Replay::New => {}
             Replay::Same(replayed) => return Ok(Some(replayed)),
-            Replay::Conflict(outcome) => return Err(WriteError::Outcome(outcome)),
+            Replay::Conflict(outcome) => return Err(GroupError::Outcome(outcome)),
         }
         plan::stale_if_match(
             self.settings.version_conflict_status,
@@ -747,7 +747,7 @@ impl GroupService {
         &self,
         request: &MemberPatchRequest,
         group_key: &str,
-    ) -> Result<Replay, WriteError> {
+    ) -> Result<Replay, GroupError> {
         let Some(client_id) = &request.client_request_id else {
             return Ok(Replay::New);
         };
@@ -780,13 +780,13 @@ impl GroupService {
         id: &str,
         version: u64,
         document: &UpstreamDocument,
-    ) -> Result<UpstreamHalf, WriteError> {
+    ) -> Result<UpstreamHalf, GroupError> {
         let ops = match document {
             UpstreamDocument::Given(body) => return Ok(UpstreamHalf::Put(body.clone())),
             UpstreamDocument::Patched(ops) => ops,
         };
         let Some(stored) = self.documents.document(id).await? else {
-            return Err(WriteError::NotMigrated);
+            return Err(GroupError::NotMigrated);
         };
         if version_of(&stored) != Some(version) {
             return Ok(UpstreamHalf::Moved);
@@ -796,7 +796,7 @@ impl GroupService {
         // make the legacy server drop what it holds.
         let resource = to_fhir_json(&stored);
         match apply_other_ops(&resource, ops, self.settings.patch_failure_status)
-            .map_err(WriteError::Outcome)?
+            .map_err(GroupError::Outcome)?
         {
             Some(patched) => Ok(UpstreamHalf::Put(Bytes::from(
                 serde_json::to_vec(&patched).unwrap_or_default(),
@@ -806,8 +806,8 @@ impl GroupService {
     }
 }
 
-fn lease_lost(id: &str) -> WriteError {
-    WriteError::Outcome(Outcome::error(
+fn lease_lost(id: &str) -> GroupError {
+    GroupError::Outcome(Outcome::error(
         503,
         IssueType::Transient,
         format!("the write lease on Group/{id} expired before the write committed; nothing was changed, retry"),

@@ -10,7 +10,7 @@ use crate::group::write::UpstreamReply;
 use crate::store::events::{event_sequence, EventType, MemberEventRow, SlotRow};
 
 use super::lease::Ending;
-use super::{GroupService, WriteError};
+use super::{GroupError, GroupService};
 
 /// Tombstones are staged in chunks of this many rows, so memory stays flat
 /// whatever the roster size.
@@ -24,7 +24,7 @@ impl GroupService {
         id: &str,
         request_id: &str,
         delete_upstream: F,
-    ) -> Result<Option<UpstreamReply>, WriteError>
+    ) -> Result<Option<UpstreamReply>, GroupError>
     where
         F: Future<Output = Result<UpstreamReply, Outcome>>,
     {
@@ -45,7 +45,7 @@ impl GroupService {
         request_id: &str,
         token: &str,
         delete_upstream: F,
-    ) -> Result<UpstreamReply, WriteError>
+    ) -> Result<UpstreamReply, GroupError>
     where
         F: Future<Output = Result<UpstreamReply, Outcome>>,
     {
@@ -53,7 +53,7 @@ impl GroupService {
         // Every version of this generation was written before this instant,
         // and every version of a Group created again with this id after it.
         let started = mongodb::bson::DateTime::now();
-        let reply = delete_upstream.await.map_err(WriteError::Outcome)?;
+        let reply = delete_upstream.await.map_err(GroupError::Outcome)?;
         let Some(head) = head.filter(|_| (200..300).contains(&reply.status)) else {
             return Ok(reply);
         };

@@ -11,7 +11,7 @@ use mongodb::bson::DateTime;
 use crate::store::group_documents::DocumentStoreError;
 use crate::store::member_locks::MemberLocks;
 
-use super::{busy, GroupService, WriteError};
+use super::{busy, GroupError, GroupService};
 
 /// How a write under a lease ended, which says whether its lock (and the
 /// record of the write it carries) goes or stays for the next writer.
@@ -137,7 +137,7 @@ impl GroupService {
         &self,
         id: &str,
         url: Option<&str>,
-    ) -> Result<Option<Lease>, WriteError> {
+    ) -> Result<Option<Lease>, GroupError> {
         let token = uuid::Uuid::new_v4().to_string();
         let taken_at = DateTime::now();
         let ttl = self.settings.lease_ttl;
@@ -182,7 +182,7 @@ impl GroupService {
 
     /// [`Self::take_lease`], waiting up to `write_wait`; 503 when the Group
     /// stays busy.
-    pub(crate) async fn take_lease_waiting(&self, id: &str) -> Result<Lease, WriteError> {
+    pub(crate) async fn take_lease_waiting(&self, id: &str) -> Result<Lease, GroupError> {
         let mut backoff = Backoff::until(Instant::now() + self.settings.write_wait);
         loop {
             if let Some(lease) = self.take_lease(id, None).await? {

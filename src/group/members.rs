@@ -15,7 +15,7 @@ use crate::fhir::roster_replace::replace_all;
 use crate::store::events::{event_sequence, ArrayFacts, EventType, MemberEventRow};
 
 use super::write::MemberEdit;
-use super::{GroupService, WriteError};
+use super::{GroupError, GroupService};
 
 /// More rounds than the planner's bound (2 + blocking ops, at most one per
 /// op) means the store answers inconsistently; stop rather than loop.
@@ -106,7 +106,7 @@ impl GroupService {
         group_key: &str,
         members: &MemberOps,
         planning: &mut Planning,
-    ) -> Result<Plan, WriteError> {
+    ) -> Result<Plan, GroupError> {
         for _ in 0..max_rounds(members.ops.len()) {
             let planned = member_array::plan(
                 &members.ops,
@@ -120,7 +120,7 @@ impl GroupService {
                     self.fetch(group_key, &need, &mut planning.known).await?
                 }
                 Err(error) => {
-                    return Err(WriteError::Outcome(patch_failure(
+                    return Err(GroupError::Outcome(patch_failure(
                         &error,
                         &members.indexes,
                         self.settings.patch_failure_status,
@@ -128,7 +128,7 @@ impl GroupService {
                 }
             }
         }
-        Err(WriteError::Outcome(Outcome::error(
+        Err(GroupError::Outcome(Outcome::error(
             500,
             IssueType::Exception,
             "the member store's answers did not settle the patch; nothing was changed",
@@ -141,7 +141,7 @@ impl GroupService {
         group_key: &str,
         need: &Need,
         known: &mut Known,
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), GroupError> {
         if need.len || need.floor {
             let facts = self.events.array_facts(group_key).await?;
             let fresh = Planning::from_facts(&facts).known;
@@ -210,7 +210,7 @@ impl GroupService {
         planning: &mut Planning,
         authority: Option<&str>,
         edit: &MemberEdit,
-    ) -> Result<Plan, WriteError> {
+    ) -> Result<Plan, GroupError> {
         let mut plan = match edit {
             MemberEdit::Patch(members) => {
                 self.plan_member_ops(group_key, members, planning).await?
@@ -226,7 +226,7 @@ impl GroupService {
                     desired
                 });
                 replace_all(&stored, &facts.floor, desired.as_deref(), &mut new_slot_id)
-                    .map_err(|e| WriteError::Outcome(roster_failure(&e)))?
+                    .map_err(|e| GroupError::Outcome(roster_failure(&e)))?
             }
             MemberEdit::Atr(operation, members) => {
                 let keys: Vec<&str> = members.iter().map(|m| m.match_key.as_str()).collect();
@@ -240,7 +240,7 @@ impl GroupService {
                     &facts.floor,
                     &mut new_slot_id,
                 )
-                .map_err(WriteError::Outcome)?
+                .map_err(GroupError::Outcome)?
             }
         };
         plan_stored_as_legacy(&mut plan, authority);
@@ -254,7 +254,7 @@ impl GroupService {
         members: &MemberOps,
         planning: &Planning,
         authority: Option<&str>,
-    ) -> Result<Plan, WriteError> {
+    ) -> Result<Plan, GroupError> {
         let mut plan = match member_array::plan(
             &members.ops,
             &planning.known,
@@ -262,13 +262,13 @@ impl GroupService {
             self.settings.remove_by_reference,
         ) {
             Ok(Planned::Done(plan)) => plan,
-            Ok(Planned::Need(need)) => return Err(WriteError::Outcome(Outcome::error(
+            Ok(Planned::Need(need)) => return Err(GroupError::Outcome(Outcome::error(
                 500,
                 IssueType::Exception,
                 format!("internal error: a batched member patch needs facts the batch did not fetch ({need:?}); nothing was changed"),
             ))),
             Err(error) => {
-                return Err(WriteError::Outcome(patch_failure(
+                return Err(GroupError::Outcome(patch_failure(
                     &error,
                     &members.indexes,
                     self.settings.patch_failure_status,
@@ -286,7 +286,7 @@ impl GroupService {
         group_key: &str,
         references: &[&str],
         planning: &mut Planning,
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), GroupError> {
         let found = self
             .events
             .slots_by_match_key(group_key, references)
@@ -312,7 +312,7 @@ impl GroupService {
         id: &str,
         group_key: &str,
         managed: bool,
-    ) -> Result<ArrayFacts, WriteError> {
+    ) -> Result<ArrayFacts, GroupError> {
         let mut facts = self.events.array_facts(group_key).await?;
         // Before its first member write (or after a delete and re-create)
         // the member store's marker is not this Group's.

@@ -50,7 +50,7 @@ use crate::store::group_documents::{GroupHead, MemberState, StoredGroup};
 use crate::store::schema::MAX_OPS_PER_VERSION;
 
 use super::members::{event_rows, new_slot_id, EventOrigin};
-use super::{GroupService, WriteError};
+use super::{GroupError, GroupService};
 
 /// Members staged per ClickHouse insert unless told otherwise.
 pub const DEFAULT_CHUNK_SIZE: usize = 10_000;
@@ -186,7 +186,7 @@ impl GroupService {
 
     /// The Group's head and member state, after finishing a write that a
     /// stopped writer left pending.
-    async fn settled_state(&self, id: &str) -> Result<(GroupHead, MemberState), WriteError> {
+    async fn settled_state(&self, id: &str) -> Result<(GroupHead, MemberState), GroupError> {
         let head = self.head_or_404(id).await?;
         let state = self.documents.member_state(id).await?;
         let Some(pending) = &state.pending else {
@@ -204,7 +204,7 @@ impl GroupService {
         &self,
         id: &str,
         head: &GroupHead,
-    ) -> Result<Result<(StoredGroup, Bson), GroupOutcome>, WriteError> {
+    ) -> Result<Result<(StoredGroup, Bson), GroupOutcome>, GroupError> {
         let Some(stored) = self.documents.stored_group(id).await? else {
             return Ok(Err(GroupOutcome::Skipped("no longer exists".into())));
         };
@@ -221,7 +221,7 @@ impl GroupService {
         token: &str,
         options: &MigrateOptions,
         progress: &mut (dyn FnMut(u64) + Send),
-    ) -> Result<GroupOutcome, WriteError> {
+    ) -> Result<GroupOutcome, GroupError> {
         let (head, state) = self.settled_state(id).await?;
         let (stored, version_id) = match self.stored_at(id, &head).await? {
             Ok(found) => found,
@@ -345,7 +345,7 @@ impl GroupService {
         was_absent: bool,
         options: &MigrateOptions,
         progress: &mut (dyn FnMut(u64) + Send),
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), GroupError> {
         let origin = EventOrigin {
             group_key: &target.head.group_key,
             group_id: target.id,
@@ -382,7 +382,7 @@ impl GroupService {
         Ok(())
     }
 
-    async fn keep_lease(&self, target: &MigrationTarget<'_>) -> Result<(), WriteError> {
+    async fn keep_lease(&self, target: &MigrationTarget<'_>) -> Result<(), GroupError> {
         if self
             .documents
             .locks()
@@ -391,7 +391,7 @@ impl GroupService {
         {
             return Ok(());
         }
-        Err(WriteError::Outcome(crate::fhir::outcome::Outcome::error(
+        Err(GroupError::Outcome(crate::fhir::outcome::Outcome::error(
             503,
             crate::fhir::outcome::IssueType::Transient,
             format!(
@@ -436,14 +436,14 @@ impl GroupService {
         &self,
         stored: &StoredGroup,
         head: &GroupHead,
-    ) -> Result<Result<Option<(Vec<Value>, RosterChecksum)>, String>, WriteError> {
+    ) -> Result<Result<Option<(Vec<Value>, RosterChecksum)>, String>, GroupError> {
         let inline = read_inline(stored)?;
         let held = self.roster_checksum(&head.group_key).await?;
         Ok(Ok((held != checksum_of(&inline)).then_some((inline, held))))
     }
 
     /// Count and checksum of the Group's current roster in ClickHouse, streamed.
-    async fn roster_checksum(&self, group_key: &str) -> Result<RosterChecksum, WriteError> {
+    async fn roster_checksum(&self, group_key: &str) -> Result<RosterChecksum, GroupError> {
         let mut roster = self.events.roster(group_key, None)?;
         let mut checksum = RosterChecksum::default();
         while let Some(member) = roster.next().await.map_err(EventStoreError::from)? {
@@ -456,7 +456,7 @@ impl GroupService {
         &self,
         id: &str,
         progress: &mut (dyn FnMut(u64) + Send),
-    ) -> Result<GroupOutcome, WriteError> {
+    ) -> Result<GroupOutcome, GroupError> {
         let (head, state) = self.settled_state(id).await?;
         if !state.in_clickhouse {
             return Ok(GroupOutcome::Skipped("not migrated".into()));
@@ -525,7 +525,7 @@ fn drift_report(inline: &[Value], held: &RosterChecksum) -> String {
 }
 
 /// The stored `member` array, element by element.
-fn read_inline(stored: &StoredGroup) -> Result<Vec<Value>, WriteError> {
+fn read_inline(stored: &StoredGroup) -> Result<Vec<Value>, GroupError> {
     let mut inline = Vec::new();
     for member in stored.members()? {
         inline.push(member?);
@@ -581,7 +581,7 @@ fn inject_row_fault(fault: Option<MigrationFault>, rows: &mut Vec<MemberEventRow
     }
 }
 
-fn member_document(member: &serde_json::Value) -> Result<RawDocumentBuf, WriteError> {
+fn member_document(member: &serde_json::Value) -> Result<RawDocumentBuf, GroupError> {
     let serde_json::Value::Object(object) = member else {
         return Err(internal("a member is not a JSON object"));
     };
@@ -590,8 +590,8 @@ fn member_document(member: &serde_json::Value) -> Result<RawDocumentBuf, WriteEr
     RawDocumentBuf::from_document(&document).map_err(|e| as_bson(&e))
 }
 
-fn internal(what: &str) -> WriteError {
-    WriteError::Outcome(crate::fhir::outcome::Outcome::error(
+fn internal(what: &str) -> GroupError {
+    GroupError::Outcome(crate::fhir::outcome::Outcome::error(
         500,
         crate::fhir::outcome::IssueType::Exception,
         what,
@@ -605,9 +605,9 @@ fn changed_meanwhile(version: u64) -> GroupOutcome {
     ))
 }
 
-fn failed(error: WriteError) -> GroupOutcome {
+fn failed(error: GroupError) -> GroupOutcome {
     GroupOutcome::Failed(match error {
-        WriteError::Outcome(outcome) => outcome.first_diagnostics().to_string(),
+        GroupError::Outcome(outcome) => outcome.first_diagnostics().to_string(),
         other => other.to_string(),
     })
 }
@@ -616,7 +616,7 @@ fn failed(error: WriteError) -> GroupOutcome {
 /// run's staged events are never published): its lock just goes.
 async fn end_migration_lease(
     lease: super::lease::Lease,
-    result: Result<GroupOutcome, WriteError>,
+    result: Result<GroupOutcome, GroupError>,
 ) -> GroupOutcome {
     lease.end_logged(super::lease::Ending::Done).await;
     result.unwrap_or_else(failed)

@@ -19,12 +19,12 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::store::events::{EventStore, EventStoreError};
-use crate::store::group_commit::BatchSettings;
 pub use crate::store::group_documents::LeaseHolder;
 use crate::store::group_documents::{DocumentStoreError, GroupDocuments, GroupHead, MemberState};
+use crate::store::insert_batcher::BatchSettings;
 
 #[derive(Debug, thiserror::Error)]
-pub enum WriteError {
+pub enum GroupError {
     /// The client gets exactly this outcome.
     #[error("{0:?}")]
     Outcome(Outcome),
@@ -58,27 +58,27 @@ pub enum WriteError {
     Documents(DocumentStoreError),
 }
 
-impl From<DocumentStoreError> for WriteError {
+impl From<DocumentStoreError> for GroupError {
     fn from(error: DocumentStoreError) -> Self {
         match error {
-            DocumentStoreError::Ambiguous { id } => WriteError::Shared { id },
-            error => WriteError::Documents(error),
+            DocumentStoreError::Ambiguous { id } => GroupError::Shared { id },
+            error => GroupError::Documents(error),
         }
     }
 }
 
-impl WriteError {
+impl GroupError {
     /// The OperationOutcome for the client; store failures become 503s that
     /// name the store, since nothing was changed in that case.
     pub fn to_outcome(&self) -> Outcome {
         match self {
-            WriteError::Outcome(outcome) => outcome.clone(),
-            WriteError::NotMigrated => Outcome::error(
+            GroupError::Outcome(outcome) => outcome.clone(),
+            GroupError::NotMigrated => Outcome::error(
                 500,
                 IssueType::Exception,
                 "internal routing error: an unmigrated Group reached the member store",
             ),
-            WriteError::CommitUnknown { id, reason } => Outcome::error(
+            GroupError::CommitUnknown { id, reason } => Outcome::error(
                 503,
                 IssueType::Transient,
                 format!(
@@ -87,12 +87,12 @@ impl WriteError {
                      same X-Request-Id to learn its outcome"
                 ),
             ),
-            WriteError::Events(e) if e.is_transient() => Outcome::error(
+            GroupError::Events(e) if e.is_transient() => Outcome::error(
                 503,
                 IssueType::Transient,
                 format!("member store unavailable, nothing was changed: {e}"),
             ),
-            WriteError::Events(e) => Outcome::error(
+            GroupError::Events(e) => Outcome::error(
                 500,
                 IssueType::Exception,
                 format!(
@@ -100,8 +100,8 @@ impl WriteError {
                      request would be refused again, so do not retry it as it is: {e}"
                 ),
             ),
-            WriteError::Shared { id }
-            | WriteError::Documents(DocumentStoreError::Ambiguous { id }) => Outcome::error(
+            GroupError::Shared { id }
+            | GroupError::Documents(DocumentStoreError::Ambiguous { id }) => Outcome::error(
                 400,
                 IssueType::Invalid,
                 format!(
@@ -109,7 +109,7 @@ impl WriteError {
                          owner/sourceAssigningAuthority tag ({id}|<owner>) OR use uuid to query."
                 ),
             ),
-            WriteError::Readdress { address, id } => Outcome::error(
+            GroupError::Readdress { address, id } => Outcome::error(
                 400,
                 IssueType::Invalid,
                 format!(
@@ -117,7 +117,7 @@ impl WriteError {
                      answers for it only as Group/{id}; send the request to Group/{id}"
                 ),
             ),
-            WriteError::SharedKept { address, id } => Outcome::error(
+            GroupError::SharedKept { address, id } => Outcome::error(
                 400,
                 IssueType::NotSupported,
                 format!(
@@ -128,7 +128,7 @@ impl WriteError {
                      was changed"
                 ),
             ),
-            WriteError::Documents(e) => Outcome::error(
+            GroupError::Documents(e) => Outcome::error(
                 503,
                 IssueType::Transient,
                 format!("Group metadata store unavailable, nothing was changed: {e}"),
@@ -174,8 +174,8 @@ pub(crate) fn crash_point_after_commit() {
 }
 
 /// The answer when a Group's write lock stays taken for `write_wait`.
-pub(crate) fn busy(id: &str) -> WriteError {
-    WriteError::Outcome(Outcome::error(
+pub(crate) fn busy(id: &str) -> GroupError {
+    GroupError::Outcome(Outcome::error(
         503,
         IssueType::Transient,
         format!("Group/{id} is busy with other member writes; retry later"),
@@ -241,7 +241,7 @@ impl GroupService {
 
     /// Connects both stores (lazily: nothing is contacted yet). Must run on the
     /// runtime that will serve the use cases (the batch writers live there).
-    pub async fn connect(config: &Config, holder: LeaseHolder) -> Result<Self, WriteError> {
+    pub async fn connect(config: &Config, holder: LeaseHolder) -> Result<Self, GroupError> {
         let batch = BatchSettings {
             max_rows: config.members.batch_max_rows,
             max_delay: Duration::from_millis(config.members.batch_max_delay_ms),
@@ -272,7 +272,7 @@ impl GroupService {
     }
 
     /// Where Group `id` keeps its members, for whole-resource writes.
-    pub async fn roster_home(&self, id: &str) -> Result<RosterHome, WriteError> {
+    pub async fn roster_home(&self, id: &str) -> Result<RosterHome, GroupError> {
         let state = self.documents.member_state(id).await?;
         self.roster_home_in(id, state).await
     }
@@ -287,7 +287,7 @@ impl GroupService {
     pub async fn member_write_home(
         &self,
         id: &str,
-    ) -> Result<(RosterHome, Option<MemberState>), WriteError> {
+    ) -> Result<(RosterHome, Option<MemberState>), GroupError> {
         let state = self.documents.member_state(id).await?;
         if state.in_clickhouse {
             return Ok((RosterHome::Events, Some(state)));
@@ -295,7 +295,7 @@ impl GroupService {
         Ok((self.roster_home_in(id, state).await?, None))
     }
 
-    async fn roster_home_in(&self, id: &str, state: MemberState) -> Result<RosterHome, WriteError> {
+    async fn roster_home_in(&self, id: &str, state: MemberState) -> Result<RosterHome, GroupError> {
         match self
             .documents
             .head_of_generation(id, state.generation)
@@ -310,7 +310,7 @@ impl GroupService {
             // refuses the plain id), unless one keeps its roster here.
             Err(DocumentStoreError::Ambiguous { id }) => {
                 return match state.in_clickhouse {
-                    true => Err(WriteError::Shared { id }),
+                    true => Err(GroupError::Shared { id }),
                     false => Ok(RosterHome::Inline),
                 };
             }
@@ -329,7 +329,7 @@ impl GroupService {
     /// not the Group's id) names, when it is the only Group with that id;
     /// `None` when it names none or itself, or the id is shared by owners
     /// (then the proxy cannot tell its Groups apart).
-    pub async fn plain_group_id(&self, address: &str) -> Result<Option<String>, WriteError> {
+    pub async fn plain_group_id(&self, address: &str) -> Result<Option<String>, GroupError> {
         let Some(id) = self.alias_of(address).await? else {
             return Ok(None);
         };
@@ -345,7 +345,7 @@ impl GroupService {
     /// go); for a `_uuid`, once per process and address, since a document's
     /// `_uuid` never changes. Most Groups the reference server creates have
     /// their `_uuid` as id, and they need no lookup after the first.
-    async fn alias_of(&self, address: &str) -> Result<Option<String>, WriteError> {
+    async fn alias_of(&self, address: &str) -> Result<Option<String>, GroupError> {
         const KEPT: usize = 65_536;
         if !icanbwell_conventions::is_uuid(address) || address.contains('|') {
             return Ok(self.documents.id_for_address(address).await?);
@@ -375,7 +375,7 @@ impl GroupService {
     /// `address` is not the id of a Group: if it is another address of a
     /// Group whose roster is kept here (`id|owner`, or its `_uuid`), the
     /// request is refused with the address to use.
-    pub(crate) async fn refuse_other_addresses(&self, address: &str) -> Result<(), WriteError> {
+    pub(crate) async fn refuse_other_addresses(&self, address: &str) -> Result<(), GroupError> {
         let Some(id) = self.documents.id_for_address(address).await? else {
             return Ok(());
         };
@@ -383,12 +383,12 @@ impl GroupService {
             return Ok(());
         }
         match self.documents.head(&id).await {
-            Err(DocumentStoreError::Ambiguous { .. }) => Err(WriteError::SharedKept {
+            Err(DocumentStoreError::Ambiguous { .. }) => Err(GroupError::SharedKept {
                 address: address.to_string(),
                 id,
             }),
             Err(e) => Err(e.into()),
-            Ok(_) => Err(WriteError::Readdress {
+            Ok(_) => Err(GroupError::Readdress {
                 address: address.to_string(),
                 id,
             }),
@@ -432,12 +432,12 @@ impl GroupService {
 
     /// Whether any Group keeps its members in ClickHouse: until one does,
     /// nothing the legacy server does can split a roster.
-    pub async fn manages_any_group(&self) -> Result<bool, WriteError> {
+    pub async fn manages_any_group(&self) -> Result<bool, GroupError> {
         Ok(self.documents.any_migrated().await?)
     }
 
     /// Which of `ids` keep their members in ClickHouse.
-    pub async fn managed_among(&self, ids: &[String]) -> Result<Vec<String>, WriteError> {
+    pub async fn managed_among(&self, ids: &[String]) -> Result<Vec<String>, GroupError> {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut managed: Vec<String> = self
             .documents
@@ -449,9 +449,9 @@ impl GroupService {
         Ok(managed)
     }
 
-    async fn head_or_404(&self, id: &str) -> Result<GroupHead, WriteError> {
+    async fn head_or_404(&self, id: &str) -> Result<GroupHead, GroupError> {
         self.documents.head(id).await?.ok_or_else(|| {
-            WriteError::Outcome(Outcome::error(
+            GroupError::Outcome(Outcome::error(
                 404,
                 IssueType::NotFound,
                 format!("Group/{id} is not known"),

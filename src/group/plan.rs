@@ -20,9 +20,9 @@ use crate::store::group_documents::{CommitMarks, GroupHead, MemberState};
 
 use super::members::{event_rows, EventOrigin, Planning};
 use super::write::{MemberEdit, MemberPatchRequest, MemberPatchResult};
-use super::WriteError;
+use super::GroupError;
 
-pub(super) type Answer = Result<MemberPatchResult, WriteError>;
+pub(super) type Answer = Result<MemberPatchResult, GroupError>;
 
 /// What a request's `X-Request-Id` says about it.
 pub(super) enum Replay {
@@ -84,8 +84,8 @@ pub(super) fn reused_request_id(client_id: &str, group_id: &str, version: u64) -
     )
 }
 
-pub(super) fn version_conflict(status: u16, id: &str, why: &str) -> WriteError {
-    WriteError::Outcome(Outcome::error(
+pub(super) fn version_conflict(status: u16, id: &str, why: &str) -> GroupError {
+    GroupError::Outcome(Outcome::error(
         status,
         IssueType::Conflict,
         format!("version conflict on Group/{id}: {why}"),
@@ -98,7 +98,7 @@ pub(super) fn stale_if_match(
     id: &str,
     if_match: Option<u64>,
     current: u64,
-) -> Result<(), WriteError> {
+) -> Result<(), GroupError> {
     match if_match {
         Some(expected) if expected != current => Err(version_conflict(
             status,
@@ -188,7 +188,7 @@ pub(super) fn plan_batch(
     base: &Base<'_>,
     jobs: Vec<Job<'_>>,
     planning: &mut Planning,
-    mut plan_one: impl FnMut(usize, &MemberPatchRequest, &Planning) -> Result<Plan, WriteError>,
+    mut plan_one: impl FnMut(usize, &MemberPatchRequest, &Planning) -> Result<Plan, GroupError>,
 ) -> BatchPlan {
     let requests: Vec<&MemberPatchRequest> = jobs.iter().map(|job| job.request).collect();
     let earlier = earlier_with_same_id(&requests);
@@ -201,7 +201,7 @@ pub(super) fn plan_batch(
             let same = requests[first].request_digest == request.request_digest;
             planned.push(match same {
                 true => Planned::SameAs(first),
-                false => answered(Err(WriteError::Outcome(reused_request_id(
+                false => answered(Err(GroupError::Outcome(reused_request_id(
                     client_id,
                     base.group_id,
                     version,
@@ -216,7 +216,7 @@ pub(super) fn plan_batch(
                 continue;
             }
             Replay::Conflict(outcome) => {
-                planned.push(answered(Err(WriteError::Outcome(outcome))));
+                planned.push(answered(Err(GroupError::Outcome(outcome))));
                 continue;
             }
         }
@@ -323,14 +323,14 @@ pub(super) fn at_version(document: &Document, version: u64) -> Document {
 
 /// One failure answered to several requests (errors are not `Clone`: the
 /// store's are answered by their outcome).
-pub(super) fn shared(error: &WriteError) -> WriteError {
+pub(super) fn shared(error: &GroupError) -> GroupError {
     match error {
-        WriteError::NotMigrated => WriteError::NotMigrated,
-        WriteError::CommitUnknown { id, reason } => WriteError::CommitUnknown {
+        GroupError::NotMigrated => GroupError::NotMigrated,
+        GroupError::CommitUnknown { id, reason } => GroupError::CommitUnknown {
             id: id.clone(),
             reason: reason.clone(),
         },
-        other => WriteError::Outcome(other.to_outcome()),
+        other => GroupError::Outcome(other.to_outcome()),
     }
 }
 
@@ -510,7 +510,7 @@ mod tests {
         let plan = plan_batch(&base(), new_jobs(&requests), &mut planning(), |i, _, p| {
             seen.push(p.known.len);
             if i == 1 {
-                Err(WriteError::Outcome(Outcome::error(
+                Err(GroupError::Outcome(Outcome::error(
                     422,
                     IssueType::Processing,
                     "no",

@@ -3,7 +3,7 @@
 use crate::store::events::MemberCounts;
 use crate::store::group_documents::GroupHead;
 
-use super::{GroupService, WriteError};
+use super::{GroupError, GroupService};
 
 pub struct RosterForRead {
     pub group_key: String,
@@ -44,13 +44,13 @@ impl RosterForRead {
 impl GroupService {
     /// `None` when Group `id` keeps its members in MongoDB (or is unknown): the
     /// legacy server answers such reads itself.
-    pub async fn roster_for_read(&self, id: &str) -> Result<Option<RosterForRead>, WriteError> {
+    pub async fn roster_for_read(&self, id: &str) -> Result<Option<RosterForRead>, GroupError> {
         self.roster_for(id, false).await
     }
 
     /// [`Self::roster_for_read`] for reads of versions: also for a Group
     /// deleted (and perhaps created again) after the proxy kept its roster.
-    pub async fn roster_for_versions(&self, id: &str) -> Result<Option<RosterForRead>, WriteError> {
+    pub async fn roster_for_versions(&self, id: &str) -> Result<Option<RosterForRead>, GroupError> {
         self.roster_for(id, true).await
     }
 
@@ -58,7 +58,7 @@ impl GroupService {
         &self,
         id: &str,
         versions: bool,
-    ) -> Result<Option<RosterForRead>, WriteError> {
+    ) -> Result<Option<RosterForRead>, GroupError> {
         let state = self.documents.member_state(id).await?;
         let kept_a_roster = state.in_clickhouse || (versions && !state.past.is_empty());
         if !kept_a_roster {
@@ -98,14 +98,14 @@ impl GroupService {
     pub async fn migrated_groups_with(
         &self,
         references: &[String],
-    ) -> Result<Vec<String>, WriteError> {
+    ) -> Result<Vec<String>, GroupError> {
         let names: Vec<&str> = references.iter().map(String::as_str).collect();
         let groups = self
             .events
             .groups_with_members(&names, MAX_GROUPS_PER_MEMBER_SEARCH + 1)
             .await?;
         if groups.len() > MAX_GROUPS_PER_MEMBER_SEARCH {
-            return Err(WriteError::Outcome(crate::fhir::outcome::Outcome::error(
+            return Err(GroupError::Outcome(crate::fhir::outcome::Outcome::error(
                 400,
                 crate::fhir::outcome::IssueType::TooCostly,
                 format!(
@@ -139,7 +139,7 @@ impl GroupService {
         group_key: Option<&str>,
         version: u64,
         limit: usize,
-    ) -> Result<AnswerRoster, WriteError> {
+    ) -> Result<AnswerRoster, GroupError> {
         let key = match group_key {
             Some(key) => key.to_string(),
             None => match self.documents.head(id).await? {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::store::group_documents::{GroupHead, PendingWrite};
 use crate::store::member_locks::LockedWrite;
 
-use super::{GroupService, WriteError};
+use super::{GroupError, GroupService};
 
 impl GroupService {
     /// Finishes the writes of the lock holders this writer took over. The
@@ -24,7 +24,7 @@ impl GroupService {
         &self,
         id: &str,
         writes: &[LockedWrite],
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), GroupError> {
         for write in writes {
             // Migrations, deletes and sweeps record no URL: their staged
             // events are never published by anyone else. So do the locks of
@@ -63,7 +63,7 @@ impl GroupService {
         id: &str,
         head: &GroupHead,
         pending: &PendingWrite,
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), GroupError> {
         let committed = self.settle(id, head, pending).await?;
         self.documents
             .clear_pending(id, &pending.token, committed)
@@ -78,7 +78,7 @@ impl GroupService {
         id: &str,
         head: &GroupHead,
         pending: &PendingWrite,
-    ) -> Result<bool, WriteError> {
+    ) -> Result<bool, GroupError> {
         let committed = pending.upstream_committed
             || pending.committed
             || (head.version == pending.version
@@ -131,7 +131,7 @@ impl GroupService {
         &self,
         id: &str,
         pending: &PendingWrite,
-    ) -> Result<bool, WriteError> {
+    ) -> Result<bool, GroupError> {
         let Some(request_id) = self
             .documents
             .history_request_id(id, pending.from_version)
@@ -150,7 +150,7 @@ impl GroupService {
     /// still at the write's last version, else the version before the write
     /// (its history entry) with the commit's metadata. When neither is there,
     /// the entry is not made up: it is reported (log and metric).
-    async fn complete_history(&self, id: &str, pending: &PendingWrite) -> Result<(), WriteError> {
+    async fn complete_history(&self, id: &str, pending: &PendingWrite) -> Result<(), GroupError> {
         let mut missing = Vec::new();
         for version in pending.from_version..=pending.version {
             if !self.documents.has_history(id, version).await? {
@@ -191,7 +191,7 @@ impl GroupService {
         &self,
         id: &str,
         pending: &PendingWrite,
-    ) -> Result<Option<mongodb::bson::Document>, WriteError> {
+    ) -> Result<Option<mongodb::bson::Document>, GroupError> {
         let document = self.documents.document(id).await?;
         if let Some(document) = document
             .filter(|d| crate::store::group_documents::version_of(d) == Some(pending.version))
@@ -228,7 +228,7 @@ impl GroupService {
     /// whose events could not be published while ClickHouse was away), so
     /// reads become whole again without waiting for the next write. Groups
     /// busy with a live writer are skipped: that writer recovers them.
-    pub async fn recover_stalled_writes(&self) -> Result<usize, WriteError> {
+    pub async fn recover_stalled_writes(&self) -> Result<usize, GroupError> {
         let mut recovered = 0;
         let mut ids = self.documents.locks().expired_ids(SWEEP_BATCH).await?;
         // Pending records come only from earlier releases: looked for until
@@ -258,7 +258,7 @@ impl GroupService {
         Ok(recovered)
     }
 
-    async fn recover_under_lease(&self, id: &str) -> Result<(), WriteError> {
+    async fn recover_under_lease(&self, id: &str) -> Result<(), GroupError> {
         let state = self.documents.member_state(id).await?;
         let (Some(pending), Some(head)) = (state.pending, self.documents.head(id).await?) else {
             return Ok(());

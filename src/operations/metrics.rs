@@ -96,7 +96,7 @@ impl Metrics {
             batch_rows: histogram(
                 &registry,
                 "fgp_clickhouse_batch_rows",
-                "Rows per ClickHouse group-commit flush, by writer (staging: member events; publishing: commit tokens)",
+                "Rows per ClickHouse group-commit flush, by writer (staging: staged member events; publishing: published member events; publishing_staged: writes published from the staging table)",
                 exponential_buckets(1.0, 4.0, 9).expect("valid buckets"),
                 &["writer"],
             ),

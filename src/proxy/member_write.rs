@@ -14,7 +14,7 @@ use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::write::{
     MemberEdit, MemberPatchRequest, MemberPatchResult, UpstreamDocument, UpstreamPart,
 };
-use crate::group::{RosterHome, WriteError};
+use crate::group::{GroupError, RosterHome};
 use crate::proxy::request_body::read_intercepted_body;
 use crate::proxy::request_facts::{request_digest, Prefer, WriteFacts};
 use crate::proxy::respond::{answer, forward, relay, Next};
@@ -274,9 +274,9 @@ pub(crate) async fn write_members(
             write_success(session, ctx, &answer, &result).await?;
             Ok(Some(Next::Answered))
         }
-        Err(WriteError::NotMigrated) => Ok(None),
+        Err(GroupError::NotMigrated) => Ok(None),
         Err(error) => {
-            if !matches!(error, WriteError::Outcome(_)) {
+            if !matches!(error, GroupError::Outcome(_)) {
                 tracing::warn!(group = group_id, %error, "member write failed");
             }
             answer(session, ctx, &error.to_outcome()).await.map(Some)

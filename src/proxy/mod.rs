@@ -53,7 +53,7 @@ pub enum ProxyError {
     #[error("cannot start the store runtime: {0}")]
     Runtime(#[from] std::io::Error),
     #[error("cannot connect the member stores: {0}")]
-    Stores(#[from] crate::group::WriteError),
+    Stores(#[from] crate::group::GroupError),
     #[error("cannot set up authorization: {0}")]
     Auth(#[from] crate::auth::jwt::JwksError),
     #[error("cannot open the admin listener on {addr} (server.admin_listen): {source}")]
@@ -402,7 +402,7 @@ impl FhirGroupProxy {
     where
         T: Send + 'static,
         F: FnOnce(GroupService) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, crate::group::WriteError>>
+        Fut: std::future::Future<Output = std::result::Result<T, crate::group::GroupError>>
             + Send
             + 'static,
     {

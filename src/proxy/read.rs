@@ -16,7 +16,7 @@ use crate::fhir::group_read::{
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
 use crate::group::read::RosterForRead;
-use crate::group::{GroupService, WriteError};
+use crate::group::{GroupError, GroupService};
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::respond::{answer_header, answer_outcome, relay};
 use crate::proxy::{FhirGroupProxy, RequestContext};
@@ -85,9 +85,9 @@ async fn fetch_managed(
         Ok(Ok(Some(roster))) => roster,
         Ok(Ok(None)) => return Ok(Err(false)),
         Ok(Err(
-            error @ (WriteError::Shared { .. }
-            | WriteError::Readdress { .. }
-            | WriteError::SharedKept { .. }),
+            error @ (GroupError::Shared { .. }
+            | GroupError::Readdress { .. }
+            | GroupError::SharedKept { .. }),
         )) => {
             answer_outcome(session, ctx, &error.to_outcome()).await?;
             return Ok(Err(true));

@@ -12,7 +12,7 @@ use crate::fhir::group_read::with_listed_roster;
 use crate::fhir::group_search::{member_search_terms, merge_member_search, query_for_ids};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::write::UpstreamReply;
-use crate::group::WriteError;
+use crate::group::GroupError;
 use crate::proxy::read::json_header;
 use crate::proxy::respond::relay;
 use crate::proxy::respond::{answer_header, answer_outcome};
@@ -40,7 +40,7 @@ pub async fn group_member_search(
         Ok(Ok(groups)) => groups,
         Ok(Err(error)) => {
             let outcome = match error {
-                WriteError::Outcome(outcome) => outcome,
+                GroupError::Outcome(outcome) => outcome,
                 other => Outcome::error(
                     503,
                     IssueType::Transient,

@@ -12,7 +12,7 @@ use serde_repr::{Deserialize_repr, Serialize_repr};
 
 use crate::config::ClickHouseSettings;
 use crate::fhir::member_array::Slot;
-use crate::store::group_commit::{BatchError, BatchSettings, GroupCommit};
+use crate::store::insert_batcher::{BatchError, BatchSettings, InsertBatcher};
 use crate::store::schema::{self, COMMITS, COUNTS, CURRENT, EVENTS, EVENTS_STAGED, INDEX};
 
 #[derive(Debug, thiserror::Error)]
@@ -94,9 +94,9 @@ pub struct CommitRecord {
 #[derive(Clone)]
 pub struct EventStore {
     client: clickhouse::Client,
-    staging: GroupCommit<MemberEventRow>,
-    publishing: GroupCommit<MemberEventRow>,
-    publishing_staged: GroupCommit<String>,
+    staging: InsertBatcher<MemberEventRow>,
+    publishing: InsertBatcher<MemberEventRow>,
+    publishing_staged: InsertBatcher<String>,
 }
 
 impl EventStore {
@@ -105,7 +105,7 @@ impl EventStore {
         let client = crate::store::clickhouse::connect(settings);
 
         let staging_client = client.clone();
-        let staging = GroupCommit::spawn("staging", batch, move |rows: Vec<MemberEventRow>| {
+        let staging = InsertBatcher::spawn("staging", batch, move |rows: Vec<MemberEventRow>| {
             let client = staging_client.clone();
             async move {
                 insert_rows(&client, EVENTS_STAGED, rows)
@@ -116,7 +116,7 @@ impl EventStore {
 
         let publishing_client = client.clone();
         let publishing =
-            GroupCommit::spawn("publishing", batch, move |rows: Vec<MemberEventRow>| {
+            InsertBatcher::spawn("publishing", batch, move |rows: Vec<MemberEventRow>| {
                 let client = publishing_client.clone();
                 async move {
                     insert_rows(&client, EVENTS, rows)
@@ -127,7 +127,7 @@ impl EventStore {
 
         let staged_client = client.clone();
         let publishing_staged =
-            GroupCommit::spawn("publishing_staged", batch, move |tokens: Vec<String>| {
+            InsertBatcher::spawn("publishing_staged", batch, move |tokens: Vec<String>| {
                 let client = staged_client.clone();
                 async move {
                     publish_tokens(&client, tokens)

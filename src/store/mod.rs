@@ -3,8 +3,8 @@
 
 pub mod clickhouse;
 pub mod events;
-pub mod group_commit;
 pub mod group_documents;
+pub mod insert_batcher;
 pub mod member_locks;
 pub mod mongo;
 pub mod schema;

@@ -1,4 +1,4 @@
-//! Group commit: many concurrent writers, few ClickHouse inserts.
+//! Insert batching ("group commit"): many concurrent writers, few ClickHouse inserts.
 //!
 //! Each writer submits its rows and waits. One background task takes everything
 //! that has queued up (up to `max_rows`, waiting at most `max_delay` after the
@@ -31,11 +31,11 @@ struct Job<T> {
     done: oneshot::Sender<Result<(), BatchError>>,
 }
 
-pub struct GroupCommit<T> {
+pub struct InsertBatcher<T> {
     jobs: mpsc::Sender<Job<T>>,
 }
 
-impl<T> Clone for GroupCommit<T> {
+impl<T> Clone for InsertBatcher<T> {
     fn clone(&self) -> Self {
         Self {
             jobs: self.jobs.clone(),
@@ -43,7 +43,7 @@ impl<T> Clone for GroupCommit<T> {
     }
 }
 
-impl<T: Send + 'static> GroupCommit<T> {
+impl<T: Send + 'static> InsertBatcher<T> {
     /// Starts the writer task on the current tokio runtime. `flush` writes one
     /// batch; its error text reaches every writer of that batch. `writer`
     /// names it in metrics and logs.
@@ -127,7 +127,7 @@ mod tests {
     async fn concurrent_writers_share_flushes_and_all_get_the_result() {
         let batches: Arc<Mutex<Vec<usize>>> = Arc::default();
         let seen = batches.clone();
-        let commit = GroupCommit::spawn(
+        let commit = InsertBatcher::spawn(
             "test",
             BatchSettings {
                 max_rows: 1_000,
@@ -157,7 +157,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_flush_fails_every_writer_in_it() {
-        let commit = GroupCommit::spawn(
+        let commit = InsertBatcher::spawn(
             "test",
             BatchSettings {
                 max_rows: 10,
