@@ -15,6 +15,9 @@
 //!   lock: a write whose commit may have happened but whose events may not
 //!   be published yet, still finished by `group::recovery`.
 //!
+//! The history entries the proxy writes are in `group_history`, the client
+//! request ids it remembers in `member_requests`.
+//!
 //! The commit also marks the Group document (`_memberStorage`,
 //! `_memberGeneration`, `_memberCommitToken`): for people and tools reading
 //! MongoDB, and so a write can tell, from the head it reads anyway, that the
@@ -131,9 +134,11 @@ pub struct GroupDocuments {
     locks: MemberLocks,
     database: mongodb::Database,
     groups: Collection<Document>,
-    history: Collection<Document>,
+    /// Its methods are in `group_history`.
+    pub(super) history: Collection<Document>,
     states: Collection<Document>,
-    requests: Collection<Document>,
+    /// Its methods are in `member_requests`.
+    pub(super) requests: Collection<Document>,
 }
 
 impl GroupDocuments {
@@ -368,41 +373,6 @@ impl GroupDocuments {
         })
     }
 
-    /// The resource of the history entry of version `version` of Group `id`.
-    pub async fn history_resource(
-        &self,
-        id: &str,
-        version: u64,
-    ) -> Result<Option<Document>, DocumentStoreError> {
-        let found = self
-            .history
-            .find_one(doc! { "resource.id": id, "resource.meta.versionId": version.to_string() })
-            .projection(doc! { "resource": 1 })
-            .await?;
-        Ok(found.and_then(|entry| entry.get_document("resource").ok().cloned()))
-    }
-
-    /// The `request.id` of the history entry of version `version` of Group
-    /// `id`: `None` when there is no entry.
-    pub async fn history_request_id(
-        &self,
-        id: &str,
-        version: u64,
-    ) -> Result<Option<String>, DocumentStoreError> {
-        let found = self
-            .history
-            .find_one(doc! { "resource.id": id, "resource.meta.versionId": version.to_string() })
-            .projection(doc! { "request.id": 1 })
-            .await?;
-        Ok(found.map(|entry| {
-            entry
-                .get_document("request")
-                .and_then(|r| r.get_str("id"))
-                .unwrap_or_default()
-                .to_string()
-        }))
-    }
-
     /// Tags the version the upstream wrote for a split patch with our token
     /// (best effort: `pending.upstreamCommitted` already proves the commit).
     pub async fn tag_version(
@@ -510,100 +480,6 @@ impl GroupDocuments {
         // No projection here: FerretDB does not support it on findAndModify.
         // A committed Group keeps its members in ClickHouse, so this is small.
         Ok(updated.map(without_members))
-    }
-
-    /// A history entry as the legacy server writes one: a Bundle entry.
-    pub async fn insert_history(
-        &self,
-        resource: &Document,
-        request_id: &str,
-        method: &str,
-        url: &str,
-        patch_ops: &[serde_json::Value],
-    ) -> Result<(), DocumentStoreError> {
-        // The reference server's own shape: the entry's id is the Group's
-        // `_uuid` (the FHIR id where there is none); a patch's response
-        // carries an informational issue per op, the op as JSON text.
-        let entry_id = resource
-            .get_str("_uuid")
-            .or_else(|_| resource.get_str("id"))
-            .unwrap_or_default()
-            .to_string();
-        let mut fhir = resource.clone();
-        fhir.remove("_id");
-        fhir.remove("_memberCommitToken");
-        let entry = doc! {
-            "id": entry_id,
-            "resource": fhir,
-            "request": { "id": request_id, "method": method, "url": url },
-            "response": history_response(patch_ops),
-        };
-        self.history.insert_one(entry).await?;
-        Ok(())
-    }
-
-    /// The history entry of `version` (written by the legacy server for the
-    /// proxy's PUT of a split patch) as the client's PATCH: its method, and
-    /// the outcome listing every op of the patch.
-    /// `false` when the entry is not there (yet).
-    pub async fn record_patch_in_history(
-        &self,
-        id: &str,
-        version: u64,
-        patch_ops: &[serde_json::Value],
-    ) -> Result<bool, DocumentStoreError> {
-        let updated = self
-            .history
-            .update_one(
-                doc! { "resource.id": id, "resource.meta.versionId": version.to_string() },
-                doc! { "$set": {
-                    "request.method": "PATCH",
-                    "response": history_response(patch_ops),
-                } },
-            )
-            .await?;
-        Ok(updated.matched_count > 0)
-    }
-
-    /// Remembers that the client's `client_id` on this Group names the request
-    /// with `digest` (the last attempt wins: only a committed one is replayed).
-    pub async fn record_request(
-        &self,
-        group_key: &str,
-        client_id: &str,
-        digest: &str,
-    ) -> Result<(), DocumentStoreError> {
-        self.requests
-            .update_one(
-                doc! { "_id": request_key(group_key, client_id) },
-                doc! { "$set": { "digest": digest, "at": DateTime::now() } },
-            )
-            .upsert(true)
-            .await?;
-        Ok(())
-    }
-
-    /// The digest of the request `client_id` names on this Group, if recorded.
-    pub async fn request_digest(
-        &self,
-        group_key: &str,
-        client_id: &str,
-    ) -> Result<Option<String>, DocumentStoreError> {
-        let found = self
-            .requests
-            .find_one(doc! { "_id": request_key(group_key, client_id) })
-            .await?;
-        Ok(found.and_then(|d| d.get_str("digest").ok().map(str::to_string)))
-    }
-
-    /// Whether the history holds an entry for version `version` of Group `id`.
-    pub async fn has_history(&self, id: &str, version: u64) -> Result<bool, DocumentStoreError> {
-        let found = self
-            .history
-            .find_one(doc! { "resource.id": id, "resource.meta.versionId": version.to_string() })
-            .projection(doc! { "_id": 1 })
-            .await?;
-        Ok(found.is_some())
     }
 
     /// The Group document (without `member`), for responses.
@@ -874,11 +750,6 @@ fn without_members(mut document: Document) -> Document {
     document
 }
 
-/// Client request ids are visible ASCII, so a newline cannot occur in one.
-fn request_key(group_key: &str, client_id: &str) -> String {
-    format!("{group_key}\n{client_id}")
-}
-
 /// `meta.versionId` of a Group document, if readable.
 pub fn version_of(document: &Document) -> Option<u64> {
     let meta = document.get_document("meta").ok()?;
@@ -971,28 +842,6 @@ pub fn to_fhir_json(document: &Document) -> serde_json::Value {
         .map(|(key, value)| (key.clone(), bson_to_json(value)))
         .collect();
     serde_json::Value::Object(object)
-}
-
-/// The `response` of a history entry: the status, and for a patch the
-/// reference server's outcome listing the ops it applied.
-fn history_response(patch_ops: &[serde_json::Value]) -> Document {
-    if patch_ops.is_empty() {
-        return doc! { "status": "200" };
-    }
-    let issues: Vec<Bson> = patch_ops
-        .iter()
-        .map(|op| {
-            Bson::Document(doc! {
-                "severity": "information",
-                "code": "informational",
-                "diagnostics": op.to_string(),
-            })
-        })
-        .collect();
-    doc! {
-        "status": "200",
-        "outcome": { "resourceType": "OperationOutcome", "issue": issues },
-    }
 }
 
 /// A stored document as JSON with its internal `_` fields (but no `_id`),

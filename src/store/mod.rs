@@ -4,8 +4,10 @@
 pub mod clickhouse;
 pub mod events;
 pub mod group_documents;
+pub mod group_history;
 pub mod insert_batcher;
 pub mod member_locks;
+pub mod member_requests;
 pub mod mongo;
 pub mod schema;
 pub mod setup;
