@@ -35,20 +35,27 @@ pub fn action_of(route: &Route) -> Option<Action> {
     })
 }
 
+/// Whether a request may go on, or was refused (the refusal is answered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Granted,
+    Refused,
+}
+
 /// JWT mode: checks the token for every request on a route the proxy may
 /// answer itself, whether or not its Group is migrated (the answer must not
-/// depend on, or reveal, where a roster lives). `true` when refused (answered).
+/// depend on, or reveal, where a roster lives).
 pub async fn check_token(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     route: &Route,
-) -> Result<bool> {
+) -> Result<Access> {
     let (Authorizer::Jwt(verifier), Some(action)) = (&*proxy.authorizer, action_of(route)) else {
-        return Ok(false);
+        return Ok(Access::Granted);
     };
     if proxy.group_service.is_none() {
-        return Ok(false);
+        return Ok(Access::Granted);
     }
     let authorization = session
         .req_header()
@@ -62,12 +69,12 @@ pub async fn check_token(
     {
         Ok(subject) => {
             tracing::debug!(request_id = %ctx.request_id, subject = %subject.subject, ?action, "token accepted");
-            Ok(false)
+            Ok(Access::Granted)
         }
         Err(refusal) => {
             tracing::info!(request_id = %ctx.request_id, %refusal, "request refused");
             refuse(session, ctx, &refusal).await?;
-            Ok(true)
+            Ok(Access::Refused)
         }
     }
 }
@@ -83,21 +90,21 @@ async fn refuse(
 
 /// Upstream mode: asks the legacy server, with the client's own credentials,
 /// whether this client may touch Group `id` before the proxy writes members
-/// the legacy server never sees. `Ok(true)`: go ahead; `Ok(false)`: answered
-/// (the legacy server's 401/403/404 passed back unchanged, or an error).
+/// the legacy server never sees. Refused: the legacy server's 401/403/404
+/// passed back unchanged, or an error, already answered.
 pub async fn probe_upstream(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<bool> {
+) -> Result<Access> {
     let Authorizer::Upstream {
         probe_method,
         probe_path: template,
     } = &*proxy.authorizer
     else {
-        return Ok(true);
+        return Ok(Access::Granted);
     };
     let path = probe_path(template, base, group_id);
     let mut probe = derived_request(session.req_header(), probe_method.clone(), &path)?;
@@ -125,15 +132,15 @@ pub async fn probe_upstream(
                 ),
             );
             answer_outcome(session, ctx, &outcome).await?;
-            return Ok(false);
+            return Ok(Access::Refused);
         }
     };
     match reply.status {
-        200..=299 => Ok(true),
-        412 if writes => Ok(true),
+        200..=299 => Ok(Access::Granted),
+        412 if writes => Ok(Access::Granted),
         401 | 403 | 404 | 410 => {
             relay(session, ctx, reply).await?;
-            Ok(false)
+            Ok(Access::Refused)
         }
         status => {
             let outcome = Outcome::error(
@@ -144,7 +151,7 @@ pub async fn probe_upstream(
                 ),
             );
             answer_outcome(session, ctx, &outcome).await?;
-            Ok(false)
+            Ok(Access::Refused)
         }
     }
 }

@@ -85,9 +85,9 @@ pub async fn conditional_write(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
-) -> Result<bool> {
+) -> Result<Next> {
     let outcome = match proxy.manages_any_group().await {
-        Ok(false) => return Ok(false),
+        Ok(false) => return Ok(Next::Forward),
         Ok(true) => Outcome::error(
             422,
             IssueType::NotSupported,
@@ -100,8 +100,7 @@ pub async fn conditional_write(
         ),
         Err(outcome) => outcome,
     };
-    answer(session, ctx, &outcome).await?;
-    Ok(true)
+    answer(session, ctx, &outcome).await
 }
 
 /// `$export`, `$everything`: the legacy server answers them from the inline
@@ -113,7 +112,7 @@ pub async fn roster_dependent_read(
     ctx: &mut RequestContext,
     group_id: Option<&str>,
     what: &str,
-) -> Result<bool> {
+) -> Result<Next> {
     let refused = match group_id {
         Some(id) => proxy
             .roster_home(id)
@@ -122,7 +121,7 @@ pub async fn roster_dependent_read(
         None => proxy.manages_any_group().await,
     };
     let outcome = match refused {
-        Ok(false) => return Ok(false),
+        Ok(false) => return Ok(Next::Forward),
         Ok(true) => {
             let target = group_id.map_or("Group".to_string(), |id| format!("Group/{id}"));
             let instead = "read the roster with $members (paged) and the Group with GET";
@@ -142,8 +141,7 @@ pub async fn roster_dependent_read(
         }
         Err(outcome) => outcome,
     };
-    answer(session, ctx, &outcome).await?;
-    Ok(true)
+    answer(session, ctx, &outcome).await
 }
 
 /// `_has:Group:member`, `_revinclude=Group:member`, `_include=Group:member`:
@@ -153,9 +151,9 @@ pub async fn member_join_search(
     session: &mut Session,
     ctx: &mut RequestContext,
     parameter: &str,
-) -> Result<bool> {
+) -> Result<Next> {
     let outcome = match proxy.manages_any_group().await {
-        Ok(false) => return Ok(false),
+        Ok(false) => return Ok(Next::Forward),
         Ok(true) => Outcome::error(
             422,
             IssueType::NotSupported,
@@ -167,8 +165,7 @@ pub async fn member_join_search(
         ),
         Err(outcome) => outcome,
     };
-    answer(session, ctx, &outcome).await?;
-    Ok(true)
+    answer(session, ctx, &outcome).await
 }
 
 /// A write of Group `id` in a format the proxy does not read (XML Patch,
@@ -181,7 +178,7 @@ pub async fn write_in_other_format(
     ctx: &mut RequestContext,
     group_id: &str,
     is_patch: bool,
-) -> Result<bool> {
+) -> Result<Next> {
     let (accepted, accept_header) = if is_patch {
         (
             format!("JSON Patch ({JSON_PATCH})"),
@@ -199,10 +196,10 @@ pub async fn write_in_other_format(
                  reaches; send the request as {accepted}"
             ),
         ),
-        Ok(_) => return Ok(false),
+        Ok(_) => return Ok(Next::Forward),
         Err(outcome) => outcome,
     };
     let extra: Vec<_> = accept_header.into_iter().collect();
     crate::proxy::respond::answer_outcome_with(session, ctx, &outcome, &extra).await?;
-    Ok(true)
+    Ok(Next::Answered)
 }

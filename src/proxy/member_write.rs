@@ -15,6 +15,7 @@ use crate::group::write::{
     MemberEdit, MemberPatchRequest, MemberPatchResult, UpstreamDocument, UpstreamPart,
 };
 use crate::group::{GroupError, RosterHome};
+use crate::proxy::authorize::Access;
 use crate::proxy::request_body::read_intercepted_body;
 use crate::proxy::request_facts::{request_digest, Prefer, WriteFacts};
 use crate::proxy::respond::{answer, forward, relay, Next};
@@ -192,7 +193,9 @@ pub(crate) async fn write_members(
     let Some(service) = proxy.group_service.as_ref() else {
         return Ok(None);
     };
-    if upstream_part.is_none() && !may_write(proxy, session, ctx, base, group_id).await? {
+    if upstream_part.is_none()
+        && may_write(proxy, session, ctx, base, group_id).await? == Access::Refused
+    {
         return Ok(Some(Next::Answered));
     }
     let facts = WriteFacts::from_headers(
@@ -286,25 +289,25 @@ pub(crate) async fn write_members(
 
 /// For a write the legacy server never sees, under `auth.mode = "upstream"`:
 /// Groups still inline go to the legacy server anyway (no probe needed);
-/// otherwise the legacy server is asked first. `false`: answered here.
+/// otherwise the legacy server is asked first.
 async fn may_write(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<bool> {
+) -> Result<Access> {
     if !matches!(&*proxy.authorizer, crate::auth::Authorizer::Upstream { .. }) {
-        return Ok(true);
+        return Ok(Access::Granted);
     }
     match proxy.member_write_home(ctx, group_id).await {
-        Ok(None | Some(crate::group::RosterHome::Inline)) => Ok(true),
+        Ok(None | Some(crate::group::RosterHome::Inline)) => Ok(Access::Granted),
         Ok(Some(_)) => {
             crate::proxy::authorize::probe_upstream(proxy, session, ctx, base, group_id).await
         }
         Err(outcome) => {
             answer(session, ctx, &outcome).await?;
-            Ok(false)
+            Ok(Access::Refused)
         }
     }
 }

@@ -230,12 +230,11 @@ impl FhirGroupProxy {
         session: &mut Session,
         ctx: &mut RequestContext,
         route: Route,
-    ) -> Result<bool> {
+    ) -> Result<Next> {
         self.answer_expect_continue(session, ctx).await?;
         if let Some(outcome) = ctx.refusal.take() {
             ctx.route = Route::Refused(outcome.clone()).name();
-            respond::answer(session, ctx, &outcome).await?;
-            return Ok(true);
+            return respond::answer(session, ctx, &outcome).await;
         }
         let mut route = route;
         let other_address = |a: &&mut String| a.contains('|') || icanbwell_conventions::is_uuid(a);
@@ -253,27 +252,20 @@ impl FhirGroupProxy {
             match plain {
                 Ok(Some(id)) => *address = id,
                 Ok(None) => {}
-                Err(outcome) => {
-                    respond::answer(session, ctx, &outcome).await?;
-                    return Ok(true);
-                }
+                Err(outcome) => return respond::answer(session, ctx, &outcome).await,
             }
         }
-        if authorize::check_token(self, session, ctx, &route).await? {
-            return Ok(true);
+        if authorize::check_token(self, session, ctx, &route).await? == authorize::Access::Refused {
+            return Ok(Next::Answered);
         }
         match route {
-            Route::Passthrough => Ok(false),
-            Route::Refused(outcome) => {
-                respond::answer(session, ctx, &outcome).await?;
-                Ok(true)
-            }
+            Route::Passthrough => Ok(Next::Forward),
+            Route::Refused(outcome) => respond::answer(session, ctx, &outcome).await,
             Route::GroupUpdateOtherFormat { group_id } => {
                 guard::write_in_other_format(self, session, ctx, &group_id, false).await
             }
             Route::MultiResourceWrite { .. } => {
-                let next = guard::multi_resource_write(self, session, ctx).await?;
-                self.finish_intercept(session, ctx, next).await
+                guard::multi_resource_write(self, session, ctx).await
             }
             Route::GroupConditionalWrite => guard::conditional_write(self, session, ctx).await,
             Route::GroupRosterDependentRead {
@@ -294,20 +286,11 @@ impl FhirGroupProxy {
                 base,
                 group_id,
                 operation,
-            } => {
-                let next =
-                    member_write::atr_operation(self, session, ctx, &base, &group_id, operation)
-                        .await?;
-                self.finish_intercept(session, ctx, next).await
-            }
+            } => member_write::atr_operation(self, session, ctx, &base, &group_id, operation).await,
             Route::GroupUpdate { base, group_id } => {
-                let next = roster_write::group_update(self, session, ctx, &base, &group_id).await?;
-                self.finish_intercept(session, ctx, next).await
+                roster_write::group_update(self, session, ctx, &base, &group_id).await
             }
-            Route::GroupCreate { .. } => {
-                let next = roster_write::group_create(self, ctx);
-                self.finish_intercept(session, ctx, next).await
-            }
+            Route::GroupCreate { .. } => Ok(roster_write::group_create(self, ctx)),
             Route::GroupDelete { group_id, .. } => self.delete_group(session, ctx, &group_id).await,
             Route::GroupSearchByMember { base } => {
                 search::group_member_search(self, session, ctx, &base).await
@@ -325,8 +308,7 @@ impl FhirGroupProxy {
                 guard::write_in_other_format(self, session, ctx, &group_id, true).await
             }
             Route::GroupPatch { base, group_id } => {
-                let next = member_write::group_patch(self, session, ctx, &base, &group_id).await?;
-                self.finish_intercept(session, ctx, next).await
+                member_write::group_patch(self, session, ctx, &base, &group_id).await
             }
         }
     }
@@ -416,15 +398,15 @@ impl FhirGroupProxy {
     }
 
     /// DELETE of a Group: the legacy server deletes it; a migrated Group's
-    /// roster is then tombstoned. `false`: not migrated, forward as usual.
+    /// roster is then tombstoned. Not migrated: forward as usual.
     async fn delete_group(
         &self,
         session: &mut Session,
         ctx: &mut RequestContext,
         group_id: &str,
-    ) -> Result<bool> {
+    ) -> Result<Next> {
         let Some(service) = self.group_service.clone() else {
-            return Ok(false);
+            return Ok(Next::Forward);
         };
         let mut request = session.req_header().clone();
         self.rewrite_for_upstream(session, &mut request, ctx)?;
@@ -442,10 +424,10 @@ impl FhirGroupProxy {
         // Once started, the delete may have reached the upstream: it is never
         // forwarded a second time, whatever happened.
         let outcome = match result {
-            Ok(Ok(None)) => return Ok(false),
+            Ok(Ok(None)) => return Ok(Next::Forward),
             Ok(Ok(Some(reply))) => {
                 respond::relay(session, ctx, reply).await?;
-                return Ok(true);
+                return Ok(Next::Answered);
             }
             Ok(Err(error)) => {
                 tracing::warn!(group = group_id, %error, "Group delete failed");
@@ -453,11 +435,11 @@ impl FhirGroupProxy {
             }
             Err(outcome) => outcome,
         };
-        respond::answer_outcome(session, ctx, &outcome).await?;
-        Ok(true)
+        respond::answer(session, ctx, &outcome).await
     }
 
-    /// Carries out what an inspected request needs next; `true` when answered.
+    /// Carries out what an inspected request needs next, and turns it into
+    /// pingora's `request_filter` answer: `true` when the response is written.
     async fn finish_intercept(
         &self,
         session: &mut Session,
@@ -621,7 +603,11 @@ impl ProxyHttp for FhirGroupProxy {
             trace_id = ctx.trace_id.as_deref(),
         );
         let span = ctx.span.clone();
-        self.route_request(session, ctx, route)
+        let next = self
+            .route_request(session, ctx, route)
+            .instrument(span.clone())
+            .await?;
+        self.finish_intercept(session, ctx, next)
             .instrument(span)
             .await
     }

@@ -18,7 +18,7 @@ use crate::fhir::FHIR_JSON;
 use crate::group::read::RosterForRead;
 use crate::group::{GroupError, GroupService};
 use crate::proxy::forwarding::X_REQUEST_ID;
-use crate::proxy::respond::{answer_header, answer_outcome, relay};
+use crate::proxy::respond::{answer_header, answer_outcome, relay, Next};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// Members per streamed chunk.
@@ -31,10 +31,10 @@ struct MigratedGroup {
     headers: http::HeaderMap,
 }
 
-/// `Err(answered)`: no migrated Group to work on; `answered` says whether a
-/// response was already written (an error, or the legacy server's own
-/// answer) or the legacy server should answer (Group not migrated).
-type Fetched = std::result::Result<MigratedGroup, bool>;
+/// `Err(next)`: no migrated Group to work on; `next` says whether a response
+/// was already written (an error, or the legacy server's own answer) or the
+/// legacy server should answer (Group not migrated).
+type Fetched = std::result::Result<MigratedGroup, Next>;
 
 /// Looks up the member store, then reads `{base}/Group/{id}` from the legacy
 /// server with the client's own headers, so its access control decides.
@@ -70,7 +70,7 @@ async fn fetch_managed(
     versions: bool,
 ) -> Result<Fetched> {
     let Some(service) = proxy.group_service.clone() else {
-        return Ok(Err(false));
+        return Ok(Err(Next::Forward));
     };
     let id = group_id.to_string();
     let lookup = proxy
@@ -83,14 +83,14 @@ async fn fetch_managed(
         .await;
     let roster = match lookup {
         Ok(Ok(Some(roster))) => roster,
-        Ok(Ok(None)) => return Ok(Err(false)),
+        Ok(Ok(None)) => return Ok(Err(Next::Forward)),
         Ok(Err(
             error @ (GroupError::Shared { .. }
             | GroupError::Readdress { .. }
             | GroupError::SharedKept { .. }),
         )) => {
             answer_outcome(session, ctx, &error.to_outcome()).await?;
-            return Ok(Err(true));
+            return Ok(Err(Next::Answered));
         }
         Ok(Err(error)) => {
             tracing::warn!(group = group_id, %error, "member store unavailable for a Group read");
@@ -100,11 +100,11 @@ async fn fetch_managed(
                 format!("the members of Group/{group_id} cannot be read now: {error}"),
             );
             answer_outcome(session, ctx, &outcome).await?;
-            return Ok(Err(true));
+            return Ok(Err(Next::Answered));
         }
         Err(outcome) => {
             answer_outcome(session, ctx, &outcome).await?;
-            return Ok(Err(true));
+            return Ok(Err(Next::Answered));
         }
     };
 
@@ -126,7 +126,7 @@ async fn fetch_managed(
         Ok(reply) => reply,
         Err(outcome) => {
             answer_outcome(session, ctx, &outcome).await?;
-            return Ok(Err(true));
+            return Ok(Err(Next::Answered));
         }
     };
     let current = !upstream_path.contains("/_history/");
@@ -144,7 +144,7 @@ async fn fetch_managed(
             // Two rosters for one Group: neither is shown as the truth.
             let outcome = crate::group::drift(group_id);
             answer_outcome(session, ctx, &outcome).await?;
-            Ok(Err(true))
+            Ok(Err(Next::Answered))
         }
         Ok(group) if reply.status == 200 && group["resourceType"] == resource_type => {
             Ok(Ok(MigratedGroup {
@@ -155,7 +155,7 @@ async fn fetch_managed(
         }
         _ => {
             relay(session, ctx, reply).await?;
-            Ok(Err(true))
+            Ok(Err(Next::Answered))
         }
     }
 }
@@ -167,7 +167,7 @@ pub async fn group_read(
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<bool> {
+) -> Result<Next> {
     let MigratedGroup {
         roster,
         group,
@@ -201,11 +201,11 @@ pub async fn group_read(
             group
         };
         write_json(session, ctx, header, &group).await?;
-        return Ok(true);
+        return Ok(Next::Answered);
     }
 
     write_streamed_group(proxy, session, ctx, header, group, roster.group_key, None).await?;
-    Ok(true)
+    Ok(Next::Answered)
 }
 
 /// `GET {base}/Group/{id}/_history/{vid}` of a migrated Group: the legacy
@@ -219,7 +219,7 @@ pub async fn group_version_read(
     base: &str,
     group_id: &str,
     version: u64,
-) -> Result<bool> {
+) -> Result<Next> {
     let path = format!("{base}/Group/{group_id}/_history/{version}");
     let MigratedGroup {
         roster,
@@ -238,10 +238,10 @@ pub async fn group_version_read(
         // The legacy server's own version: members inline (from before the
         // migration), or a generation whose roster the proxy never kept.
         write_json(session, ctx, header, &group).await?;
-        return Ok(true);
+        return Ok(Next::Answered);
     };
     write_streamed_group(proxy, session, ctx, header, group, key, Some(version)).await?;
-    Ok(true)
+    Ok(Next::Answered)
 }
 
 /// `GET {base}/Group/{id}/_history` of a managed Group: the legacy server's
@@ -255,7 +255,7 @@ pub async fn group_history(
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<bool> {
+) -> Result<Next> {
     let path = format!("{base}/Group/{group_id}/_history");
     let MigratedGroup {
         roster,
@@ -277,7 +277,7 @@ pub async fn group_history(
             ),
         );
         answer_outcome(session, ctx, &outcome).await?;
-        return Ok(true);
+        return Ok(Next::Answered);
     }
     let mut bundle = bundle;
     let entries = bundle
@@ -323,12 +323,12 @@ pub async fn group_history(
                     format!("the roster of Group/{group_id} version {version} cannot be read now: {error}"),
                 );
                 answer_outcome(session, ctx, &outcome).await?;
-                return Ok(true);
+                return Ok(Next::Answered);
             }
         }
     }
     write_json(session, ctx, json_header(&headers, ctx)?, &bundle).await?;
-    Ok(true)
+    Ok(Next::Answered)
 }
 
 /// A managed Group's roster at `version`, collected (bounded by the caller),
@@ -403,7 +403,7 @@ pub async fn members_page(
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<bool> {
+) -> Result<Next> {
     let query = session.req_header().uri.query().map(str::to_string);
     // `_since` as the client wrote it, carried into the next link.
     let page_since = query.as_deref().and_then(|q| {
@@ -416,7 +416,7 @@ pub async fn members_page(
         Err(why) => {
             let outcome = Outcome::error(400, IssueType::Invalid, why);
             answer_outcome(session, ctx, &outcome).await?;
-            return Ok(true);
+            return Ok(Next::Answered);
         }
     };
     let MigratedGroup {
@@ -436,7 +436,7 @@ pub async fn members_page(
         Err(answered) => return Ok(answered),
     };
     let Some(service) = proxy.group_service.clone() else {
-        return Ok(false);
+        return Ok(Next::Forward);
     };
     let (key, cursor, since, limit) = (
         roster.group_key.clone(),
@@ -461,11 +461,11 @@ pub async fn members_page(
                 format!("members cannot be read now: {error}"),
             );
             answer_outcome(session, ctx, &outcome).await?;
-            return Ok(true);
+            return Ok(Next::Answered);
         }
         Err(outcome) => {
             answer_outcome(session, ctx, &outcome).await?;
-            return Ok(true);
+            return Ok(Next::Answered);
         }
     };
     let has_next = rows.len() > page.count;
@@ -506,7 +506,7 @@ pub async fn members_page(
                     ),
                 );
                 answer_outcome(session, ctx, &outcome).await?;
-                return Ok(true);
+                return Ok(Next::Answered);
             }
         };
         members.push(match row.present {
@@ -523,7 +523,7 @@ pub async fn members_page(
         next.as_deref(),
     );
     write_json(session, ctx, json_header(&headers, ctx)?, &bundle).await?;
-    Ok(true)
+    Ok(Next::Answered)
 }
 
 /// What the roster stream hands over.

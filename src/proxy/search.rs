@@ -14,8 +14,7 @@ use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::write::UpstreamReply;
 use crate::group::GroupError;
 use crate::proxy::read::json_header;
-use crate::proxy::respond::relay;
-use crate::proxy::respond::{answer_header, answer_outcome};
+use crate::proxy::respond::{answer_header, answer_outcome, relay, Next};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// Answers the search, or returns `false` when the legacy server alone can.
@@ -24,19 +23,19 @@ pub async fn group_member_search(
     session: &mut Session,
     ctx: &mut RequestContext,
     base: &str,
-) -> Result<bool> {
+) -> Result<Next> {
     let query = session.req_header().uri.query().map(str::to_string);
     let (Some(terms), Some(service)) = (
         member_search_terms(query.as_deref()),
         proxy.group_service.clone(),
     ) else {
-        return Ok(false);
+        return Ok(Next::Forward);
     };
     let found = proxy
         .on_stores(async move { service.migrated_groups_with(&terms).await })
         .await;
     let migrated = match found {
-        Ok(Ok(groups)) if groups.is_empty() => return Ok(false),
+        Ok(Ok(groups)) if groups.is_empty() => return Ok(Next::Forward),
         Ok(Ok(groups)) => groups,
         Ok(Err(error)) => {
             let outcome = match error {
@@ -53,29 +52,29 @@ pub async fn group_member_search(
     };
     let inline = match search_upstream(proxy, session, ctx, None).await? {
         Ok(reply) => reply,
-        Err(()) => return Ok(true),
+        Err(answered) => return Ok(answered),
     };
     let Some(id_query) = query_for_ids(query.as_deref(), &migrated) else {
         relay(session, ctx, inline).await?;
-        return Ok(true);
+        return Ok(Next::Answered);
     };
     let by_id = match search_upstream(proxy, session, ctx, Some(&id_query)).await? {
         Ok(reply) => reply,
-        Err(()) => return Ok(true),
+        Err(answered) => return Ok(answered),
     };
     let (Ok(inline_bundle), Ok(by_id_bundle)) = (
         serde_json::from_slice::<Value>(&inline.body),
         serde_json::from_slice::<Value>(&by_id.body),
     ) else {
         relay(session, ctx, inline).await?;
-        return Ok(true);
+        return Ok(Next::Answered);
     };
     let mut merged = merge_member_search(inline_bundle, by_id_bundle);
     if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut merged, &migrated).await {
         return answered(session, ctx, &outcome).await;
     }
     send_bundle(session, ctx, &inline.headers, &merged).await?;
-    Ok(true)
+    Ok(Next::Answered)
 }
 
 /// Any other Group search. The legacy server answers it, but holds the
@@ -90,23 +89,23 @@ pub async fn group_search(
     session: &mut Session,
     ctx: &mut RequestContext,
     base: &str,
-) -> Result<bool> {
+) -> Result<Next> {
     let query = session.req_header().uri.query().map(str::to_string);
     if !crate::fhir::group_read::wants_members(query.as_deref()) {
-        return Ok(false);
+        return Ok(Next::Forward);
     }
     match proxy.manages_any_group().await {
-        Ok(false) => return Ok(false),
+        Ok(false) => return Ok(Next::Forward),
         Ok(true) => {}
         Err(outcome) => return answered(session, ctx, &outcome).await,
     }
     let reply = match search_upstream(proxy, session, ctx, None).await? {
         Ok(reply) => reply,
-        Err(()) => return Ok(true),
+        Err(answered) => return Ok(answered),
     };
     let Ok(mut bundle) = serde_json::from_slice::<Value>(&reply.body) else {
         relay(session, ctx, reply).await?;
-        return Ok(true);
+        return Ok(Next::Answered);
     };
     // Groups listed with a version: the ones whose roster can be shown.
     let ids: Vec<String> = bundle["entry"]
@@ -124,13 +123,13 @@ pub async fn group_search(
     };
     if managed.is_empty() {
         relay(session, ctx, reply).await?;
-        return Ok(true);
+        return Ok(Next::Answered);
     }
     if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut bundle, &managed).await {
         return answered(session, ctx, &outcome).await;
     }
     send_bundle(session, ctx, &reply.headers, &bundle).await?;
-    Ok(true)
+    Ok(Next::Answered)
 }
 
 /// The Group entries of `bundle` that are kept here (`managed`) get the
@@ -196,13 +195,13 @@ async fn send_bundle(
 }
 
 /// The client's search (or the same path with `query` instead), sent upstream
-/// with its headers. A failure or non-200 answer is already relayed: `Err(())`.
+/// with its headers. A failure or non-200 answer is already relayed: `Err(Next::Answered)`.
 async fn search_upstream(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     query: Option<&str>,
-) -> Result<std::result::Result<UpstreamReply, ()>> {
+) -> Result<std::result::Result<UpstreamReply, Next>> {
     let mut request = session.req_header().clone();
     if let Some(query) = query {
         let uri = format!("{}?{query}", request.uri.path())
@@ -222,11 +221,11 @@ async fn search_upstream(
         Ok(reply) if reply.status == 200 => Ok(Ok(reply)),
         Ok(reply) => {
             relay(session, ctx, reply).await?;
-            Ok(Err(()))
+            Ok(Err(Next::Answered))
         }
         Err(outcome) => {
             answer_outcome(session, ctx, &outcome).await?;
-            Ok(Err(()))
+            Ok(Err(Next::Answered))
         }
     }
 }
@@ -236,7 +235,7 @@ async fn answered(
     session: &mut Session,
     ctx: &mut RequestContext,
     outcome: &Outcome,
-) -> Result<bool> {
+) -> Result<Next> {
     answer_outcome(session, ctx, outcome).await?;
-    Ok(true)
+    Ok(Next::Answered)
 }
