@@ -18,7 +18,7 @@ use crate::fhir::FHIR_JSON;
 use crate::group::read::RosterForRead;
 use crate::group::{GroupError, GroupService};
 use crate::proxy::forwarding::X_REQUEST_ID;
-use crate::proxy::respond::{answer_header, answer_outcome, relay, Next};
+use crate::proxy::respond::{answer, answer_header, answer_outcome, relay, Next};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// Members per streamed chunk.
@@ -276,8 +276,7 @@ pub async fn group_history(
                  _history/{{vid}}"
             ),
         );
-        answer_outcome(session, ctx, &outcome).await?;
-        return Ok(Next::Answered);
+        return answer(session, ctx, &outcome).await;
     }
     let mut bundle = bundle;
     let entries = bundle
@@ -322,8 +321,7 @@ pub async fn group_history(
                     IssueType::Transient,
                     format!("the roster of Group/{group_id} version {version} cannot be read now: {error}"),
                 );
-                answer_outcome(session, ctx, &outcome).await?;
-                return Ok(Next::Answered);
+                return answer(session, ctx, &outcome).await;
             }
         }
     }
@@ -415,8 +413,7 @@ pub async fn members_page(
         Ok(page) => page,
         Err(why) => {
             let outcome = Outcome::error(400, IssueType::Invalid, why);
-            answer_outcome(session, ctx, &outcome).await?;
-            return Ok(Next::Answered);
+            return answer(session, ctx, &outcome).await;
         }
     };
     let MigratedGroup {
@@ -460,12 +457,10 @@ pub async fn members_page(
                 IssueType::Transient,
                 format!("members cannot be read now: {error}"),
             );
-            answer_outcome(session, ctx, &outcome).await?;
-            return Ok(Next::Answered);
+            return answer(session, ctx, &outcome).await;
         }
         Err(outcome) => {
-            answer_outcome(session, ctx, &outcome).await?;
-            return Ok(Next::Answered);
+            return answer(session, ctx, &outcome).await;
         }
     };
     let has_next = rows.len() > page.count;
@@ -505,8 +500,7 @@ pub async fn members_page(
                         row.slot_id
                     ),
                 );
-                answer_outcome(session, ctx, &outcome).await?;
-                return Ok(Next::Answered);
+                return answer(session, ctx, &outcome).await;
             }
         };
         members.push(match row.present {

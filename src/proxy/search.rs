@@ -14,7 +14,7 @@ use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::write::UpstreamReply;
 use crate::group::GroupError;
 use crate::proxy::read::json_header;
-use crate::proxy::respond::{answer_header, answer_outcome, relay, Next};
+use crate::proxy::respond::{answer, answer_header, answer_outcome, relay, Next};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// Answers the search, or returns `false` when the legacy server alone can.
@@ -46,9 +46,9 @@ pub async fn group_member_search(
                     format!("the member index cannot be searched now: {other}"),
                 ),
             };
-            return answered(session, ctx, &outcome).await;
+            return answer(session, ctx, &outcome).await;
         }
-        Err(outcome) => return answered(session, ctx, &outcome).await,
+        Err(outcome) => return answer(session, ctx, &outcome).await,
     };
     let inline = match search_upstream(proxy, session, ctx, None).await? {
         Ok(reply) => reply,
@@ -71,7 +71,7 @@ pub async fn group_member_search(
     };
     let mut merged = merge_member_search(inline_bundle, by_id_bundle);
     if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut merged, &migrated).await {
-        return answered(session, ctx, &outcome).await;
+        return answer(session, ctx, &outcome).await;
     }
     send_bundle(session, ctx, &inline.headers, &merged).await?;
     Ok(Next::Answered)
@@ -97,7 +97,7 @@ pub async fn group_search(
     match proxy.manages_any_group().await {
         Ok(false) => return Ok(Next::Forward),
         Ok(true) => {}
-        Err(outcome) => return answered(session, ctx, &outcome).await,
+        Err(outcome) => return answer(session, ctx, &outcome).await,
     }
     let reply = match search_upstream(proxy, session, ctx, None).await? {
         Ok(reply) => reply,
@@ -119,14 +119,14 @@ pub async fn group_search(
         .collect();
     let managed = match proxy.managed_among(&ids).await {
         Ok(managed) => managed,
-        Err(outcome) => return answered(session, ctx, &outcome).await,
+        Err(outcome) => return answer(session, ctx, &outcome).await,
     };
     if managed.is_empty() {
         relay(session, ctx, reply).await?;
         return Ok(Next::Answered);
     }
     if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut bundle, &managed).await {
-        return answered(session, ctx, &outcome).await;
+        return answer(session, ctx, &outcome).await;
     }
     send_bundle(session, ctx, &reply.headers, &bundle).await?;
     Ok(Next::Answered)
@@ -228,14 +228,4 @@ async fn search_upstream(
             Ok(Err(Next::Answered))
         }
     }
-}
-
-/// Answers the search with `outcome` (a refusal or a store failure).
-async fn answered(
-    session: &mut Session,
-    ctx: &mut RequestContext,
-    outcome: &Outcome,
-) -> Result<Next> {
-    answer_outcome(session, ctx, outcome).await?;
-    Ok(Next::Answered)
 }
