@@ -104,26 +104,8 @@ impl EventStore {
     pub fn start(settings: &ClickHouseSettings, batch: BatchSettings) -> Self {
         let client = crate::store::clickhouse::connect(settings);
 
-        let staging_client = client.clone();
-        let staging = InsertBatcher::spawn("staging", batch, move |rows: Vec<MemberEventRow>| {
-            let client = staging_client.clone();
-            async move {
-                insert_rows(&client, EVENTS_STAGED, rows)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        });
-
-        let publishing_client = client.clone();
-        let publishing =
-            InsertBatcher::spawn("publishing", batch, move |rows: Vec<MemberEventRow>| {
-                let client = publishing_client.clone();
-                async move {
-                    insert_rows(&client, EVENTS, rows)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-            });
+        let staging = rows_batcher("staging", EVENTS_STAGED, &client, batch);
+        let publishing = rows_batcher("publishing", EVENTS, &client, batch);
 
         let staged_client = client.clone();
         let publishing_staged =
@@ -677,6 +659,24 @@ impl EventStore {
         };
         Ok(query.fetch::<SlotRow>()?)
     }
+}
+
+/// An [`InsertBatcher`] writing member event rows into `table`.
+fn rows_batcher(
+    writer: &'static str,
+    table: &'static str,
+    client: &clickhouse::Client,
+    batch: BatchSettings,
+) -> InsertBatcher<MemberEventRow> {
+    let client = client.clone();
+    InsertBatcher::spawn(writer, batch, move |rows: Vec<MemberEventRow>| {
+        let client = client.clone();
+        async move {
+            insert_rows(&client, table, rows)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
 }
 
 async fn insert_rows(
