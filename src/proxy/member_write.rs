@@ -17,7 +17,7 @@ use crate::group::write::{
 use crate::group::{GroupError, RosterHome};
 use crate::proxy::authorize::Access;
 use crate::proxy::request_body::read_intercepted_body;
-use crate::proxy::request_facts::{request_digest, Prefer, WriteFacts};
+use crate::proxy::request_facts::{request_digest, Prefer, WriteHeaders};
 use crate::proxy::respond::{answer, forward, relay, Next};
 use crate::proxy::roster_answer::{
     roster_for_answer, send_showing_the_roster, with_members, write_success, RosterAnswer,
@@ -198,11 +198,11 @@ pub(crate) async fn write_members(
     {
         return Ok(Some(Next::Answered));
     }
-    let facts = WriteFacts::from_headers(
+    let facts = WriteHeaders::from_headers(
         &session.req_header().headers,
         proxy.config.members.require_if_match,
     );
-    let WriteFacts {
+    let WriteHeaders {
         if_match,
         prefer,
         client_request_id,

@@ -7,9 +7,10 @@ use http::HeaderMap;
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::proxy::forwarding::X_REQUEST_ID;
 
-/// What a member write's request head asks for, read once.
+/// What a member write's request head asks for, read once (not the store's
+/// `WriteFacts`, which are what the Group document says).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WriteFacts {
+pub struct WriteHeaders {
     /// The version `If-Match` names; `None` without one, or for `*`.
     pub if_match: Option<u64>,
     pub prefer: Prefer,
@@ -18,7 +19,7 @@ pub struct WriteFacts {
     pub client_request_id: Option<String>,
 }
 
-impl WriteFacts {
+impl WriteHeaders {
     /// The facts of `headers`; a refusal when `If-Match` is malformed, or
     /// missing where `members.require_if_match` asks for it.
     pub fn from_headers(headers: &HeaderMap, require_if_match: bool) -> Result<Self, Outcome> {
@@ -27,16 +28,13 @@ impl WriteFacts {
             None => None,
         };
         // A required If-Match names a version: `*` guards against no lost update.
-        let if_match = match if_match {
-            None if require_if_match => {
-                return Err(Outcome::error(
-                    400,
-                    IssueType::Required,
-                    "this server requires If-Match (W/\"<versionId>\") on Group member PATCHes",
-                ))
-            }
-            if_match => if_match,
-        };
+        if if_match.is_none() && require_if_match {
+            return Err(Outcome::error(
+                400,
+                IssueType::Required,
+                "this server requires If-Match (W/\"<versionId>\") on Group member PATCHes",
+            ));
+        }
         Ok(Self {
             if_match,
             prefer: Prefer::from_header(headers.get("prefer").and_then(|v| v.to_str().ok())),
@@ -135,10 +133,10 @@ mod tests {
 
     #[test]
     fn a_write_without_headers_asks_for_the_representation_of_any_version() {
-        let facts = WriteFacts::from_headers(&headers(&[]), false).unwrap();
+        let facts = WriteHeaders::from_headers(&headers(&[]), false).unwrap();
         assert_eq!(
             facts,
-            WriteFacts {
+            WriteHeaders {
                 if_match: None,
                 prefer: Prefer::Representation,
                 client_request_id: None
@@ -148,7 +146,7 @@ mod tests {
 
     #[test]
     fn if_match_prefer_and_the_clients_request_id_are_read_from_the_head() {
-        let facts = WriteFacts::from_headers(
+        let facts = WriteHeaders::from_headers(
             &headers(&[
                 ("if-match", "W/\"4\""),
                 ("prefer", "return=minimal"),
@@ -164,26 +162,26 @@ mod tests {
 
     #[test]
     fn a_missing_or_any_version_if_match_is_refused_only_where_the_server_requires_one() {
-        let refused = WriteFacts::from_headers(&headers(&[]), true).unwrap_err();
+        let refused = WriteHeaders::from_headers(&headers(&[]), true).unwrap_err();
         assert_eq!(refused.status, 400);
         assert!(refused.issues[0].diagnostics.contains("requires If-Match"));
-        let any = WriteFacts::from_headers(&headers(&[("if-match", "*")]), true).unwrap_err();
+        let any = WriteHeaders::from_headers(&headers(&[("if-match", "*")]), true).unwrap_err();
         assert_eq!(any.status, 400, "* names no version");
-        let any = WriteFacts::from_headers(&headers(&[("if-match", "*")]), false).unwrap();
+        let any = WriteHeaders::from_headers(&headers(&[("if-match", "*")]), false).unwrap();
         assert_eq!(any.if_match, None, "* is any version");
     }
 
     #[test]
     fn a_malformed_if_match_is_refused_even_where_none_is_required() {
         let refused =
-            WriteFacts::from_headers(&headers(&[("if-match", "yesterday")]), false).unwrap_err();
+            WriteHeaders::from_headers(&headers(&[("if-match", "yesterday")]), false).unwrap_err();
         assert_eq!(refused.status, 400);
         assert!(refused.issues[0].diagnostics.contains("yesterday"));
     }
 
     #[test]
     fn an_empty_request_id_is_not_the_clients() {
-        let facts = WriteFacts::from_headers(&headers(&[("x-request-id", "")]), false).unwrap();
+        let facts = WriteHeaders::from_headers(&headers(&[("x-request-id", "")]), false).unwrap();
         assert_eq!(facts.client_request_id, None);
     }
 
