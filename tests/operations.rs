@@ -272,14 +272,18 @@ async fn traceparent_reaches_the_upstream_unchanged_and_is_logged() {
     assert!(fields["duration_ms"].as_f64().is_some(), "{access_line}");
 }
 
-/// SIGTERM while member PATCHes wait in slow group commits: the proxy stops
-/// accepting, lets them finish, flushes, and exits well within its timeout.
+/// SIGTERM while member PATCHes are in flight (each waits ~1 s for a slow
+/// access probe before it writes): the proxy stops accepting, lets them
+/// finish, flushes, and exits well within its timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_member_writes_finish_before_exiting() {
     const WRITES: usize = 6;
     let (standin, mut proxy, clickhouse) = start_with_member_stores(&[
-        // Each write waits this long twice (staging, then publishing).
-        ("FGP_MEMBERS_BATCH_MAX_DELAY_MS", "500"),
+        // The stand-in's slow route answers 200 after 1 s: access granted.
+        (
+            "FGP_AUTH_UPSTREAM_PROBE",
+            "GET /__standin/slow?ms=1000&group={id}",
+        ),
         ("FGP_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "15"),
     ])
     .await;
@@ -301,8 +305,8 @@ async fn sigterm_lets_in_flight_member_writes_finish_before_exiting() {
             })
         })
         .collect();
-    // SIGTERM once every write is inside the proxy (they then wait in the
-    // group commit for ~1 s).
+    // SIGTERM once every write is inside the proxy (they then wait for the
+    // probe for ~1 s).
     let in_flight = scrape_until(&client, &proxy, |text| {
         sample(text, "fgp_http_requests_in_flight") >= WRITES as f64
     })

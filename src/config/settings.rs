@@ -202,10 +202,11 @@ settings! {
         batch_max_rows: usize = 10_000,
             flag members_batch_max_rows, env "FGP_MEMBERS_BATCH_MAX_ROWS",
             help "Most rows per ClickHouse insert";
-        /// ... and longest wait for more writers after the first one.
-        batch_max_delay_ms: u64 = 5,
+        /// ... and longest wait, after the first rows, for writers that said
+        /// they are on their way (a lone write never waits).
+        batch_max_delay_ms: u64 = 20,
             flag members_batch_max_delay_ms, env "FGP_MEMBERS_BATCH_MAX_DELAY_MS",
-            help "Longest group-commit wait in ms";
+            help "Longest group-commit wait for announced writers in ms";
         /// A member write holding a Group longer than this is presumed dead.
         lease_ttl_ms: u64 = 30_000,
             flag members_lease_ttl_ms, env "FGP_MEMBERS_LEASE_TTL_MS",

@@ -17,8 +17,13 @@
 //!    Group document, tagging it with the write's token and member key
 //!    generation (or, for a split write, the legacy server's guarded PUT of
 //!    the Group);
-//! 5. write a history entry per version, publish the staged events, delete
-//!    the lock.
+//! 5. write a history entry per version (one insert for the batch), publish
+//!    the staged events, delete the lock.
+//!
+//! Steps 3 and 5 go through ClickHouse insert batchers shared by every
+//! Group's writes: an attempt announces its staging insert as it starts, and
+//! its publication once staged, so concurrent writes of different Groups
+//! share their inserts (see [`crate::store::insert_batcher`]).
 //!
 //! A writer that stops after 4 leaves its lock, which expires; the next
 //! writer (or the sweep) takes it over and finishes step 5 from the lock's
@@ -38,6 +43,8 @@ use crate::fhir::document_patch::apply_other_ops;
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::store::events::MemberEventRow;
 use crate::store::group_documents::{to_fhir_json, version_of, GroupHead, MemberState};
+use crate::store::group_history::HistoryEntry;
+use crate::store::insert_batcher::Announced;
 
 use super::lease::{Backoff, Ending, Lease};
 use super::members::Planning;
@@ -96,6 +103,9 @@ struct Committed {
     /// (see [`PUBLISH_FROM_MEMORY_MAX_ROWS`]); else they are published from
     /// the staging table.
     events: Option<Vec<MemberEventRow>>,
+    /// The publication from memory announced when the events were staged,
+    /// so that concurrent writes publish in one insert.
+    publication: Announced,
 }
 
 /// Staged events a write keeps in memory for its publication: a member
@@ -264,6 +274,9 @@ impl GroupService {
         lease: &Lease,
         seen: Option<&MemberState>,
     ) -> Result<Attempt, GroupError> {
+        // Announced before the reads that plan it, so that writes of other
+        // Groups under way now stage in the same insert as this one.
+        let staging = self.events.announce_staging();
         let (head, managed, generation) = self.head_for_writing(id, seen).await?;
         let earlier = plan::earlier_with_same_id(requests);
         let mut replays = Vec::with_capacity(requests.len());
@@ -380,7 +393,7 @@ impl GroupService {
         // The lock already records the write (token, URL, time): the staged
         // events and the Group document tell recovery the rest.
         let events = (batch.rows.len() <= PUBLISH_FROM_MEMORY_MAX_ROWS).then(|| batch.rows.clone());
-        self.events.stage(batch.rows).await?;
+        let publication = self.events.stage_announced(staging, batch.rows).await?;
         let committed_at = lease.taken_at();
         for (request, planned) in requests.iter().zip(&batch.planned) {
             if matches!(planned, plan::Planned::Writes { .. }) {
@@ -419,7 +432,11 @@ impl GroupService {
                     }
                     return Ok(Attempt::Done {
                         answers,
-                        committed: Some(Committed { managed, events }),
+                        committed: Some(Committed {
+                            managed,
+                            events,
+                            publication,
+                        }),
                     });
                 }
             }
@@ -450,32 +467,40 @@ impl GroupService {
         super::crash_point_after_commit();
         // Committed. What follows is completion: failures here are finished
         // by recovery, and the clients' writes stand.
-        for (request, planned) in requests.iter().zip(&batch.planned) {
-            let plan::Planned::Writes { version, .. } = planned else {
-                continue;
-            };
-            let method = match request.edit {
-                MemberEdit::ReplaceRoster(_) => "PUT",
-                _ => "PATCH",
-            };
-            let entry = plan::at_version(&document, *version);
-            if let Err(e) = self
-                .documents
-                .insert_history(
-                    &entry,
-                    &request.request_id,
-                    method,
-                    &request.url,
-                    &request.patch_ops,
-                )
-                .await
-            {
-                tracing::error!(group = id, version, error = %e, "history entry not written for a committed member write");
-            }
+        let versions: Vec<(&MemberPatchRequest, u64, mongodb::bson::Document)> = requests
+            .iter()
+            .zip(&batch.planned)
+            .filter_map(|(request, planned)| match planned {
+                plan::Planned::Writes { version, .. } => {
+                    Some((*request, *version, plan::at_version(&document, *version)))
+                }
+                _ => None,
+            })
+            .collect();
+        let entries = versions
+            .iter()
+            .map(|(request, _, entry)| HistoryEntry {
+                resource: entry,
+                request_id: &request.request_id,
+                method: match request.edit {
+                    MemberEdit::ReplaceRoster(_) => "PUT",
+                    _ => "PATCH",
+                },
+                url: &request.url,
+                patch_ops: &request.patch_ops,
+            })
+            .collect();
+        if let Err(e) = self.documents.insert_history(entries).await {
+            let versions: Vec<u64> = versions.iter().map(|(_, version, _)| *version).collect();
+            tracing::error!(group = id, ?versions, error = %e, "history entries not written for a committed member write");
         }
         Ok(Attempt::Done {
             answers: plan::answers(batch.planned, Some(&document), &head.group_key),
-            committed: Some(Committed { managed, events }),
+            committed: Some(Committed {
+                managed,
+                events,
+                publication,
+            }),
         })
     }
 
@@ -617,10 +642,17 @@ impl GroupService {
     /// finished by recovery (the lock, with its record, stays until then).
     /// A write to a Group the member store did not keep yet marks it kept.
     async fn complete_committed(&self, id: &str, lease: Lease, committed: Committed) {
-        let Committed { managed, events } = committed;
+        let Committed {
+            managed,
+            events,
+            publication,
+        } = committed;
         let published = match events {
-            Some(rows) => self.events.publish_rows(rows).await,
-            None => self.events.publish(lease.token()).await,
+            Some(rows) => self.events.publish_rows(rows, publication).await,
+            None => {
+                drop(publication);
+                self.events.publish(lease.token()).await
+            }
         };
         if let Err(e) = published {
             tracing::error!(group = id, error = %e, "member events committed but not yet published; recovery publishes them");

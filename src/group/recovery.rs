@@ -10,7 +10,10 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use mongodb::bson::Document;
+
 use crate::store::group_documents::{GroupHead, PendingWrite};
+use crate::store::group_history::HistoryEntry;
 use crate::store::member_locks::LockedWrite;
 
 use super::{GroupError, GroupService};
@@ -166,21 +169,39 @@ impl GroupService {
             return Ok(());
         };
         let request_ids = self.events.staged_request_ids(&pending.token).await?;
-        for version in missing {
-            let request_id = request_ids
-                .get(&version)
-                .map_or(pending.request_id.as_str(), String::as_str);
-            let entry = super::plan::at_version(&document, version);
-            self.documents
-                // The ops are not kept past the writer: the entry names no outcome.
-                .insert_history(&entry, request_id, "PATCH", &pending.url, &[])
-                .await?;
-            tracing::warn!(
-                group = id,
-                version,
-                "history entry of a committed write written by recovery"
-            );
-        }
+        let entries: Vec<(u64, &str, Document)> = missing
+            .iter()
+            .map(|&version| {
+                let request_id = request_ids
+                    .get(&version)
+                    .map_or(pending.request_id.as_str(), String::as_str);
+                (
+                    version,
+                    request_id,
+                    super::plan::at_version(&document, version),
+                )
+            })
+            .collect();
+        self.documents
+            .insert_history(
+                entries
+                    .iter()
+                    .map(|(_, request_id, entry)| HistoryEntry {
+                        resource: entry,
+                        request_id,
+                        method: "PATCH",
+                        url: &pending.url,
+                        // The ops are not kept past the writer: the entry names no outcome.
+                        patch_ops: &[],
+                    })
+                    .collect(),
+            )
+            .await?;
+        tracing::warn!(
+            group = id,
+            versions = ?missing,
+            "history entries of a committed write written by recovery"
+        );
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ use serde_repr::{Deserialize_repr, Serialize_repr};
 
 use crate::config::ClickHouseSettings;
 use crate::fhir::member_array::Slot;
-use crate::store::insert_batcher::{BatchError, BatchSettings, InsertBatcher};
+use crate::store::insert_batcher::{Announced, BatchError, BatchSettings, InsertBatcher};
 use crate::store::schema::{self, COMMITS, COUNTS, CURRENT, EVENTS, EVENTS_STAGED, INDEX};
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +142,23 @@ impl EventStore {
         Ok(self.staging.submit(rows).await?)
     }
 
+    /// Says a member write will stage events soon (see
+    /// [`InsertBatcher::announce`]): concurrent writes share the insert.
+    pub fn announce_staging(&self) -> Announced {
+        self.staging.announce()
+    }
+
+    /// [`EventStore::stage`] of an announced write, which announces its
+    /// publication (from memory, [`EventStore::publish_rows`]) in turn.
+    pub async fn stage_announced(
+        &self,
+        announced: Announced,
+        rows: Vec<MemberEventRow>,
+    ) -> Result<Announced, EventStoreError> {
+        self.staging.submit_announced(announced, rows).await?;
+        Ok(self.publishing.announce())
+    }
+
     /// Makes the staged events of a committed write visible (copies them into
     /// `Events`, which feeds the membership views).
     pub async fn publish(&self, token: &str) -> Result<(), EventStoreError> {
@@ -155,8 +172,12 @@ impl EventStore {
     /// holds: the same rows go to `Events` from memory, so the publication
     /// does not read the staging table back (on 18.16 that read costs a
     /// granule per part of it: thousands of rows per publication).
-    pub async fn publish_rows(&self, rows: Vec<MemberEventRow>) -> Result<(), EventStoreError> {
-        Ok(self.publishing.submit(rows).await?)
+    pub async fn publish_rows(
+        &self,
+        rows: Vec<MemberEventRow>,
+        announced: Announced,
+    ) -> Result<(), EventStoreError> {
+        Ok(self.publishing.submit_announced(announced, rows).await?)
     }
 
     /// Member counts, append floor and whether the `member` key exists:

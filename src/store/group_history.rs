@@ -43,36 +43,20 @@ impl GroupDocuments {
         }))
     }
 
-    /// A history entry as the legacy server writes one: a Bundle entry.
+    /// The history entries of one write, one per version it made, in one
+    /// insert: a batch of member patches costs one history command, not one
+    /// per patch. Entries are written in version order.
     pub async fn insert_history(
         &self,
-        resource: &Document,
-        request_id: &str,
-        method: &str,
-        url: &str,
-        patch_ops: &[serde_json::Value],
+        entries: Vec<HistoryEntry<'_>>,
     ) -> Result<(), DocumentStoreError> {
-        // The reference server's own shape: the entry's id is the Group's
-        // `_uuid` (the FHIR id where there is none); a patch's response
-        // carries an informational issue per op, the op as JSON text.
-        let entry_id = resource
-            .get_str("_uuid")
-            .or_else(|_| resource.get_str("id"))
-            .unwrap_or_default()
-            .to_string();
-        let mut fhir = resource.clone();
-        fhir.remove("_id");
-        fhir.remove("_memberCommitToken");
-        let entry = doc! {
-            "id": entry_id,
-            "resource": fhir,
-            "request": { "id": request_id, "method": method, "url": url },
-            "response": history_response(patch_ops),
-        };
-        self.history.insert_one(entry).await?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let documents: Vec<Document> = entries.iter().map(HistoryEntry::to_document).collect();
+        self.history.insert_many(documents).await?;
         Ok(())
     }
-
     /// The history entry of `version` (written by the legacy server for the
     /// proxy's PUT of a split patch) as the client's PATCH: its method, and
     /// the outcome listing every op of the patch.
@@ -104,6 +88,41 @@ impl GroupDocuments {
             .projection(doc! { "_id": 1 })
             .await?;
         Ok(found.is_some())
+    }
+}
+
+/// One history entry as the legacy server writes one: a Bundle entry of
+/// the Group at a version and the request that made it.
+pub struct HistoryEntry<'a> {
+    /// The Group document at the entry's version.
+    pub resource: &'a Document,
+    pub request_id: &'a str,
+    pub method: &'a str,
+    pub url: &'a str,
+    /// The client's JSON Patch ops (empty: the entry names no outcome).
+    pub patch_ops: &'a [serde_json::Value],
+}
+
+impl HistoryEntry<'_> {
+    fn to_document(&self) -> Document {
+        // The reference server's own shape: the entry's id is the Group's
+        // `_uuid` (the FHIR id where there is none); a patch's response
+        // carries an informational issue per op, the op as JSON text.
+        let entry_id = self
+            .resource
+            .get_str("_uuid")
+            .or_else(|_| self.resource.get_str("id"))
+            .unwrap_or_default()
+            .to_string();
+        let mut fhir = self.resource.clone();
+        fhir.remove("_id");
+        fhir.remove("_memberCommitToken");
+        doc! {
+            "id": entry_id,
+            "resource": fhir,
+            "request": { "id": self.request_id, "method": self.method, "url": self.url },
+            "response": history_response(self.patch_ops),
+        }
     }
 }
 
@@ -153,5 +172,28 @@ mod tests {
         let first = issues[0].as_document().unwrap();
         assert_eq!(first.get_str("code").unwrap(), "informational");
         assert_eq!(first.get_str("diagnostics").unwrap(), ops[0].to_string());
+    }
+    #[test]
+    fn a_history_entry_is_keyed_by_uuid_and_drops_the_internal_fields() {
+        let resource = doc! {
+            "_id": "x", "id": "g1", "_uuid": "u-1", "_memberCommitToken": "t",
+            "meta": { "versionId": "3" },
+        };
+        let entry = HistoryEntry {
+            resource: &resource,
+            request_id: "r-1",
+            method: "PATCH",
+            url: "/4_0_0/Group/g1",
+            patch_ops: &[],
+        }
+        .to_document();
+        assert_eq!(entry.get_str("id").unwrap(), "u-1");
+        let stored = entry.get_document("resource").unwrap();
+        assert!(!stored.contains_key("_id") && !stored.contains_key("_memberCommitToken"));
+        assert_eq!(stored.get_str("id").unwrap(), "g1");
+        assert_eq!(
+            entry.get_document("request").unwrap(),
+            &doc! { "id": "r-1", "method": "PATCH", "url": "/4_0_0/Group/g1" }
+        );
     }
 }
