@@ -81,7 +81,7 @@ async fn main() {
 
     store_round_trips(&client, &proxy_base, &proxy.admin_url()).await;
     if std::env::var("FGP_BENCH_RATIO").as_deref() != Ok("0") {
-        store_ratio(&client, &proxy_base, proxy.pid()).await;
+        store_ratio(&client, &proxy_base, &proxy.admin_url(), proxy.pid()).await;
     }
 
     if std::env::var("FGP_BENCH_THROUGHPUT").as_deref() == Ok("0") {
@@ -179,6 +179,23 @@ async fn store_round_trips(client: &HttpClient, base: &str, admin: &str) {
             per_patch("clickhouse:insert")
         );
     }
+}
+
+/// MongoDB commands and ClickHouse statements the proxy sent between two
+/// [`counters`] readings.
+fn statements_since(
+    before: &std::collections::HashMap<String, f64>,
+    after: &std::collections::HashMap<String, f64>,
+) -> (f64, f64) {
+    let grown = |key: &String| after[key] - before.get(key).copied().unwrap_or(0.0);
+    let sum = |prefix: &str| {
+        after
+            .keys()
+            .filter(|key| key.starts_with(prefix))
+            .map(grown)
+            .sum::<f64>()
+    };
+    (sum("mongo:"), sum("clickhouse:"))
 }
 
 /// `mongo:<command>` (commands, from the latency histogram's count) and
@@ -366,13 +383,13 @@ const RATIO_RUN: Duration = Duration::from_secs(4);
 /// version field (`findAndModify`, as the proxy's commit point), by the same
 /// number of clients, on as many documents as the proxy's rows have Groups.
 /// The ratio says how much of its store's write rate the proxy reaches.
-async fn store_ratio(client: &HttpClient, base: &str, proxy_pid: u32) {
+async fn store_ratio(client: &HttpClient, base: &str, admin: &str, proxy_pid: u32) {
     println!("\n## Member PATCHes/s against the store's own compare-and-swap rate ({RATIO_CLIENTS} clients, {} s per row, same run)\n", RATIO_RUN.as_secs());
     println!("raw = {RATIO_CLIENTS} clients doing `findAndModify` of `{{_id, v: n}}` to `n + 1` directly on FerretDB (retrying a lost race); proxy = {RATIO_CLIENTS} clients sending single-member adds (`return=minimal`)\n");
     println!(
-        "| documents / Groups | raw CAS updates/s | proxy PATCHes/s | proxy ÷ raw | proxy failed |"
+        "| documents / Groups | raw CAS updates/s | proxy PATCHes/s | proxy ÷ raw | proxy failed | MongoDB commands / PATCH | ClickHouse statements / PATCH |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mut cpu_rows = Vec::new();
     for groups in [RATIO_CLIENTS, 1] {
         let before = Cpu::sample(proxy_pid);
@@ -384,12 +401,18 @@ async fn store_ratio(client: &HttpClient, base: &str, proxy_pid: u32) {
             seed_members(client, base, &id, 1_000).await;
             ids.push(id);
         }
+        let counted = counters(client, admin).await;
         let before = Cpu::sample(proxy_pid);
-        let (rate, failed) = patches_for(client, base, &ids, RATIO_RUN).await;
+        let (rate, sent, failed) = patches_for(client, base, &ids, RATIO_RUN).await;
         let proxy_cpu = Cpu::sample(proxy_pid).since(&before);
+        // Concurrent writes share store commands: these say how much.
+        let (mongo, clickhouse) = statements_since(&counted, &counters(client, admin).await);
+        let patches = sent.max(1) as f64;
         println!(
-            "| {groups} | {raw:.0} | {rate:.0} | {:.2} | {failed} |",
-            rate / raw.max(f64::MIN_POSITIVE)
+            "| {groups} | {raw:.0} | {rate:.0} | {:.2} | {failed} | {:.2} | {:.2} |",
+            rate / raw.max(f64::MIN_POSITIVE),
+            mongo / patches,
+            clickhouse / patches
         );
         let per = |cpu: &Cpu, n: f64| cpu.per_op_ms(n * RATIO_RUN.as_secs_f64());
         let r = per(&raw_cpu, raw);
@@ -529,13 +552,13 @@ async fn raw_cas_rate(documents: usize) -> f64 {
 }
 
 /// Successful member PATCHes per second by `RATIO_CLIENTS` clients spread
-/// over `ids` for `run`, and how many failed.
+/// over `ids` for `run`, how many were sent, and how many failed.
 async fn patches_for(
     client: &HttpClient,
     base: &str,
     ids: &[String],
     run: Duration,
-) -> (f64, usize) {
+) -> (f64, usize, usize) {
     let deadline = Instant::now() + run;
     let started = Instant::now();
     let results: Vec<(usize, usize)> = futures_util::stream::iter(0..RATIO_CLIENTS)
@@ -558,5 +581,6 @@ async fn patches_for(
         .await;
     let elapsed = started.elapsed().as_secs_f64();
     let ok: usize = results.iter().map(|r| r.0).sum();
-    (ok as f64 / elapsed, results.iter().map(|r| r.1).sum())
+    let failed: usize = results.iter().map(|r| r.1).sum();
+    (ok as f64 / elapsed, ok + failed, failed)
 }
