@@ -230,10 +230,14 @@ mod tests {
                 }
             },
         );
-        let writers: Vec<_> = (0..50)
-            .map(|i| {
+        // Announced first, as member writes do: the flushes wait for them.
+        let announced: Vec<Announced> = (0..50).map(|_| commit.announce()).collect();
+        let writers: Vec<_> = announced
+            .into_iter()
+            .zip(0..)
+            .map(|(announced, i)| {
                 let commit = commit.clone();
-                tokio::spawn(async move { commit.submit(vec![i; 3]).await })
+                tokio::spawn(async move { commit.submit_announced(announced, vec![i; 3]).await })
             })
             .collect();
         for writer in writers {
