@@ -169,24 +169,20 @@ impl GroupService {
             return Ok(());
         };
         let request_ids = self.events.staged_request_ids(&pending.token).await?;
-        let entries: Vec<(u64, &str, Document)> = missing
+        let entries: Vec<(&str, Document)> = missing
             .iter()
             .map(|&version| {
                 let request_id = request_ids
                     .get(&version)
                     .map_or(pending.request_id.as_str(), String::as_str);
-                (
-                    version,
-                    request_id,
-                    super::plan::at_version(&document, version),
-                )
+                (request_id, super::plan::at_version(&document, version))
             })
             .collect();
         self.documents
             .insert_history(
                 entries
                     .iter()
-                    .map(|(_, request_id, entry)| HistoryEntry {
+                    .map(|(request_id, entry)| HistoryEntry {
                         resource: entry,
                         request_id,
                         method: "PATCH",
