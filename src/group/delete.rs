@@ -7,7 +7,8 @@ use std::future::Future;
 
 use crate::fhir::outcome::Outcome;
 use crate::group::write::UpstreamReply;
-use crate::store::events::{event_sequence, EventType, MemberEventRow, SlotRow};
+use crate::store::events::{event_sequence, EventType, MemberEventRow};
+use crate::store::member_slots::SlotRow;
 
 use super::lease::Ending;
 use super::{GroupError, GroupService};

@@ -12,7 +12,8 @@ use crate::fhir::member_array::{self, Known, Need, Plan, Planned, RefSlot, Slot,
 use crate::fhir::member_patch::{patch_failure, MemberOps};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::roster_replace::replace_all;
-use crate::store::events::{event_sequence, ArrayFacts, EventType, MemberEventRow};
+use crate::store::events::{event_sequence, EventType, MemberEventRow};
+use crate::store::member_slots::ArrayFacts;
 
 use super::write::MemberEdit;
 use super::{GroupError, GroupService};

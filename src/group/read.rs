@@ -1,7 +1,7 @@
 //! What a Group read needs from the member store.
 
-use crate::store::events::MemberCounts;
 use crate::store::group_documents::GroupHead;
+use crate::store::member_slots::MemberCounts;
 
 use super::{GroupError, GroupService};
 
