@@ -214,22 +214,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_writers_share_flushes_and_all_get_the_result() {
-        let batches: Arc<Mutex<Vec<usize>>> = Arc::default();
-        let seen = batches.clone();
-        let commit = InsertBatcher::spawn(
-            "test",
-            BatchSettings {
-                max_rows: 1_000,
-                max_delay: Duration::from_millis(20),
-            },
-            move |rows: Vec<u32>| {
-                let seen = seen.clone();
-                async move {
-                    seen.lock().unwrap().push(rows.len());
-                    Ok(())
-                }
-            },
-        );
+        let (commit, batches) = recording(Duration::from_millis(20));
         // Announced first, as member writes do: the flushes wait for them.
         let announced: Vec<Announced> = (0..50).map(|_| commit.announce()).collect();
         let writers: Vec<_> = announced
