@@ -13,7 +13,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 use support::*;
 
@@ -28,7 +28,7 @@ async fn main() {
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1_000, 100_000, 1_000_000]);
 
-    let (_standin, proxy, _clickhouse) =
+    let (standin, proxy, _clickhouse) =
         start_with_member_stores(&[("FGP_FHIR_MAX_INTERCEPTED_BODY_BYTES", "67108864")]).await;
     let client = http_client();
     let proxy_base = format!("{}/4_0_0", proxy.url());
@@ -81,7 +81,14 @@ async fn main() {
 
     store_round_trips(&client, &proxy_base, &proxy.admin_url()).await;
     if std::env::var("FGP_BENCH_RATIO").as_deref() != Ok("0") {
-        store_ratio(&client, &proxy_base, &proxy.admin_url(), proxy.pid()).await;
+        store_ratio(
+            &client,
+            &proxy_base,
+            &proxy.admin_url(),
+            proxy.pid(),
+            &standin.database,
+        )
+        .await;
     }
 
     if std::env::var("FGP_BENCH_THROUGHPUT").as_deref() == Ok("0") {
@@ -383,13 +390,19 @@ const RATIO_RUN: Duration = Duration::from_secs(4);
 /// version field (`findAndModify`, as the proxy's commit point), by the same
 /// number of clients, on as many documents as the proxy's rows have Groups.
 /// The ratio says how much of its store's write rate the proxy reaches.
-async fn store_ratio(client: &HttpClient, base: &str, admin: &str, proxy_pid: u32) {
+async fn store_ratio(
+    client: &HttpClient,
+    base: &str,
+    admin: &str,
+    proxy_pid: u32,
+    group_database: &str,
+) {
     println!("\n## Member PATCHes/s against the store's own compare-and-swap rate ({RATIO_CLIENTS} clients, {} s per row, same run)\n", RATIO_RUN.as_secs());
-    println!("raw = {RATIO_CLIENTS} clients doing `findAndModify` of `{{_id, v: n}}` to `n + 1` directly on FerretDB (retrying a lost race); proxy = {RATIO_CLIENTS} clients sending single-member adds (`return=minimal`)\n");
+    println!("raw = {RATIO_CLIENTS} clients doing `findAndModify` of `{{_id, v: n}}` to `n + 1` directly on FerretDB (retrying a lost race); raw on Groups = the same clients reading a Group by `id` and compare-and-swapping its `meta.versionId` (`findAndModify` of `{{id, meta.versionId}}`), on a copy of the proxy's Group collection taken just before the proxy row (FerretDB's SQLite backend pushes down only a filter that is exactly `{{_id}}`, so both commands decode the collection's documents until the match); proxy = {RATIO_CLIENTS} clients sending single-member adds (`return=minimal`)\n");
     println!(
-        "| documents / Groups | raw CAS updates/s | proxy PATCHes/s | proxy ÷ raw | proxy failed | MongoDB commands / PATCH | ClickHouse statements / PATCH |"
+        "| documents / Groups | raw CAS updates/s | raw CAS on Groups/s | proxy PATCHes/s | proxy ÷ raw | proxy ÷ raw on Groups | proxy failed | MongoDB commands / PATCH | ClickHouse statements / PATCH |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut cpu_rows = Vec::new();
     for groups in [RATIO_CLIENTS, 1] {
         let before = Cpu::sample(proxy_pid);
@@ -401,6 +414,7 @@ async fn store_ratio(client: &HttpClient, base: &str, admin: &str, proxy_pid: u3
             seed_members(client, base, &id, 1_000).await;
             ids.push(id);
         }
+        let raw_on_groups = raw_group_cas_rate(group_database, &ids).await;
         let counted = counters(client, admin).await;
         let before = Cpu::sample(proxy_pid);
         let (rate, sent, failed) = patches_for(client, base, &ids, RATIO_RUN).await;
@@ -409,8 +423,9 @@ async fn store_ratio(client: &HttpClient, base: &str, admin: &str, proxy_pid: u3
         let (mongo, clickhouse) = statements_since(&counted, &counters(client, admin).await);
         let patches = sent.max(1) as f64;
         println!(
-            "| {groups} | {raw:.0} | {rate:.0} | {:.2} | {failed} | {:.2} | {:.2} |",
+            "| {groups} | {raw:.0} | {raw_on_groups:.0} | {rate:.0} | {:.2} | {:.2} | {failed} | {:.2} | {:.2} |",
             rate / raw.max(f64::MIN_POSITIVE),
+            rate / raw_on_groups.max(f64::MIN_POSITIVE),
             mongo / patches,
             clickhouse / patches
         );
@@ -535,6 +550,73 @@ async fn raw_cas_rate(documents: usize) -> f64 {
                         .find_one_and_update(
                             doc! { "_id": id, "v": seen },
                             doc! { "$set": { "v": seen + 1 } },
+                        )
+                        .await
+                        .expect("cas");
+                    swaps += u64::from(swapped.is_some());
+                }
+                swaps
+            }
+        })
+        .buffer_unordered(RATIO_CLIENTS)
+        .collect()
+        .await;
+    let rate = done.iter().sum::<u64>() as f64 / started.elapsed().as_secs_f64();
+    let _ = collection.drop().await;
+    rate
+}
+
+/// Successful compare-and-swaps per second of `meta.versionId` on the Groups
+/// `ids`, each read by `id` first, as the proxy's commit does, on a copy of
+/// the Group collection of `database` (so as many documents of the same
+/// shape lie in the way of every scan).
+async fn raw_group_cas_rate(database: &str, ids: &[String]) -> f64 {
+    use mongodb::bson::doc;
+    let client = mongodb::Client::with_uri_str(mongo_uri())
+        .await
+        .expect("mongo client");
+    let groups: Vec<mongodb::bson::Document> = client
+        .database(database)
+        .collection::<mongodb::bson::Document>("Group_4_0_0")
+        .find(doc! {})
+        .await
+        .expect("read Groups")
+        .try_collect()
+        .await
+        .expect("read Groups");
+    let collection = client
+        .database(&format!("fgp_bench_raw_{}", uuid::Uuid::new_v4().simple()))
+        .collection::<mongodb::bson::Document>("Group_4_0_0");
+    collection.insert_many(groups).await.expect("copy Groups");
+    let deadline = Instant::now() + RATIO_RUN;
+    let started = Instant::now();
+    let done: Vec<u64> = futures_util::stream::iter(0..RATIO_CLIENTS)
+        .map(|c| {
+            let collection = collection.clone();
+            let id = ids[c % ids.len()].clone();
+            async move {
+                let mut swaps = 0;
+                while Instant::now() < deadline {
+                    let seen = collection
+                        .find_one(doc! { "id": &id })
+                        .await
+                        .expect("read")
+                        .and_then(|d| {
+                            d.get_document("meta")
+                                .ok()?
+                                .get_str("versionId")
+                                .ok()
+                                .map(str::to_string)
+                        })
+                        .expect("a Group with a version");
+                    let next = seen.parse::<u64>().expect("numeric version") + 1;
+                    let swapped = collection
+                        .find_one_and_update(
+                            doc! { "id": &id, "meta.versionId": &seen },
+                            doc! { "$set": {
+                                "meta.versionId": next.to_string(),
+                                "meta.lastUpdated": mongodb::bson::DateTime::now(),
+                            } },
                         )
                         .await
                         .expect("cas");
