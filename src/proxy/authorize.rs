@@ -8,7 +8,7 @@ use pingora::Result;
 use crate::auth::{probe_path, Action, AuthError, Authorizer};
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::proxy::forwarding::derived_request;
-use crate::proxy::respond::{answer_outcome, answer_outcome_with, relay};
+use crate::proxy::respond::Answer;
 use crate::proxy::route::Route;
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
@@ -35,11 +35,10 @@ pub fn action_of(route: &Route) -> Option<Action> {
     })
 }
 
-/// Whether a request may go on, or was refused (the refusal is answered).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whether a request may go on, or is refused with this answer.
 pub enum Access {
     Granted,
-    Refused,
+    Refused(Answer),
 }
 
 /// JWT mode: checks the token for every request on a route the proxy may
@@ -73,25 +72,22 @@ pub async fn check_token(
         }
         Err(refusal) => {
             tracing::info!(request_id = %ctx.request_id, %refusal, "request refused");
-            refuse(session, ctx, &refusal).await?;
-            Ok(Access::Refused)
+            Ok(Access::Refused(refuse(&refusal)))
         }
     }
 }
 
-async fn refuse(
-    session: &mut Session,
-    ctx: &mut RequestContext,
-    refusal: &AuthError,
-) -> Result<()> {
-    let challenge = [("www-authenticate", refusal.challenge())];
-    answer_outcome_with(session, ctx, &refusal.outcome(), &challenge).await
+fn refuse(refusal: &AuthError) -> Answer {
+    Answer::Outcome {
+        outcome: refusal.outcome(),
+        headers: vec![("www-authenticate", refusal.challenge())],
+    }
 }
 
 /// Upstream mode: asks the legacy server, with the client's own credentials,
 /// whether this client may touch Group `id` before the proxy writes members
 /// the legacy server never sees. Refused: the legacy server's 401/403/404
-/// passed back unchanged, or an error, already answered.
+/// passed back unchanged, or an error.
 pub async fn probe_upstream(
     proxy: &FhirGroupProxy,
     session: &mut Session,
@@ -131,17 +127,13 @@ pub async fn probe_upstream(
                     outcome.first_diagnostics()
                 ),
             );
-            answer_outcome(session, ctx, &outcome).await?;
-            return Ok(Access::Refused);
+            return Ok(Access::Refused(Answer::outcome(outcome)));
         }
     };
     match reply.status {
         200..=299 => Ok(Access::Granted),
         412 if writes => Ok(Access::Granted),
-        401 | 403 | 404 | 410 => {
-            relay(session, ctx, reply).await?;
-            Ok(Access::Refused)
-        }
+        401 | 403 | 404 | 410 => Ok(Access::Refused(Answer::Relay(reply))),
         status => {
             let outcome = Outcome::error(
                 502,
@@ -150,8 +142,7 @@ pub async fn probe_upstream(
                     "access to Group/{group_id} cannot be confirmed: the legacy server answered the access probe with {status}"
                 ),
             );
-            answer_outcome(session, ctx, &outcome).await?;
-            Ok(Access::Refused)
+            Ok(Access::Refused(Answer::outcome(outcome)))
         }
     }
 }

@@ -16,23 +16,19 @@ use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::written_groups::written_groups;
 use crate::group::RosterHome;
 use crate::proxy::request_body::read_intercepted_body;
-use crate::proxy::respond::{answer, forward, Next};
+use crate::proxy::respond::Reply;
 use crate::proxy::route::JSON_PATCH;
-use crate::proxy::{FhirGroupProxy, RequestContext};
+use crate::proxy::FhirGroupProxy;
 
 /// `$merge`, batch and transaction Bundles: forwarded unless they write a
 /// managed Group (or address Groups by search while some are managed).
-pub async fn multi_resource_write(
-    proxy: &FhirGroupProxy,
-    session: &mut Session,
-    ctx: &mut RequestContext,
-) -> Result<Next> {
+pub async fn multi_resource_write(proxy: &FhirGroupProxy, session: &mut Session) -> Result<Reply> {
     match proxy.manages_any_group().await {
-        Ok(false) => return Ok(Next::Forward),
+        Ok(false) => return Ok(Reply::Forward),
         Ok(true) => {}
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     }
-    let body = match read_intercepted_body(proxy, session, ctx).await? {
+    let body = match read_intercepted_body(proxy, session).await? {
         Ok(body) => body,
         Err(next) => return Ok(next),
     };
@@ -44,7 +40,7 @@ pub async fn multi_resource_write(
              of several resources must be FHIR JSON (application/fhir+json) for it to see \
              which Groups they touch",
         );
-        return answer(session, ctx, &outcome).await;
+        return Ok(Reply::outcome(outcome));
     };
     let groups = written_groups(&json);
     if let Some(url) = groups.by_search.first() {
@@ -57,11 +53,11 @@ pub async fn multi_resource_write(
                  by id"
             ),
         );
-        return answer(session, ctx, &outcome).await;
+        return Ok(Reply::outcome(outcome));
     }
     let managed = match proxy.managed_among(&groups.ids).await {
         Ok(managed) => managed,
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     };
     if let Some(id) = managed.first() {
         let outcome = Outcome::error(
@@ -74,20 +70,16 @@ pub async fn multi_resource_write(
                 managed.join(", ")
             ),
         );
-        return answer(session, ctx, &outcome).await;
+        return Ok(Reply::outcome(outcome));
     }
-    Ok(forward(body))
+    Ok(Reply::forward(body))
 }
 
 /// `PUT|PATCH|DELETE {base}/Group?...`: the legacy server would pick the
 /// Group itself, so it is refused while any Group is managed.
-pub async fn conditional_write(
-    proxy: &FhirGroupProxy,
-    session: &mut Session,
-    ctx: &mut RequestContext,
-) -> Result<Next> {
+pub async fn conditional_write(proxy: &FhirGroupProxy, session: &mut Session) -> Result<Reply> {
     let outcome = match proxy.manages_any_group().await {
-        Ok(false) => return Ok(Next::Forward),
+        Ok(false) => return Ok(Reply::Forward),
         Ok(true) => Outcome::error(
             422,
             IssueType::NotSupported,
@@ -100,7 +92,7 @@ pub async fn conditional_write(
         ),
         Err(outcome) => outcome,
     };
-    answer(session, ctx, &outcome).await
+    Ok(Reply::outcome(outcome))
 }
 
 /// `$export`, `$everything`: the legacy server answers them from the inline
@@ -108,11 +100,9 @@ pub async fn conditional_write(
 /// answered with rosters, see `proxy::read::group_history`.)
 pub async fn roster_dependent_read(
     proxy: &FhirGroupProxy,
-    session: &mut Session,
-    ctx: &mut RequestContext,
     group_id: Option<&str>,
     what: &str,
-) -> Result<Next> {
+) -> Result<Reply> {
     let refused = match group_id {
         Some(id) => proxy
             .roster_home(id)
@@ -121,7 +111,7 @@ pub async fn roster_dependent_read(
         None => proxy.manages_any_group().await,
     };
     let outcome = match refused {
-        Ok(false) => return Ok(Next::Forward),
+        Ok(false) => return Ok(Reply::Forward),
         Ok(true) => {
             let target = group_id.map_or("Group".to_string(), |id| format!("Group/{id}"));
             let instead = "read the roster with $members (paged) and the Group with GET";
@@ -141,19 +131,14 @@ pub async fn roster_dependent_read(
         }
         Err(outcome) => outcome,
     };
-    answer(session, ctx, &outcome).await
+    Ok(Reply::outcome(outcome))
 }
 
 /// `_has:Group:member`, `_revinclude=Group:member`, `_include=Group:member`:
 /// the legacy server joins through inline rosters only.
-pub async fn member_join_search(
-    proxy: &FhirGroupProxy,
-    session: &mut Session,
-    ctx: &mut RequestContext,
-    parameter: &str,
-) -> Result<Next> {
+pub async fn member_join_search(proxy: &FhirGroupProxy, parameter: &str) -> Result<Reply> {
     let outcome = match proxy.manages_any_group().await {
-        Ok(false) => return Ok(Next::Forward),
+        Ok(false) => return Ok(Reply::Forward),
         Ok(true) => Outcome::error(
             422,
             IssueType::NotSupported,
@@ -165,7 +150,7 @@ pub async fn member_join_search(
         ),
         Err(outcome) => outcome,
     };
-    answer(session, ctx, &outcome).await
+    Ok(Reply::outcome(outcome))
 }
 
 /// A write of Group `id` in a format the proxy does not read (XML Patch,
@@ -174,11 +159,9 @@ pub async fn member_join_search(
 /// in the member store.
 pub async fn write_in_other_format(
     proxy: &FhirGroupProxy,
-    session: &mut Session,
-    ctx: &mut RequestContext,
     group_id: &str,
     is_patch: bool,
-) -> Result<Next> {
+) -> Result<Reply> {
     let (accepted, accept_header) = if is_patch {
         (
             format!("JSON Patch ({JSON_PATCH})"),
@@ -196,10 +179,11 @@ pub async fn write_in_other_format(
                  reaches; send the request as {accepted}"
             ),
         ),
-        Ok(_) => return Ok(Next::Forward),
+        Ok(_) => return Ok(Reply::Forward),
         Err(outcome) => outcome,
     };
-    let extra: Vec<_> = accept_header.into_iter().collect();
-    crate::proxy::respond::answer_outcome_with(session, ctx, &outcome, &extra).await?;
-    Ok(Next::Answered)
+    Ok(Reply::outcome_with(
+        outcome,
+        accept_header.into_iter().collect(),
+    ))
 }

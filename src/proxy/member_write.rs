@@ -18,9 +18,9 @@ use crate::group::{GroupError, RosterHome};
 use crate::proxy::authorize::Access;
 use crate::proxy::request_body::read_intercepted_body;
 use crate::proxy::request_facts::{request_digest, Prefer, WriteHeaders};
-use crate::proxy::respond::{answer, forward, relay, Next};
+use crate::proxy::respond::{Answer, Reply};
 use crate::proxy::roster_answer::{
-    roster_for_answer, send_showing_the_roster, with_members, write_success, RosterAnswer,
+    roster_for_answer, send_showing_the_roster, success_answer, with_members, RosterAnswer,
     WithRoster, WriteAnswer,
 };
 use crate::proxy::{FhirGroupProxy, RequestContext};
@@ -31,8 +31,8 @@ pub async fn group_patch(
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<Next> {
-    let body = match read_intercepted_body(proxy, session, ctx).await? {
+) -> Result<Reply> {
+    let body = match read_intercepted_body(proxy, session).await? {
         Ok(body) => body,
         Err(next) => return Ok(next),
     };
@@ -50,11 +50,11 @@ pub async fn group_patch(
     let managed = match proxy.member_write_home(ctx, group_id).await {
         Ok(Some(RosterHome::Events)) => true,
         Ok(Some(RosterHome::Empty)) => false,
-        Ok(_) => return Ok(forward(body)),
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Ok(_) => return Ok(Reply::forward(body)),
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     };
     let (changes, other_ops) = match parsed {
-        Ok(PatchClass::NotMembers) => return Ok(forward(body)),
+        Ok(PatchClass::NotMembers) => return Ok(Reply::forward(body)),
         Ok(PatchClass::WholeDocument { op_index }) if managed => {
             let outcome = Outcome::error(
                 422,
@@ -66,10 +66,10 @@ pub async fn group_patch(
                 ),
             )
             .at(format!("/{op_index}"));
-            return answer(session, ctx, &outcome).await;
+            return Ok(Reply::outcome(outcome));
         }
         Ok(PatchClass::WholeDocument { .. } | PatchClass::CrossesMember { .. }) if !managed => {
-            return Ok(forward(body))
+            return Ok(Reply::forward(body))
         }
         Ok(PatchClass::CrossesMember { op_index }) => {
             let outcome = Outcome::error(
@@ -82,11 +82,11 @@ pub async fn group_patch(
                 ),
             )
             .at(format!("/{op_index}"));
-            return answer(session, ctx, &outcome).await;
+            return Ok(Reply::outcome(outcome));
         }
-        Ok(PatchClass::WholeDocument { .. }) => return Ok(forward(body)),
-        Err(_) if !managed => return Ok(forward(body)),
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Ok(PatchClass::WholeDocument { .. }) => return Ok(Reply::forward(body)),
+        Err(_) if !managed => return Ok(Reply::forward(body)),
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
         Ok(PatchClass::Members(changes)) => (changes, None),
         Ok(PatchClass::Mixed { .. })
             if proxy.config.members.mixed_patch == MixedPatchPolicy::Reject =>
@@ -97,7 +97,7 @@ pub async fn group_patch(
                 "this patch mixes Group.member operations with other operations, which this \
                  server is configured to refuse; send them as two PATCH requests",
             );
-            return answer(session, ctx, &outcome).await;
+            return Ok(Reply::outcome(outcome));
         }
         Ok(PatchClass::Mixed { members, other_ops }) => (members, Some(other_ops)),
     };
@@ -121,7 +121,7 @@ pub async fn group_patch(
     )
     .await?
     else {
-        return Ok(forward(body));
+        return Ok(Reply::forward(body));
     };
     Ok(next)
 }
@@ -139,11 +139,11 @@ async fn patch_beside_the_roster(
     base: &str,
     group_id: &str,
     body: Bytes,
-) -> Result<Next> {
+) -> Result<Reply> {
     match proxy.member_write_home(ctx, group_id).await {
         Ok(Some(RosterHome::Events)) => {}
-        Ok(_) => return Ok(forward(body)),
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Ok(_) => return Ok(Reply::forward(body)),
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     }
     send_showing_the_roster(proxy, session, ctx, base, group_id, body).await
 }
@@ -157,19 +157,19 @@ pub async fn atr_operation(
     base: &str,
     group_id: &str,
     operation: AtrOperation,
-) -> Result<Next> {
-    let body = match read_intercepted_body(proxy, session, ctx).await? {
+) -> Result<Reply> {
+    let body = match read_intercepted_body(proxy, session).await? {
         Ok(body) => body,
         Err(next) => return Ok(next),
     };
     let members = match parse_atr_parameters(operation, &body) {
         Ok(members) => members,
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     };
     let edit = MemberEdit::Atr(operation, members);
     match write_members(proxy, session, ctx, base, group_id, &body, edit, None, None).await? {
         Some(next) => Ok(next),
-        None => Ok(forward(body)),
+        None => Ok(Reply::forward(body)),
     }
 }
 
@@ -189,14 +189,14 @@ pub(crate) async fn write_members(
     edit: MemberEdit,
     upstream_part: Option<UpstreamPart>,
     answer_members: Option<serde_json::Value>,
-) -> Result<Option<Next>> {
+) -> Result<Option<Reply>> {
     let Some(service) = proxy.group_service.as_ref() else {
         return Ok(None);
     };
-    if upstream_part.is_none()
-        && may_write(proxy, session, ctx, base, group_id).await? == Access::Refused
-    {
-        return Ok(Some(Next::Answered));
+    if upstream_part.is_none() {
+        if let Access::Refused(answer) = may_write(proxy, session, ctx, base, group_id).await? {
+            return Ok(Some(answer.into()));
+        }
     }
     let facts = WriteHeaders::from_headers(
         &session.req_header().headers,
@@ -208,7 +208,7 @@ pub(crate) async fn write_members(
         client_request_id,
     } = match facts {
         Ok(facts) => facts,
-        Err(outcome) => return answer(session, ctx, &outcome).await.map(Some),
+        Err(outcome) => return Ok(Some(Reply::outcome(outcome))),
     };
     // A PATCH's ops, as its history entry lists them.
     let patch_ops = match &edit {
@@ -234,7 +234,7 @@ pub(crate) async fn write_members(
         .await;
     let result = match result {
         Ok(result) => result,
-        Err(outcome) => return answer(session, ctx, &outcome).await.map(Some),
+        Err(outcome) => return Ok(Some(Reply::outcome(outcome))),
     };
     let roster = match (&result, prefer) {
         (Ok(result), Prefer::Representation) if !result.replayed || result.document.is_some() => {
@@ -258,8 +258,7 @@ pub(crate) async fn write_members(
                 (RosterAnswer::Unknown, None) if prefer != Prefer::Representation => reply,
                 (roster, _) => shown.reply(reply, roster, result_version),
             };
-            relay(session, ctx, reply).await?;
-            Ok(Some(Next::Answered))
+            Ok(Some(Reply::relay(reply)))
         }
         Ok(result) => {
             let roster = match (roster, answer_members) {
@@ -274,15 +273,14 @@ pub(crate) async fn write_members(
                 reference_fields: proxy.config.fhir.reference_fields,
                 extension_base: &proxy.config.fhir.extension_base,
             };
-            write_success(session, ctx, &answer, &result).await?;
-            Ok(Some(Next::Answered))
+            Ok(Some(success_answer(session, ctx, &answer, &result)?))
         }
         Err(GroupError::NotMigrated) => Ok(None),
         Err(error) => {
             if !matches!(error, GroupError::Outcome(_)) {
                 tracing::warn!(group = group_id, %error, "member write failed");
             }
-            answer(session, ctx, &error.to_outcome()).await.map(Some)
+            Ok(Some(Reply::outcome(error.to_outcome())))
         }
     }
 }
@@ -305,9 +303,6 @@ async fn may_write(
         Ok(Some(_)) => {
             crate::proxy::authorize::probe_upstream(proxy, session, ctx, base, group_id).await
         }
-        Err(outcome) => {
-            answer(session, ctx, &outcome).await?;
-            Ok(Access::Refused)
-        }
+        Err(outcome) => Ok(Access::Refused(Answer::outcome(outcome))),
     }
 }

@@ -41,7 +41,7 @@ use crate::operations::shutdown::{
 };
 use crate::operations::{admin, readiness, trace_context};
 use forwarding::{rewrite_upstream_request, ClientFacts, X_REQUEST_ID};
-use respond::Next;
+use respond::Reply;
 use route::Route;
 
 #[derive(Debug, ThisError)]
@@ -230,11 +230,11 @@ impl FhirGroupProxy {
         session: &mut Session,
         ctx: &mut RequestContext,
         route: Route,
-    ) -> Result<Next> {
+    ) -> Result<Reply> {
         self.answer_expect_continue(session, ctx).await?;
         if let Some(outcome) = ctx.refusal.take() {
             ctx.route = Route::Refused(outcome.clone()).name();
-            return respond::answer(session, ctx, &outcome).await;
+            return Ok(Reply::outcome(outcome));
         }
         let mut route = route;
         let other_address = |a: &&mut String| a.contains('|') || icanbwell_conventions::is_uuid(a);
@@ -252,32 +252,32 @@ impl FhirGroupProxy {
             match plain {
                 Ok(Some(id)) => *address = id,
                 Ok(None) => {}
-                Err(outcome) => return respond::answer(session, ctx, &outcome).await,
+                Err(outcome) => return Ok(Reply::outcome(outcome)),
             }
         }
-        if authorize::check_token(self, session, ctx, &route).await? == authorize::Access::Refused {
-            return Ok(Next::Answered);
+        if let authorize::Access::Refused(answer) =
+            authorize::check_token(self, session, ctx, &route).await?
+        {
+            return Ok(answer.into());
         }
         match route {
-            Route::Passthrough => Ok(Next::Forward),
-            Route::Refused(outcome) => respond::answer(session, ctx, &outcome).await,
+            Route::Passthrough => Ok(Reply::Forward),
+            Route::Refused(outcome) => Ok(Reply::outcome(outcome)),
             Route::GroupUpdateOtherFormat { group_id } => {
-                guard::write_in_other_format(self, session, ctx, &group_id, false).await
+                guard::write_in_other_format(self, &group_id, false).await
             }
-            Route::MultiResourceWrite { .. } => {
-                guard::multi_resource_write(self, session, ctx).await
-            }
-            Route::GroupConditionalWrite => guard::conditional_write(self, session, ctx).await,
+            Route::MultiResourceWrite { .. } => guard::multi_resource_write(self, session).await,
+            Route::GroupConditionalWrite => guard::conditional_write(self, session).await,
             Route::GroupRosterDependentRead {
                 base,
                 group_id: Some(group_id),
                 what: "_history",
             } => read::group_history(self, session, ctx, &base, &group_id).await,
             Route::GroupRosterDependentRead { group_id, what, .. } => {
-                guard::roster_dependent_read(self, session, ctx, group_id.as_deref(), what).await
+                guard::roster_dependent_read(self, group_id.as_deref(), what).await
             }
             Route::MemberJoinSearch { parameter } => {
-                guard::member_join_search(self, session, ctx, &parameter).await
+                guard::member_join_search(self, &parameter).await
             }
             Route::GroupRead { base, group_id } => {
                 read::group_read(self, session, ctx, &base, &group_id).await
@@ -305,7 +305,7 @@ impl FhirGroupProxy {
                 version,
             } => read::group_version_read(self, session, ctx, &base, &group_id, version).await,
             Route::GroupPatchOtherFormat { group_id } => {
-                guard::write_in_other_format(self, session, ctx, &group_id, true).await
+                guard::write_in_other_format(self, &group_id, true).await
             }
             Route::GroupPatch { base, group_id } => {
                 member_write::group_patch(self, session, ctx, &base, &group_id).await
@@ -404,9 +404,9 @@ impl FhirGroupProxy {
         session: &mut Session,
         ctx: &mut RequestContext,
         group_id: &str,
-    ) -> Result<Next> {
+    ) -> Result<Reply> {
         let Some(service) = self.group_service.clone() else {
-            return Ok(Next::Forward);
+            return Ok(Reply::Forward);
         };
         let mut request = session.req_header().clone();
         self.rewrite_for_upstream(session, &mut request, ctx)?;
@@ -424,32 +424,32 @@ impl FhirGroupProxy {
         // Once started, the delete may have reached the upstream: it is never
         // forwarded a second time, whatever happened.
         let outcome = match result {
-            Ok(Ok(None)) => return Ok(Next::Forward),
-            Ok(Ok(Some(reply))) => {
-                respond::relay(session, ctx, reply).await?;
-                return Ok(Next::Answered);
-            }
+            Ok(Ok(None)) => return Ok(Reply::Forward),
+            Ok(Ok(Some(reply))) => return Ok(Reply::relay(reply)),
             Ok(Err(error)) => {
                 tracing::warn!(group = group_id, %error, "Group delete failed");
                 error.to_outcome()
             }
             Err(outcome) => outcome,
         };
-        respond::answer(session, ctx, &outcome).await
+        Ok(Reply::outcome(outcome))
     }
 
-    /// Carries out what an inspected request needs next, and turns it into
+    /// Carries out an inspected request's reply, and turns it into
     /// pingora's `request_filter` answer: `true` when the response is written.
     async fn finish_intercept(
         &self,
         session: &mut Session,
         ctx: &mut RequestContext,
-        next: Next,
+        reply: Reply,
     ) -> Result<bool> {
-        match next {
-            Next::Answered => Ok(true),
-            Next::Forward => Ok(false),
-            Next::ForwardWithBody(body) => {
+        match reply {
+            Reply::Answer(answer) => {
+                respond::send(session, ctx, answer).await?;
+                Ok(true)
+            }
+            Reply::Forward => Ok(false),
+            Reply::ForwardWithBody(body) => {
                 self.forward_with_body(session, ctx, body).await?;
                 Ok(true)
             }

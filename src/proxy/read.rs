@@ -10,15 +10,15 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::fhir::group_read::{
-    cursor_after, page_request, presented_member, removed_member_json, split_around_members,
-    split_cursor, wants_members, with_paging_link, with_quantity,
+    cursor_after, page_request, presented_member, removed_member_json, split_cursor, wants_members,
+    with_paging_link, with_quantity,
 };
 use crate::fhir::outcome::{IssueType, Outcome};
 use crate::fhir::FHIR_JSON;
 use crate::group::read::RosterForRead;
 use crate::group::{GroupError, GroupService};
 use crate::proxy::forwarding::X_REQUEST_ID;
-use crate::proxy::respond::{answer, answer_header, answer_outcome, relay, Next};
+use crate::proxy::respond::{Answer, Reply, RosterChunk, StreamedGroup};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 /// Members per streamed chunk.
@@ -31,10 +31,9 @@ struct MigratedGroup {
     headers: http::HeaderMap,
 }
 
-/// `Err(next)`: no migrated Group to work on; `next` says whether a response
-/// was already written (an error, or the legacy server's own answer) or the
-/// legacy server should answer (Group not migrated).
-type Fetched = std::result::Result<MigratedGroup, Next>;
+/// `Err(reply)`: no migrated Group to work on; the reply instead (an error,
+/// the legacy server's own answer, or forwarding: the Group is not migrated).
+type Fetched = std::result::Result<MigratedGroup, Reply>;
 
 /// Looks up the member store, then reads `{base}/Group/{id}` from the legacy
 /// server with the client's own headers, so its access control decides.
@@ -70,7 +69,7 @@ async fn fetch_managed(
     versions: bool,
 ) -> Result<Fetched> {
     let Some(service) = proxy.group_service.clone() else {
-        return Ok(Err(Next::Forward));
+        return Ok(Err(Reply::Forward));
     };
     let id = group_id.to_string();
     let lookup = proxy
@@ -83,14 +82,13 @@ async fn fetch_managed(
         .await;
     let roster = match lookup {
         Ok(Ok(Some(roster))) => roster,
-        Ok(Ok(None)) => return Ok(Err(Next::Forward)),
+        Ok(Ok(None)) => return Ok(Err(Reply::Forward)),
         Ok(Err(
             error @ (GroupError::Shared { .. }
             | GroupError::Readdress { .. }
             | GroupError::SharedKept { .. }),
         )) => {
-            answer_outcome(session, ctx, &error.to_outcome()).await?;
-            return Ok(Err(Next::Answered));
+            return Ok(Err(Reply::outcome(error.to_outcome())));
         }
         Ok(Err(error)) => {
             tracing::warn!(group = group_id, %error, "member store unavailable for a Group read");
@@ -99,12 +97,10 @@ async fn fetch_managed(
                 IssueType::Transient,
                 format!("the members of Group/{group_id} cannot be read now: {error}"),
             );
-            answer_outcome(session, ctx, &outcome).await?;
-            return Ok(Err(Next::Answered));
+            return Ok(Err(Reply::outcome(outcome)));
         }
         Err(outcome) => {
-            answer_outcome(session, ctx, &outcome).await?;
-            return Ok(Err(Next::Answered));
+            return Ok(Err(Reply::outcome(outcome)));
         }
     };
 
@@ -125,8 +121,7 @@ async fn fetch_managed(
     {
         Ok(reply) => reply,
         Err(outcome) => {
-            answer_outcome(session, ctx, &outcome).await?;
-            return Ok(Err(Next::Answered));
+            return Ok(Err(Reply::outcome(outcome)));
         }
     };
     let current = !upstream_path.contains("/_history/");
@@ -143,8 +138,7 @@ async fn fetch_managed(
         {
             // Two rosters for one Group: neither is shown as the truth.
             let outcome = crate::group::drift(group_id);
-            answer_outcome(session, ctx, &outcome).await?;
-            Ok(Err(Next::Answered))
+            Ok(Err(Reply::outcome(outcome)))
         }
         Ok(group) if reply.status == 200 && group["resourceType"] == resource_type => {
             Ok(Ok(MigratedGroup {
@@ -153,21 +147,18 @@ async fn fetch_managed(
                 headers: reply.headers,
             }))
         }
-        _ => {
-            relay(session, ctx, reply).await?;
-            Ok(Err(Next::Answered))
-        }
+        _ => Ok(Err(Reply::relay(reply))),
     }
 }
 
-/// Answers the read, or returns `false` when the legacy server should.
+/// The read's answer, or [`Reply::Forward`] when the legacy server's is.
 pub async fn group_read(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<Next> {
+) -> Result<Reply> {
     let MigratedGroup {
         roster,
         group,
@@ -182,7 +173,7 @@ pub async fn group_read(
     .await?
     {
         Ok(migrated) => migrated,
-        Err(answered) => return Ok(answered),
+        Err(instead) => return Ok(instead),
     };
     let group = with_quantity(group, roster.counts.active_members);
     let query = session.req_header().uri.query().map(str::to_string);
@@ -200,12 +191,10 @@ pub async fn group_read(
         } else {
             group
         };
-        write_json(session, ctx, header, &group).await?;
-        return Ok(Next::Answered);
+        return Ok(Reply::json(header, &group));
     }
 
-    write_streamed_group(proxy, session, ctx, header, group, roster.group_key, None).await?;
-    Ok(Next::Answered)
+    Ok(streamed_group(proxy, header, group, roster.group_key, None))
 }
 
 /// `GET {base}/Group/{id}/_history/{vid}` of a migrated Group: the legacy
@@ -219,7 +208,7 @@ pub async fn group_version_read(
     base: &str,
     group_id: &str,
     version: u64,
-) -> Result<Next> {
+) -> Result<Reply> {
     let path = format!("{base}/Group/{group_id}/_history/{version}");
     let MigratedGroup {
         roster,
@@ -227,7 +216,7 @@ pub async fn group_version_read(
         headers,
     } = match fetch_migrated_group(proxy, session, ctx, group_id, &path).await? {
         Ok(migrated) => migrated,
-        Err(answered) => return Ok(answered),
+        Err(instead) => return Ok(instead),
     };
     let header = json_header(&headers, ctx)?;
     let inline_members = group["member"].as_array().is_some_and(|m| !m.is_empty());
@@ -237,25 +226,23 @@ pub async fn group_version_read(
     let (Some(key), false) = (key, inline_members) else {
         // The legacy server's own version: members inline (from before the
         // migration), or a generation whose roster the proxy never kept.
-        write_json(session, ctx, header, &group).await?;
-        return Ok(Next::Answered);
+        return Ok(Reply::json(header, &group));
     };
-    write_streamed_group(proxy, session, ctx, header, group, key, Some(version)).await?;
-    Ok(Next::Answered)
+    Ok(streamed_group(proxy, header, group, key, Some(version)))
 }
 
 /// `GET {base}/Group/{id}/_history` of a managed Group: the legacy server's
 /// history Bundle (read with the client's credentials), each version with the
 /// roster it had, as `_history/{vid}` gives it. Rosters over
 /// `fhir.max_inline_members` are refused (one version at a time answers them).
-/// `false`: not managed, the legacy server answers.
+/// Not managed: forwarded, the legacy server answers.
 pub async fn group_history(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<Next> {
+) -> Result<Reply> {
     let path = format!("{base}/Group/{group_id}/_history");
     let MigratedGroup {
         roster,
@@ -263,7 +250,7 @@ pub async fn group_history(
         headers,
     } = match fetch_managed(proxy, session, ctx, group_id, &path, "Bundle", true).await? {
         Ok(fetched) => fetched,
-        Err(answered) => return Ok(answered),
+        Err(instead) => return Ok(instead),
     };
     let limit = proxy.config.fhir.max_inline_members as i64;
     if roster.counts.members > limit {
@@ -276,7 +263,7 @@ pub async fn group_history(
                  _history/{{vid}}"
             ),
         );
-        return answer(session, ctx, &outcome).await;
+        return Ok(Reply::outcome(outcome));
     }
     let mut bundle = bundle;
     let entries = bundle
@@ -321,12 +308,11 @@ pub async fn group_history(
                     IssueType::Transient,
                     format!("the roster of Group/{group_id} version {version} cannot be read now: {error}"),
                 );
-                return answer(session, ctx, &outcome).await;
+                return Ok(Reply::outcome(outcome));
             }
         }
     }
-    write_json(session, ctx, json_header(&headers, ctx)?, &bundle).await?;
-    Ok(Next::Answered)
+    Ok(Reply::json(json_header(&headers, ctx)?, &bundle))
 }
 
 /// A managed Group's roster at `version`, collected (bounded by the caller),
@@ -354,19 +340,6 @@ async fn roster_at(
         }
     }
     Err("the roster stream ended early".into())
-}
-
-/// A whole JSON body with its `Content-Length`, under `header`.
-async fn write_json(
-    session: &mut Session,
-    ctx: &mut RequestContext,
-    mut header: ResponseHeader,
-    body: &Value,
-) -> Result<()> {
-    let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
-    header.insert_header("content-length", body.len().to_string())?;
-    answer_header(session, ctx, header, false).await?;
-    session.write_response_body(Some(body), true).await
 }
 
 /// The legacy server's response headers for a body the proxy rewrote.
@@ -401,7 +374,7 @@ pub async fn members_page(
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<Next> {
+) -> Result<Reply> {
     let query = session.req_header().uri.query().map(str::to_string);
     // `_since` as the client wrote it, carried into the next link.
     let page_since = query.as_deref().and_then(|q| {
@@ -413,7 +386,7 @@ pub async fn members_page(
         Ok(page) => page,
         Err(why) => {
             let outcome = Outcome::error(400, IssueType::Invalid, why);
-            return answer(session, ctx, &outcome).await;
+            return Ok(Reply::outcome(outcome));
         }
     };
     let MigratedGroup {
@@ -430,10 +403,10 @@ pub async fn members_page(
     .await?
     {
         Ok(migrated) => migrated,
-        Err(answered) => return Ok(answered),
+        Err(instead) => return Ok(instead),
     };
     let Some(service) = proxy.group_service.clone() else {
-        return Ok(Next::Forward);
+        return Ok(Reply::Forward);
     };
     let (key, cursor, since, limit) = (
         roster.group_key.clone(),
@@ -457,10 +430,10 @@ pub async fn members_page(
                 IssueType::Transient,
                 format!("members cannot be read now: {error}"),
             );
-            return answer(session, ctx, &outcome).await;
+            return Ok(Reply::outcome(outcome));
         }
         Err(outcome) => {
-            return answer(session, ctx, &outcome).await;
+            return Ok(Reply::outcome(outcome));
         }
     };
     let has_next = rows.len() > page.count;
@@ -500,7 +473,7 @@ pub async fn members_page(
                         row.slot_id
                     ),
                 );
-                return answer(session, ctx, &outcome).await;
+                return Ok(Reply::outcome(outcome));
             }
         };
         members.push(match row.present {
@@ -516,16 +489,7 @@ pub async fn members_page(
         &link(&page.cursor),
         next.as_deref(),
     );
-    write_json(session, ctx, json_header(&headers, ctx)?, &bundle).await?;
-    Ok(Next::Answered)
-}
-
-/// What the roster stream hands over.
-enum RosterChunk {
-    /// Comma-separated member JSON.
-    Members(Bytes),
-    /// The end, with the number of active members streamed.
-    End { active_members: i64 },
+    Ok(Reply::json(json_header(&headers, ctx)?, &bundle))
 }
 
 /// Reads the roster (current, or as of a version) on the store runtime and
@@ -601,85 +565,20 @@ fn stream_members(
     receiver
 }
 
-/// Writes `group` with its roster streamed into `member`. With `quantity_last`
-/// the `quantity` is the count of active members streamed (version reads).
-async fn write_streamed_group(
+/// `group` with its roster (current, or as of `at_version`) streamed into
+/// `member`; for a version, `quantity` counts the active members streamed.
+fn streamed_group(
     proxy: &FhirGroupProxy,
-    session: &mut Session,
-    ctx: &mut RequestContext,
-    mut header: ResponseHeader,
+    header: ResponseHeader,
     group: Value,
     group_key: String,
     at_version: Option<u64>,
-) -> Result<()> {
-    let quantity_last = at_version.is_some();
-    let group = match (quantity_last, group) {
-        (true, Value::Object(mut object)) => {
-            object.remove("quantity");
-            Value::Object(object)
-        }
-        (_, group) => group,
-    };
-    let (prefix, _) = split_around_members(&group);
-    let mut chunks = stream_members(proxy, group_key, at_version);
-    // Nothing goes out before the first member: a roster without members
-    // is answered as a Group without `member` (FHIR JSON has no empty
-    // arrays), and a store failure before any member still gets its 503.
-    let mut started = false;
-    while let Some(chunk) = chunks.recv().await {
-        match chunk {
-            Ok(RosterChunk::Members(bytes)) if bytes.is_empty() => {}
-            Ok(RosterChunk::Members(bytes)) => {
-                if !started {
-                    started = true;
-                    header.insert_header("transfer-encoding", "chunked")?;
-                    answer_header(session, ctx, header.clone(), false).await?;
-                    session
-                        .write_response_body(Some(Bytes::from(prefix.clone())), false)
-                        .await?;
-                }
-                session.write_response_body(Some(bytes), false).await?
-            }
-            Ok(RosterChunk::End { active_members }) if !started => {
-                let mut group = group;
-                if let Some(object) = group.as_object_mut() {
-                    object.remove("member");
-                    if quantity_last {
-                        object.insert("quantity".into(), active_members.into());
-                    }
-                }
-                write_json(session, ctx, header, &group).await?;
-                return Ok(());
-            }
-            Ok(RosterChunk::End { active_members }) => {
-                let suffix = if quantity_last {
-                    format!("],\"quantity\":{active_members}}}")
-                } else {
-                    "]}".to_string()
-                };
-                session
-                    .write_response_body(Some(Bytes::from(suffix)), true)
-                    .await?;
-                return Ok(());
-            }
-            Err(error) if !started => {
-                let outcome = Outcome::error(
-                    503,
-                    IssueType::Transient,
-                    format!("the roster cannot be read now: {error}"),
-                );
-                answer_outcome(session, ctx, &outcome).await?;
-                return Ok(());
-            }
-            Err(error) => {
-                // Headers are out: the only honest signal left is a broken body.
-                tracing::error!(%error, "roster stream failed mid-response");
-                break;
-            }
-        }
-    }
-    Err(pingora::Error::explain(
-        pingora::ErrorType::InternalError,
-        "roster stream ended before its end marker",
-    ))
+) -> Reply {
+    Answer::StreamedGroup(Box::new(StreamedGroup {
+        header,
+        group,
+        chunks: stream_members(proxy, group_key, at_version),
+        quantity_last: at_version.is_some(),
+    }))
+    .into()
 }

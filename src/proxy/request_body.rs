@@ -6,19 +6,18 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 use crate::fhir::outcome::{IssueType, Outcome};
-use crate::proxy::respond::{answer, Next};
-use crate::proxy::{FhirGroupProxy, RequestContext};
+use crate::proxy::respond::Reply;
+use crate::proxy::FhirGroupProxy;
 
 /// Reads the body of a request the proxy may answer itself, keeping it for a
 /// replay upstream. `Err` carries what happens instead: forwarding (member
-/// handling off) or an answered 413.
+/// handling off) or a refusal (413, a body nested too deep).
 pub(crate) async fn read_intercepted_body(
     proxy: &FhirGroupProxy,
     session: &mut Session,
-    ctx: &mut RequestContext,
-) -> Result<std::result::Result<Bytes, Next>> {
+) -> Result<std::result::Result<Bytes, Reply>> {
     if proxy.group_service.is_none() {
-        return Ok(Err(Next::Forward));
+        return Ok(Err(Reply::Forward));
     }
     session.enable_retry_buffering();
     let max_depth = proxy.config.fhir.max_json_depth;
@@ -29,10 +28,10 @@ pub(crate) async fn read_intercepted_body(
                 IssueType::TooCostly,
                 format!("the request body nests JSON deeper than {max_depth} levels"),
             );
-            Ok(Err(answer(session, ctx, &outcome).await?))
+            Ok(Err(Reply::outcome(outcome)))
         }
         Ok(body) => Ok(Ok(body)),
-        Err(outcome) => Ok(Err(answer(session, ctx, &outcome).await?)),
+        Err(outcome) => Ok(Err(Reply::outcome(outcome))),
     }
 }
 

@@ -14,7 +14,7 @@ use crate::group::read::AnswerRoster;
 use crate::group::write::{MemberPatchResult, UpstreamReply};
 use crate::proxy::forwarding::X_REQUEST_ID;
 use crate::proxy::request_facts::Prefer;
-use crate::proxy::respond::{answer, answer_header, pass_on, Next};
+use crate::proxy::respond::{Answer, Reply};
 use crate::proxy::{FhirGroupProxy, RequestContext};
 use crate::store::group_documents::to_fhir_json;
 
@@ -28,13 +28,13 @@ pub(crate) async fn send_showing_the_roster(
     base: &str,
     group_id: &str,
     body: Bytes,
-) -> Result<Next> {
+) -> Result<Reply> {
     let mut request = session.req_header().clone();
     proxy.rewrite_for_upstream(session, &mut request, ctx)?;
     request.remove_header(&http::header::EXPECT);
     let reply = match proxy.upstream_client.send_buffered(&request, body).await {
         Ok(reply) => reply,
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     };
     let version = match (200..300).contains(&reply.status) {
         true => crate::group::write::version_in_reply(&reply),
@@ -52,8 +52,7 @@ pub(crate) async fn send_showing_the_roster(
         }
         None => reply,
     };
-    pass_on(session, ctx, reply).await?;
-    Ok(Next::Answered)
+    Ok(Answer::PassOn(reply).into())
 }
 
 /// How a legacy server's answer that names a Group kept here gets the
@@ -214,19 +213,19 @@ pub(crate) struct WriteAnswer<'a> {
     pub(crate) extension_base: &'a str,
 }
 
-/// Answers a member write the legacy server never saw, as the legacy server
-/// answers a write. A Group of the reference server's kind (it keeps
+/// The answer to a member write the legacy server never saw, as the legacy
+/// server answers a write. A Group of the reference server's kind (it keeps
 /// `_sourceAssigningAuthority`, and `fhir.reference_fields` is on) is
 /// answered as that server answers an update: the Group with its
 /// `identifier`s and reference extensions, `Location` relative
 /// (`4_0_0/Group/{id}`), `Content-Location` absolute, `Last-Modified` the
 /// answer's time in ISO 8601, and `{}` for `return=minimal`.
-pub(crate) async fn write_success(
-    session: &mut Session,
-    ctx: &mut RequestContext,
+pub(crate) fn success_answer(
+    session: &Session,
+    ctx: &RequestContext,
     answer: &WriteAnswer<'_>,
     result: &MemberPatchResult,
-) -> Result<()> {
+) -> Result<Reply> {
     let (base, group_id) = (answer.base, answer.group_id);
     let reference_server = answer.reference_fields
         && result
@@ -309,14 +308,12 @@ pub(crate) async fn write_success(
         header.insert_header("last-modified", last_modified)?;
     }
     header.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
-    header.insert_header("content-length", body.len().to_string())?;
     if !body.is_empty() {
         header.insert_header("content-type", FHIR_JSON)?;
     }
-    let empty = body.is_empty();
-    answer_header(session, ctx, header, empty).await?;
-    if !empty {
-        session.write_response_body(Some(body), true).await?;
+    Ok(Answer::Whole {
+        header: Box::new(header),
+        body,
     }
-    Ok(())
+    .into())
 }

@@ -18,7 +18,7 @@ use crate::group::create::Adoption;
 use crate::group::write::MemberEdit;
 use crate::group::RosterHome;
 use crate::proxy::request_body::read_intercepted_body;
-use crate::proxy::respond::{answer, forward, Next};
+use crate::proxy::respond::Reply;
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
 pub async fn group_update(
@@ -27,33 +27,33 @@ pub async fn group_update(
     ctx: &mut RequestContext,
     base: &str,
     group_id: &str,
-) -> Result<Next> {
+) -> Result<Reply> {
     let home = match proxy.roster_home(group_id).await {
         Ok(Some(home)) => home,
-        Ok(None) => return Ok(Next::Forward),
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Ok(None) => return Ok(Reply::Forward),
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     };
     let settings = &proxy.config.members;
     match home {
         // Not read at all: the legacy server gets the request as it came.
-        RosterHome::Inline => return Ok(Next::Forward),
+        RosterHome::Inline => return Ok(Reply::Forward),
         RosterHome::NoGroup => {
             // Created under an owner-qualified address, the Group is the
             // legacy server's: adoption knows Groups by their plain id.
             if settings.create_in_clickhouse && !group_id.contains('|') {
                 ctx.created = Some(CreatedGroup::Known(group_id.to_string()));
             }
-            return Ok(Next::Forward);
+            return Ok(Reply::Forward);
         }
         RosterHome::Events | RosterHome::Empty => {}
     }
-    let body = match read_intercepted_body(proxy, session, ctx).await? {
+    let body = match read_intercepted_body(proxy, session).await? {
         Ok(body) => body,
         Err(next) => return Ok(next),
     };
     let group = match parse_group_body(&body, Some(group_id)) {
         Ok(group) => group,
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     };
     let has_members = group.roster.as_ref().is_some_and(|r| !r.is_empty());
     let (roster, member_json) = match (group.roster, group.member_json) {
@@ -75,7 +75,7 @@ pub async fn group_update(
             )
             .await;
         }
-        _ => return Ok(forward(body)),
+        _ => return Ok(Reply::forward(body)),
     };
     // `quantity` of a Group whose roster the proxy keeps is computed from
     // that roster on every read; a stored one could only go stale.
@@ -100,17 +100,17 @@ pub async fn group_update(
         Some(member_json),
     )
     .await?;
-    Ok(written.unwrap_or_else(|| forward(body)))
+    Ok(written.unwrap_or_else(|| Reply::forward(body)))
 }
 
 /// `POST {base}/Group`: forwarded unchanged, streamed; the Group the legacy
 /// server creates is adopted before the client hears of it (see
 /// [`crate::group::create`]).
-pub fn group_create(proxy: &FhirGroupProxy, ctx: &mut RequestContext) -> Next {
+pub fn group_create(proxy: &FhirGroupProxy, ctx: &mut RequestContext) -> Reply {
     if proxy.group_service.is_some() && proxy.config.members.create_in_clickhouse {
         ctx.created = Some(CreatedGroup::FromReply);
     }
-    Next::Forward
+    Reply::Forward
 }
 
 /// A create the proxy forwarded and adopts once the legacy server answers 201.

@@ -14,28 +14,28 @@ use crate::fhir::outcome::{IssueType, Outcome};
 use crate::group::write::UpstreamReply;
 use crate::group::GroupError;
 use crate::proxy::read::json_header;
-use crate::proxy::respond::{answer, answer_header, answer_outcome, relay, Next};
+use crate::proxy::respond::Reply;
 use crate::proxy::{FhirGroupProxy, RequestContext};
 
-/// Answers the search, or returns `false` when the legacy server alone can.
+/// The search's answer, or [`Reply::Forward`] when the legacy server alone can give it.
 pub async fn group_member_search(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     base: &str,
-) -> Result<Next> {
+) -> Result<Reply> {
     let query = session.req_header().uri.query().map(str::to_string);
     let (Some(terms), Some(service)) = (
         member_search_terms(query.as_deref()),
         proxy.group_service.clone(),
     ) else {
-        return Ok(Next::Forward);
+        return Ok(Reply::Forward);
     };
     let found = proxy
         .on_stores(async move { service.migrated_groups_with(&terms).await })
         .await;
     let migrated = match found {
-        Ok(Ok(groups)) if groups.is_empty() => return Ok(Next::Forward),
+        Ok(Ok(groups)) if groups.is_empty() => return Ok(Reply::Forward),
         Ok(Ok(groups)) => groups,
         Ok(Err(error)) => {
             let outcome = match error {
@@ -46,35 +46,32 @@ pub async fn group_member_search(
                     format!("the member index cannot be searched now: {other}"),
                 ),
             };
-            return answer(session, ctx, &outcome).await;
+            return Ok(Reply::outcome(outcome));
         }
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     };
     let inline = match search_upstream(proxy, session, ctx, None).await? {
         Ok(reply) => reply,
-        Err(answered) => return Ok(answered),
+        Err(instead) => return Ok(instead),
     };
     let Some(id_query) = query_for_ids(query.as_deref(), &migrated) else {
-        relay(session, ctx, inline).await?;
-        return Ok(Next::Answered);
+        return Ok(Reply::relay(inline));
     };
     let by_id = match search_upstream(proxy, session, ctx, Some(&id_query)).await? {
         Ok(reply) => reply,
-        Err(answered) => return Ok(answered),
+        Err(instead) => return Ok(instead),
     };
     let (Ok(inline_bundle), Ok(by_id_bundle)) = (
         serde_json::from_slice::<Value>(&inline.body),
         serde_json::from_slice::<Value>(&by_id.body),
     ) else {
-        relay(session, ctx, inline).await?;
-        return Ok(Next::Answered);
+        return Ok(Reply::relay(inline));
     };
     let mut merged = merge_member_search(inline_bundle, by_id_bundle);
     if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut merged, &migrated).await {
-        return answer(session, ctx, &outcome).await;
+        return Ok(Reply::outcome(outcome));
     }
-    send_bundle(session, ctx, &inline.headers, &merged).await?;
-    Ok(Next::Answered)
+    Ok(Reply::json(json_header(&inline.headers, ctx)?, &merged))
 }
 
 /// Any other Group search. The legacy server answers it, but holds the
@@ -83,29 +80,27 @@ pub async fn group_member_search(
 /// (up to `fhir.max_inline_members`, else `quantity` and a `$members`
 /// link). Until some Group is kept here, or when the search asks for no
 /// `member` (`_summary`, `_elements`), it streams through untouched.
-/// `false`: forwarded.
 pub async fn group_search(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     base: &str,
-) -> Result<Next> {
+) -> Result<Reply> {
     let query = session.req_header().uri.query().map(str::to_string);
     if !crate::fhir::group_read::wants_members(query.as_deref()) {
-        return Ok(Next::Forward);
+        return Ok(Reply::Forward);
     }
     match proxy.manages_any_group().await {
-        Ok(false) => return Ok(Next::Forward),
+        Ok(false) => return Ok(Reply::Forward),
         Ok(true) => {}
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     }
     let reply = match search_upstream(proxy, session, ctx, None).await? {
         Ok(reply) => reply,
-        Err(answered) => return Ok(answered),
+        Err(instead) => return Ok(instead),
     };
     let Ok(mut bundle) = serde_json::from_slice::<Value>(&reply.body) else {
-        relay(session, ctx, reply).await?;
-        return Ok(Next::Answered);
+        return Ok(Reply::relay(reply));
     };
     // Groups listed with a version: the ones whose roster can be shown.
     let ids: Vec<String> = bundle["entry"]
@@ -119,17 +114,15 @@ pub async fn group_search(
         .collect();
     let managed = match proxy.managed_among(&ids).await {
         Ok(managed) => managed,
-        Err(outcome) => return answer(session, ctx, &outcome).await,
+        Err(outcome) => return Ok(Reply::outcome(outcome)),
     };
     if managed.is_empty() {
-        relay(session, ctx, reply).await?;
-        return Ok(Next::Answered);
+        return Ok(Reply::relay(reply));
     }
     if let Err(outcome) = put_in_kept_rosters(proxy, base, &mut bundle, &managed).await {
-        return answer(session, ctx, &outcome).await;
+        return Ok(Reply::outcome(outcome));
     }
-    send_bundle(session, ctx, &reply.headers, &bundle).await?;
-    Ok(Next::Answered)
+    Ok(Reply::json(json_header(&reply.headers, ctx)?, &bundle))
 }
 
 /// The Group entries of `bundle` that are kept here (`managed`) get the
@@ -180,28 +173,14 @@ fn listed_version(resource: &Value) -> Option<u64> {
     resource["meta"]["versionId"].as_str()?.parse().ok()
 }
 
-/// Answers with `bundle`, under the legacy server's answer headers.
-async fn send_bundle(
-    session: &mut Session,
-    ctx: &mut RequestContext,
-    upstream_headers: &http::HeaderMap,
-    bundle: &Value,
-) -> Result<()> {
-    let body = Bytes::from(serde_json::to_vec(bundle).unwrap_or_default());
-    let mut header = json_header(upstream_headers, ctx)?;
-    header.insert_header("content-length", body.len().to_string())?;
-    answer_header(session, ctx, header, false).await?;
-    session.write_response_body(Some(body), true).await
-}
-
 /// The client's search (or the same path with `query` instead), sent upstream
-/// with its headers. A failure or non-200 answer is already relayed: `Err(Next::Answered)`.
+/// with its headers. `Err`: a failure or a non-200 answer, to relay.
 async fn search_upstream(
     proxy: &FhirGroupProxy,
     session: &mut Session,
     ctx: &mut RequestContext,
     query: Option<&str>,
-) -> Result<std::result::Result<UpstreamReply, Next>> {
+) -> Result<std::result::Result<UpstreamReply, Reply>> {
     let mut request = session.req_header().clone();
     if let Some(query) = query {
         let uri = format!("{}?{query}", request.uri.path())
@@ -219,13 +198,7 @@ async fn search_upstream(
         .await
     {
         Ok(reply) if reply.status == 200 => Ok(Ok(reply)),
-        Ok(reply) => {
-            relay(session, ctx, reply).await?;
-            Ok(Err(Next::Answered))
-        }
-        Err(outcome) => {
-            answer_outcome(session, ctx, &outcome).await?;
-            Ok(Err(Next::Answered))
-        }
+        Ok(reply) => Ok(Err(Reply::relay(reply))),
+        Err(outcome) => Ok(Err(Reply::outcome(outcome))),
     }
 }
