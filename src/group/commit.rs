@@ -613,27 +613,25 @@ impl GroupService {
         let id = id.to_string();
         let patch_ops = patch_ops.to_vec();
         tokio::spawn(async move {
-            let give_up = Instant::now() + LOOK_FOR;
-            let mut wait = Duration::from_millis(10);
-            loop {
-                tokio::time::sleep(wait).await;
+            let mut backoff = Backoff::paced(
+                Duration::from_millis(10),
+                Duration::from_millis(500),
+                Instant::now() + LOOK_FOR,
+            );
+            while backoff.wait().await {
                 let outcome = documents
                     .record_patch_in_history(&id, version, &patch_ops)
                     .await;
                 match outcome {
                     Ok(true) => return,
-                    Ok(false) if Instant::now() < give_up => {}
-                    Ok(false) => {
-                        tracing::warn!(group = %id, version, "the legacy server wrote no history entry for a split patch's PUT in 10 s; none was relabelled");
-                        return;
-                    }
+                    Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(group = %id, version, error = %e, "the history entry of a split patch still names the proxy's PUT");
                         return;
                     }
                 }
-                wait = (wait * 2).min(Duration::from_millis(500));
             }
+            tracing::warn!(group = %id, version, "the legacy server wrote no history entry for a split patch's PUT in 10 s; none was relabelled");
         });
     }
 

@@ -2,7 +2,8 @@
 //! exactly once, on every path, because ending consumes it and dropping an
 //! unended one (a cancelled or panicking write) still leaves the lock for
 //! the next writer to settle (see `store::member_locks` for the protocol).
-//! And [`Backoff`], the one retry pace of every loop that waits for a Group.
+//! And [`Backoff`], the one retry pace of every loop that waits: for a
+//! Group's lock, or for the legacy server's history entry of a split patch.
 
 use std::time::{Duration, Instant};
 
@@ -195,10 +196,12 @@ impl GroupService {
     }
 }
 
-/// Jittered exponential waits, 2 ms doubling up to 50 ms, until a deadline:
-/// writers that lost a race spread out instead of retrying in step.
+/// Jittered exponential waits until a deadline: by default 2 ms doubling up
+/// to 50 ms, so writers that lost a race spread out instead of retrying in
+/// step; [`Backoff::paced`] for slower waits on another server.
 pub(super) struct Backoff {
     next: Duration,
+    most: Duration,
     deadline: Instant,
 }
 
@@ -207,8 +210,14 @@ impl Backoff {
     const MOST: Duration = Duration::from_millis(50);
 
     pub(super) fn until(deadline: Instant) -> Self {
+        Self::paced(Self::FIRST, Self::MOST, deadline)
+    }
+
+    /// Waits from `first`, doubling up to `most`, until `deadline`.
+    pub(super) fn paced(first: Duration, most: Duration, deadline: Instant) -> Self {
         Self {
-            next: Self::FIRST,
+            next: first,
+            most,
             deadline,
         }
     }
@@ -220,7 +229,7 @@ impl Backoff {
             return None;
         }
         let wait = self.next.mul_f64(1.0 + jitter.clamp(0.0, 1.0));
-        self.next = (self.next * 2).min(Self::MOST);
+        self.next = (self.next * 2).min(self.most);
         Some(wait.min(left))
     }
 
@@ -280,5 +289,19 @@ mod tests {
         );
         assert_eq!(backoff.next_wait(now + Duration::from_millis(3), 0.0), None);
         assert_eq!(backoff.next_wait(now + Duration::from_secs(1), 0.0), None);
+    }
+
+    #[test]
+    fn a_paced_backoff_doubles_from_its_first_wait_up_to_its_most() {
+        let now = Instant::now();
+        let mut backoff = Backoff::paced(
+            Duration::from_millis(10),
+            Duration::from_millis(500),
+            now + Duration::from_secs(10),
+        );
+        let waits: Vec<u128> = (0..8)
+            .map(|_| backoff.next_wait(now, 0.0).unwrap().as_millis())
+            .collect();
+        assert_eq!(waits, vec![10, 20, 40, 80, 160, 320, 500, 500]);
     }
 }
