@@ -219,7 +219,6 @@ fn migrate(config: &Config, args: MigrateArgs) -> anyhow::Result<()> {
             .await
             .context("cannot connect the member stores")?;
         let ids = service
-            .documents
             .group_ids(filter)
             .await
             .context("cannot list the Groups in MongoDB")?;

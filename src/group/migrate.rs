@@ -151,6 +151,12 @@ struct MigrationTarget<'a> {
 }
 
 impl GroupService {
+    /// The ids of the Groups in MongoDB matching `filter`, sorted: what a
+    /// migration run goes through.
+    pub async fn group_ids(&self, filter: Document) -> Result<Vec<String>, GroupError> {
+        Ok(self.documents.group_ids(filter).await?)
+    }
+
     /// Moves Group `id`'s inline members into ClickHouse (see the module
     /// docs). `progress` is told how many members each step handled.
     pub async fn migrate_group(

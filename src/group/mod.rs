@@ -213,11 +213,11 @@ pub struct WriteSettings {
 
 #[derive(Clone)]
 pub struct GroupService {
-    pub events: Arc<EventStore>,
-    pub documents: GroupDocuments,
-    pub settings: WriteSettings,
+    events: Arc<EventStore>,
+    documents: GroupDocuments,
+    settings: WriteSettings,
     /// This process's writers of one Group wait in line for the lock.
-    pub queues: Arc<queue::GroupQueues<commit::QueuedWrite>>,
+    queues: Arc<queue::GroupQueues<commit::QueuedWrite>>,
     /// A Group the legacy server created that this MongoDB does not hold:
     /// the upstream keeps its Groups elsewhere (readiness reports it).
     upstream_elsewhere: Arc<std::sync::Mutex<Option<String>>>,
@@ -404,6 +404,16 @@ impl GroupService {
         if let Ok(mut last) = self.upstream_elsewhere.lock() {
             *last = Some(id.to_string());
         }
+    }
+
+    /// Whether ClickHouse answers (readiness).
+    pub async fn ping_member_events(&self) -> Result<(), EventStoreError> {
+        self.events.ping().await
+    }
+
+    /// Whether MongoDB answers (readiness).
+    pub async fn ping_group_documents(&self) -> Result<(), DocumentStoreError> {
+        self.documents.ping().await
     }
 
     /// The last Group the legacy server created that the configured MongoDB

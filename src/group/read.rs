@@ -1,7 +1,8 @@
 //! What a Group read needs from the member store.
 
+use crate::store::events::EventStoreError;
 use crate::store::group_documents::GroupHead;
-use crate::store::member_slots::MemberCounts;
+use crate::store::member_slots::{MemberCounts, PageRow, SlotRow};
 
 use super::{GroupError, GroupService};
 
@@ -42,6 +43,29 @@ impl RosterForRead {
 }
 
 impl GroupService {
+    /// One page of a kept roster (see [`crate::store::events::EventStore::roster_page`]).
+    pub async fn roster_page(
+        &self,
+        group_key: &str,
+        after: (&str, &str),
+        changed_since_ms: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<PageRow>, EventStoreError> {
+        self.events
+            .roster_page(group_key, after, changed_since_ms, limit)
+            .await
+    }
+
+    /// A kept roster, current or as of `at_version`, in array order, as a
+    /// stream (see [`crate::store::events::EventStore::roster`]).
+    pub fn roster(
+        &self,
+        group_key: &str,
+        at_version: Option<u64>,
+    ) -> Result<clickhouse::query::RowCursor<SlotRow>, EventStoreError> {
+        self.events.roster(group_key, at_version)
+    }
+
     /// `None` when Group `id` keeps its members in MongoDB (or is unknown): the
     /// legacy server answers such reads itself.
     pub async fn roster_for_read(&self, id: &str) -> Result<Option<RosterForRead>, GroupError> {

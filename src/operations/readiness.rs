@@ -135,17 +135,13 @@ impl Readiness {
             };
         };
         let clickhouse = check("clickhouse", async {
-            stores
-                .events
-                .client()
-                .query("SELECT 1")
-                .fetch_one::<u8>()
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
+            stores.ping_member_events().await.map_err(|e| e.to_string())
         });
         let mongo = check("mongo", async {
-            stores.documents.ping().await.map_err(|e| e.to_string())
+            stores
+                .ping_group_documents()
+                .await
+                .map_err(|e| e.to_string())
         });
         let (upstream, clickhouse, mongo) = tokio::join!(upstream, clickhouse, mongo);
         let warnings = stores

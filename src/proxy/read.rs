@@ -417,7 +417,6 @@ pub async fn members_page(
     let rows = proxy
         .on_stores(async move {
             service
-                .events
                 .roster_page(&key, split_cursor(&cursor), since, limit)
                 .await
         })
@@ -504,7 +503,7 @@ fn stream_members(
     let reference_fields = proxy.config.fhir.reference_fields;
     proxy.store_runtime.spawn(async move {
         let Some(service) = service else { return };
-        let mut cursor = match service.events.roster(&group_key, at_version) {
+        let mut cursor = match service.roster(&group_key, at_version) {
             Ok(cursor) => cursor,
             Err(e) => {
                 let _ = sender.send(Err(e.to_string())).await;

@@ -100,8 +100,10 @@ impl EventStore {
         }
     }
 
-    pub fn client(&self) -> &clickhouse::Client {
-        &self.client
+    /// Whether ClickHouse answers (readiness).
+    pub async fn ping(&self) -> Result<(), EventStoreError> {
+        self.client.query("SELECT 1").fetch_one::<u8>().await?;
+        Ok(())
     }
 
     /// Every statement the store sends goes through here, so that the
