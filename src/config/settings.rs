@@ -220,6 +220,12 @@ settings! {
         store_timeout_ms: u64 = 20_000,
             flag members_store_timeout_ms, env "FGP_MEMBERS_STORE_TIMEOUT_MS",
             help "Longest wait for the member stores per request in ms";
+        /// Months of staged member events kept, the current one included;
+        /// older months are dropped once no unfinished write needs them
+        /// (0 keeps them all).
+        staging_months_kept: u32 = 2,
+            flag members_staging_months_kept, env "FGP_MEMBERS_STAGING_MONTHS_KEPT",
+            help "Months of staged member events kept (0 = all)";
         /// Worker threads of the store runtime (MongoDB, ClickHouse clients).
         store_threads: usize = 2,
             flag members_store_threads, env "FGP_MEMBERS_STORE_THREADS",

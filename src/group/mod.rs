@@ -11,6 +11,7 @@ mod plan;
 pub mod queue;
 pub mod read;
 pub mod recovery;
+pub mod staging;
 pub mod write;
 
 use std::sync::Arc;

@@ -139,6 +139,11 @@ impl FhirGroupProxy {
             store_runtime
                 .handle()
                 .spawn(sweeper.sweep_stalled_writes(std::time::Duration::from_secs(2)));
+            store_runtime.handle().spawn(
+                service
+                    .clone()
+                    .sweep_staging(config.members.staging_months_kept),
+            );
             Some(service)
         } else {
             None

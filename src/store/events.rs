@@ -68,6 +68,8 @@ pub fn event_sequence(group_version: u64, op_index: usize) -> u64 {
 #[derive(Clone)]
 pub struct EventStore {
     client: clickhouse::Client,
+    /// Where the tables live (database, cluster), for DDL.
+    settings: ClickHouseSettings,
     staging: InsertBatcher<MemberEventRow>,
     publishing: InsertBatcher<MemberEventRow>,
     publishing_staged: InsertBatcher<String>,
@@ -94,6 +96,7 @@ impl EventStore {
 
         Self {
             client,
+            settings: settings.clone(),
             staging,
             publishing,
             publishing_staged,
@@ -111,6 +114,59 @@ impl EventStore {
     pub(super) fn query(&self, sql: &str) -> clickhouse::query::Query {
         crate::operations::metrics::metrics().clickhouse_statement("query");
         self.client.query(sql)
+    }
+
+    /// The months (`YYYYMM`) of staged events before the `kept` most recent
+    /// months (the current one included), as ClickHouse's clock and time
+    /// zone date them, which also dated the events.
+    pub async fn staged_months_before(&self, kept: u32) -> Result<Vec<u32>, EventStoreError> {
+        Ok(self
+            .query(&format!(
+                "SELECT DISTINCT toYYYYMM(event_date) AS month FROM {EVENTS_STAGED} \
+                 WHERE event_date < addMonths(toStartOfMonth(today()), ?) ORDER BY month"
+            ))
+            .bind(1 - i64::from(kept))
+            .fetch_all::<u32>()
+            .await?)
+    }
+
+    /// Which of `months` hold staged events of any of the writes `tokens`.
+    pub async fn months_staging(
+        &self,
+        months: &[u32],
+        tokens: &[String],
+    ) -> Result<std::collections::BTreeSet<u32>, EventStoreError> {
+        let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let mut held = std::collections::BTreeSet::new();
+        if months.is_empty() {
+            return Ok(held);
+        }
+        for chunk in chunks_of_text(&tokens, MAX_BOUND_TEXT_BYTES) {
+            let found = self
+                .query(&format!(
+                    "SELECT DISTINCT toYYYYMM(event_date) AS month FROM {EVENTS_STAGED} \
+                     WHERE toYYYYMM(event_date) IN (SELECT arrayJoin(?)) \
+                       AND token IN (SELECT arrayJoin(?))"
+                ))
+                .bind(months)
+                .bind(chunk)
+                .fetch_all::<u32>()
+                .await?;
+            held.extend(found);
+        }
+        Ok(held)
+    }
+
+    /// Drops the staged events of `month` (its whole partition: cheap, no
+    /// mutation), on every shard in a cluster.
+    pub async fn drop_staged_month(&self, month: u32) -> Result<(), EventStoreError> {
+        let statement = schema::drop_staged_month(
+            &self.settings.database,
+            schema::Topology::of(&self.settings),
+            month,
+        );
+        self.query(&statement).execute().await?;
+        Ok(())
     }
 
     /// Durably records the events of a write that has not committed yet.

@@ -332,6 +332,27 @@ impl GroupDocuments {
         Ok(count > 0)
     }
 
+    /// The tokens of the writes an earlier release left `pending` in a
+    /// Group's member state: they may still need their staged events.
+    pub async fn pending_tokens(&self) -> Result<Vec<String>, DocumentStoreError> {
+        let mut cursor = self
+            .states
+            .find(doc! { "pending": { "$exists": true } })
+            .projection(doc! { "pending.token": 1 })
+            .await?;
+        let mut tokens = Vec::new();
+        while cursor.advance().await? {
+            let state = cursor.deserialize_current()?;
+            if let Ok(token) = state
+                .get_document("pending")
+                .and_then(|p| p.get_str("token"))
+            {
+                tokens.push(token.to_string());
+            }
+        }
+        Ok(tokens)
+    }
+
     pub async fn member_state(&self, id: &str) -> Result<MemberState, DocumentStoreError> {
         let state = self
             .states

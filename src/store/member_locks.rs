@@ -293,6 +293,24 @@ impl MemberLocks {
         Ok(result.modified_count)
     }
 
+    /// The tokens of every write a lock records (holders and the writes
+    /// they took over): writes that may still need their staged events.
+    pub async fn recorded_tokens(&self) -> Result<Vec<String>, DocumentStoreError> {
+        use futures_util::TryStreamExt;
+        let locks: Vec<Document> = self.locks.find(doc! {}).await?.try_collect().await?;
+        let now = DateTime::now();
+        Ok(locks
+            .iter()
+            .filter_map(|lock| parse_lock(lock, now))
+            .flat_map(|record| {
+                record
+                    .writes()
+                    .map(|write| write.token.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect())
+    }
+
     /// Ids of Groups whose lock expired (a writer stopped, or left its write
     /// unfinished), at most `limit`.
     pub async fn expired_ids(&self, limit: i64) -> Result<Vec<String>, DocumentStoreError> {

@@ -322,6 +322,17 @@ pub fn statements_in(database: &str, topology: Topology<'_>) -> Vec<String> {
     statements
 }
 
+/// Drops the staged events of one month (`YYYYMM`, the staging table's
+/// partition): on one server its table, in a cluster every shard's local
+/// table. Dropping a month with no parts is a no-op.
+pub fn drop_staged_month(database: &str, topology: Topology<'_>, month: u32) -> String {
+    let (on_cluster, local) = match topology {
+        Topology::SingleNode => (String::new(), ""),
+        Topology::Cluster { name, .. } => (format!(" ON CLUSTER '{name}'"), LOCAL_SUFFIX),
+    };
+    format!("ALTER TABLE {database}.{EVENTS_STAGED}{local}{on_cluster} DROP PARTITION {month}")
+}
+
 /// The tables and views this schema creates in one database, with what an
 /// existing object of that name must look like to be ours: a table its
 /// columns (name and type, as `system.columns` reports them), a view the
@@ -450,6 +461,25 @@ pub fn script(statements: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staged_month_is_dropped_from_the_table_or_from_every_shard() {
+        assert_eq!(
+            drop_staged_month("fhir", Topology::SingleNode, 202_609),
+            format!("ALTER TABLE fhir.{EVENTS_STAGED} DROP PARTITION 202609")
+        );
+        let cluster = Topology::Cluster {
+            name: "events",
+            replication_path: "/clickhouse/tables/{shard}",
+            replica_name: "{replica}",
+        };
+        assert_eq!(
+            drop_staged_month("fhir", cluster, 202_609),
+            format!(
+                "ALTER TABLE fhir.{EVENTS_STAGED}_local ON CLUSTER 'events' DROP PARTITION 202609"
+            )
+        );
+    }
 
     #[test]
     fn the_shape_lists_every_table_with_its_columns_and_every_view_with_its_target() {
