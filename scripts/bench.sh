@@ -3,10 +3,14 @@
 # one run on this machine. Starts ClickHouse and FerretDB like the tests do.
 # FGP_BENCH_SIZES=1000,100000 limits the group sizes; FGP_BENCH_RATIO=0 skips the
 # store-ratio rows; FGP_BENCH_THROUGHPUT=0 skips
-# the (slow) throughput rows.
+# the (slow) throughput rows; FGP_BENCH_PASSTHROUGH=0 skips the passthrough CPU
+# comparison against nginx (scripts/passthrough-bench.sh, which then runs last).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ensure_all_installed
 start_services_for_this_script
 cd "$REPO_ROOT"
 cargo bench --bench member_patch --bench group_read "$@"
+if [ "${FGP_BENCH_PASSTHROUGH:-1}" != 0 ]; then
+  bash "$REPO_ROOT/scripts/passthrough-bench.sh"
+fi

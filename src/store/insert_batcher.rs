@@ -179,7 +179,14 @@ async fn run<T, F, Fut>(
                     None => break,
                 },
                 _ = announced.changed.notified() => {}
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::debug!(
+                        writer,
+                        outstanding = announced.outstanding.load(Ordering::Acquire),
+                        "flush waited out its delay for announced writers"
+                    );
+                    break;
+                }
             }
         }
         let batch_rows = rows.len();
