@@ -527,27 +527,31 @@ async fn expect_continue_is_answered_before_reading_the_body() {
     assert_eq!(response.header("etag"), Some("W/\"2\""));
 }
 
+/// `count` PATCHes at once to Group `id`, each adding `Patient/{prefix}-{i}`
+/// with `headers`; their replies.
+async fn concurrent_adds(
+    stack: &Stack,
+    id: &str,
+    count: usize,
+    prefix: &str,
+    headers: &[(&str, &str)],
+) -> Vec<Reply> {
+    futures_util::stream::iter(0..count)
+        .map(|i| async move {
+            stack
+                .patch(id, json!([add(&format!("Patient/{prefix}-{i}"))]), headers)
+                .await
+        })
+        .buffer_unordered(count)
+        .collect::<Vec<_>>()
+        .await
+}
+
 #[tokio::test]
 async fn concurrent_patches_with_the_same_if_match_have_one_winner() {
     let stack = Stack::start(&[]).await;
     let id = stack.create_group(json!([])).await;
-    let replies = futures_util::stream::iter(0..100)
-        .map(|i| {
-            let stack = &stack;
-            let id = id.clone();
-            async move {
-                stack
-                    .patch(
-                        &id,
-                        json!([add(&format!("Patient/race-{i}"))]),
-                        &[("if-match", "W/\"1\"")],
-                    )
-                    .await
-            }
-        })
-        .buffer_unordered(100)
-        .collect::<Vec<_>>()
-        .await;
+    let replies = concurrent_adds(&stack, &id, 100, "race", &[("if-match", "W/\"1\"")]).await;
     let winners = replies.iter().filter(|r| r.status == 200).count();
     let conflicts = replies.iter().filter(|r| r.status == 412).count();
     assert_eq!(
@@ -566,23 +570,7 @@ async fn concurrent_patches_without_if_match_all_apply_once() {
     // last may wait long on a loaded machine.
     let stack = Stack::start(&[("FGP_MEMBERS_WRITE_WAIT_MS", "60000")]).await;
     let id = stack.create_group(json!([])).await;
-    let replies = futures_util::stream::iter(0..64)
-        .map(|i| {
-            let stack = &stack;
-            let id = id.clone();
-            async move {
-                stack
-                    .patch(
-                        &id,
-                        json!([add(&format!("Patient/c-{i}"))]),
-                        &[("prefer", "return=minimal")],
-                    )
-                    .await
-            }
-        })
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await;
+    let replies = concurrent_adds(&stack, &id, 64, "c", &[("prefer", "return=minimal")]).await;
     let failures: Vec<String> = replies
         .iter()
         .filter(|r| r.status != 200)
