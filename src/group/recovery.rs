@@ -3,9 +3,9 @@
 //! `pending` in MemberState. Runs under the Group's write lock. The write
 //! committed exactly when the Group document carries its token at its last
 //! version (or, for a split patch, when the upstream confirmed its half, or
-//! its writer saw the commit pass); then its staged events are published and
-//! its history completed. Otherwise it never happened, and its staged events
-//! stay invisible.
+//! its writer saw the commit pass); then its history is completed and its
+//! staged events are published. Otherwise it never happened, and its staged
+//! events stay invisible.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -88,6 +88,11 @@ impl GroupService {
                 && head.commit_token.as_deref() == Some(pending.token.as_str()))
             || (head.version > pending.version && self.superseded_commit(id, pending).await?);
         if committed {
+            // History first, as the commit path writes it: once the roster
+            // shows the write, every version it made is readable.
+            if !pending.upstream_committed {
+                self.complete_history(id, pending).await?;
+            }
             if !self
                 .events
                 .is_published(&head.group_key, &pending.token)
@@ -112,9 +117,6 @@ impl GroupService {
                 {
                     tracing::warn!(group = id, token = %pending.token, "member counts corrected after a cut-off publication");
                 }
-            }
-            if !pending.upstream_committed {
-                self.complete_history(id, pending).await?;
             }
         } else {
             tracing::warn!(group = id, token = %pending.token, "dropping a write that never committed");
