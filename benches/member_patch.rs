@@ -519,51 +519,31 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
 /// Successful compare-and-swap updates per second on `documents` documents.
 async fn raw_cas_rate(documents: usize) -> f64 {
     use mongodb::bson::doc;
-    let client = mongodb::Client::with_uri_str(mongo_uri())
-        .await
-        .expect("mongo client");
-    let collection = client
-        .database(&format!("fgp_bench_raw_{}", uuid::Uuid::new_v4().simple()))
-        .collection::<mongodb::bson::Document>("cas");
+    let collection = scratch_collection("cas").await;
     for n in 0..documents {
         collection
             .insert_one(doc! { "_id": n as i64, "v": 0_i64 })
             .await
             .expect("seed");
     }
-    let deadline = Instant::now() + RATIO_RUN;
-    let started = Instant::now();
-    let done: Vec<u64> = futures_util::stream::iter(0..RATIO_CLIENTS)
-        .map(|c| {
-            let collection = collection.clone();
-            async move {
-                let id = (c % documents) as i64;
-                let mut swaps = 0;
-                while Instant::now() < deadline {
-                    let seen = collection
-                        .find_one(doc! { "_id": id })
-                        .await
-                        .expect("read")
-                        .and_then(|d| d.get_i64("v").ok())
-                        .unwrap_or(0);
-                    let swapped = collection
-                        .find_one_and_update(
-                            doc! { "_id": id, "v": seen },
-                            doc! { "$set": { "v": seen + 1 } },
-                        )
-                        .await
-                        .expect("cas");
-                    swaps += u64::from(swapped.is_some());
-                }
-                swaps
-            }
-        })
-        .buffer_unordered(RATIO_CLIENTS)
-        .collect()
-        .await;
-    let rate = done.iter().sum::<u64>() as f64 / started.elapsed().as_secs_f64();
-    let _ = collection.drop().await;
-    rate
+    swaps_per_second(collection, |collection, c| async move {
+        let id = (c % documents) as i64;
+        let seen = collection
+            .find_one(doc! { "_id": id })
+            .await
+            .expect("read")
+            .and_then(|d| d.get_i64("v").ok())
+            .unwrap_or(0);
+        collection
+            .find_one_and_update(
+                doc! { "_id": id, "v": seen },
+                doc! { "$set": { "v": seen + 1 } },
+            )
+            .await
+            .expect("cas")
+            .is_some()
+    })
+    .await
 }
 
 /// Successful compare-and-swaps per second of `meta.versionId` on the Groups
@@ -572,10 +552,9 @@ async fn raw_cas_rate(documents: usize) -> f64 {
 /// shape lie in the way of every scan).
 async fn raw_group_cas_rate(database: &str, ids: &[String]) -> f64 {
     use mongodb::bson::doc;
-    let client = mongodb::Client::with_uri_str(mongo_uri())
+    let groups: Vec<mongodb::bson::Document> = mongodb::Client::with_uri_str(mongo_uri())
         .await
-        .expect("mongo client");
-    let groups: Vec<mongodb::bson::Document> = client
+        .expect("mongo client")
         .database(database)
         .collection::<mongodb::bson::Document>("Group_4_0_0")
         .find(doc! {})
@@ -584,43 +563,70 @@ async fn raw_group_cas_rate(database: &str, ids: &[String]) -> f64 {
         .try_collect()
         .await
         .expect("read Groups");
-    let collection = client
-        .database(&format!("fgp_bench_raw_{}", uuid::Uuid::new_v4().simple()))
-        .collection::<mongodb::bson::Document>("Group_4_0_0");
+    let collection = scratch_collection("Group_4_0_0").await;
     collection.insert_many(groups).await.expect("copy Groups");
+    swaps_per_second(collection, |collection, c| {
+        let id = ids[c % ids.len()].clone();
+        async move {
+            let seen = collection
+                .find_one(doc! { "id": &id })
+                .await
+                .expect("read")
+                .and_then(|d| {
+                    d.get_document("meta")
+                        .ok()?
+                        .get_str("versionId")
+                        .ok()
+                        .map(str::to_string)
+                })
+                .expect("a Group with a version");
+            let next = seen.parse::<u64>().expect("numeric version") + 1;
+            collection
+                .find_one_and_update(
+                    doc! { "id": &id, "meta.versionId": &seen },
+                    doc! { "$set": {
+                        "meta.versionId": next.to_string(),
+                        "meta.lastUpdated": mongodb::bson::DateTime::now(),
+                    } },
+                )
+                .await
+                .expect("cas")
+                .is_some()
+        }
+    })
+    .await
+}
+
+/// `name` in a database of its own, dropped by [`swaps_per_second`].
+async fn scratch_collection(name: &str) -> mongodb::Collection<mongodb::bson::Document> {
+    mongodb::Client::with_uri_str(mongo_uri())
+        .await
+        .expect("mongo client")
+        .database(&format!("fgp_bench_raw_{}", uuid::Uuid::new_v4().simple()))
+        .collection(name)
+}
+
+/// `RATIO_CLIENTS` clients each trying `swap` (client number given) again
+/// and again for `RATIO_RUN`: the successful swaps per second. The
+/// collection is dropped afterwards.
+async fn swaps_per_second<F, Fut>(
+    collection: mongodb::Collection<mongodb::bson::Document>,
+    swap: F,
+) -> f64
+where
+    F: Fn(mongodb::Collection<mongodb::bson::Document>, usize) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let deadline = Instant::now() + RATIO_RUN;
     let started = Instant::now();
+    let swap = &swap;
     let done: Vec<u64> = futures_util::stream::iter(0..RATIO_CLIENTS)
         .map(|c| {
             let collection = collection.clone();
-            let id = ids[c % ids.len()].clone();
             async move {
                 let mut swaps = 0;
                 while Instant::now() < deadline {
-                    let seen = collection
-                        .find_one(doc! { "id": &id })
-                        .await
-                        .expect("read")
-                        .and_then(|d| {
-                            d.get_document("meta")
-                                .ok()?
-                                .get_str("versionId")
-                                .ok()
-                                .map(str::to_string)
-                        })
-                        .expect("a Group with a version");
-                    let next = seen.parse::<u64>().expect("numeric version") + 1;
-                    let swapped = collection
-                        .find_one_and_update(
-                            doc! { "id": &id, "meta.versionId": &seen },
-                            doc! { "$set": {
-                                "meta.versionId": next.to_string(),
-                                "meta.lastUpdated": mongodb::bson::DateTime::now(),
-                            } },
-                        )
-                        .await
-                        .expect("cas");
-                    swaps += u64::from(swapped.is_some());
+                    swaps += u64::from(swap(collection.clone(), c).await);
                 }
                 swaps
             }
