@@ -76,6 +76,23 @@ impl EventStore {
         Ok((found.events > 0).then_some(found.last_sequence))
     }
 
+    /// Rows of `table` the write `token` of Group `group_key` made.
+    async fn rows_of_write(
+        &self,
+        table: &str,
+        group_key: &str,
+        token: &str,
+    ) -> Result<u64, EventStoreError> {
+        Ok(self
+            .query(&format!(
+                "SELECT count() FROM {table} WHERE group_key = ? AND token = ?"
+            ))
+            .bind(group_key)
+            .bind(token)
+            .fetch_one::<u64>()
+            .await?)
+    }
+
     /// Whether the write with `token` has already been published.
     pub async fn is_published(
         &self,
@@ -85,15 +102,7 @@ impl EventStore {
         // The events table is the truth: ClickHouse feeds the views in the
         // same insert but not atomically with it, so a crash can leave a
         // published write without its commit record.
-        let found = self
-            .query(&format!(
-                "SELECT count() FROM {EVENTS} WHERE group_key = ? AND token = ?"
-            ))
-            .bind(group_key)
-            .bind(token)
-            .fetch_one::<u64>()
-            .await?;
-        Ok(found > 0)
+        Ok(self.rows_of_write(EVENTS, group_key, token).await? > 0)
     }
 
     /// Feeds the views again from the events of a published write whose
@@ -181,15 +190,7 @@ impl EventStore {
         group_key: &str,
         token: &str,
     ) -> Result<bool, EventStoreError> {
-        let recorded = self
-            .query(&format!(
-                "SELECT count() FROM {COMMITS} WHERE group_key = ? AND token = ?"
-            ))
-            .bind(group_key)
-            .bind(token)
-            .fetch_one::<u64>()
-            .await?;
-        if recorded > 0 {
+        if self.rows_of_write(COMMITS, group_key, token).await? > 0 {
             return Ok(false);
         }
         self.query(&format!(
