@@ -104,6 +104,15 @@ impl<'a> Topology<'a> {
             }
         }
     }
+
+    /// What DDL adds to a statement and to its tables' names: ` ON CLUSTER
+    /// '…'` and the per-shard suffix in a cluster, nothing on one server.
+    fn ddl_parts(self) -> (String, &'static str) {
+        match self {
+            Topology::SingleNode => (String::new(), ""),
+            Topology::Cluster { name, .. } => (format!(" ON CLUSTER '{name}'"), LOCAL_SUFFIX),
+        }
+    }
 }
 
 /// Suffix of the per-shard tables in cluster mode.
@@ -279,10 +288,7 @@ pub fn statements(database: &str) -> Vec<String> {
 /// The statements, in dependency order, for `database` laid out as `topology`.
 pub fn statements_in(database: &str, topology: Topology<'_>) -> Vec<String> {
     let db = database;
-    let (on_cluster, local) = match topology {
-        Topology::SingleNode => (String::new(), ""),
-        Topology::Cluster { name, .. } => (format!(" ON CLUSTER '{name}'"), LOCAL_SUFFIX),
-    };
+    let (on_cluster, local) = topology.ddl_parts();
     let mut statements = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on_cluster}")];
     let tables = tables();
     let views = views();
@@ -326,10 +332,7 @@ pub fn statements_in(database: &str, topology: Topology<'_>) -> Vec<String> {
 /// partition): on one server its table, in a cluster every shard's local
 /// table. Dropping a month with no parts is a no-op.
 pub fn drop_staged_month(database: &str, topology: Topology<'_>, month: u32) -> String {
-    let (on_cluster, local) = match topology {
-        Topology::SingleNode => (String::new(), ""),
-        Topology::Cluster { name, .. } => (format!(" ON CLUSTER '{name}'"), LOCAL_SUFFIX),
-    };
+    let (on_cluster, local) = topology.ddl_parts();
     format!("ALTER TABLE {database}.{EVENTS_STAGED}{local}{on_cluster} DROP PARTITION {month}")
 }
 
