@@ -163,22 +163,12 @@ async fn store_round_trips(client: &HttpClient, base: &str, admin: &str) {
             (after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0))
                 / PATCHES as f64
         };
-        let mut mongo: Vec<(String, f64)> = after
-            .keys()
-            .filter_map(|k| k.strip_prefix("mongo:"))
-            .map(|command| (command.to_string(), per_patch(&format!("mongo:{command}"))))
-            .filter(|(_, n)| *n > 0.0)
-            .collect();
-        mongo.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let mongo_total: f64 = mongo.iter().map(|(_, n)| n).sum();
+        let mongo = grown_by_name(&before, &after, "mongo:", PATCHES as f64);
         let clickhouse = per_patch("clickhouse:query") + per_patch("clickhouse:insert");
         println!(
-            "| {answer} | MongoDB commands | {mongo_total:.1} | {} |",
-            mongo
-                .iter()
-                .map(|(c, n)| format!("{c} {n:.1}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "| {answer} | MongoDB commands | {:.1} | {} |",
+            total(&mongo),
+            by_name(&mongo, 1)
         );
         println!(
             "| {answer} | ClickHouse statements | {clickhouse:.1} | query {:.1}, insert {:.1} |",
@@ -210,7 +200,25 @@ fn statements_since(
 async fn counters(client: &HttpClient, admin: &str) -> std::collections::HashMap<String, f64> {
     let reply = send(client, "GET", &format!("{admin}/metrics"), &[], "").await;
     reply.assert_status(200);
-    let text = String::from_utf8_lossy(&reply.body).into_owned();
+    parse_counters(&String::from_utf8_lossy(&reply.body))
+}
+
+/// `ferretdb:<command>`: the commands FerretDB received from every client
+/// (the proxy's and the stand-in legacy server's, which answers each PATCH's
+/// access probe), from FerretDB's own metrics; empty when it does not serve
+/// them (`scripts/lib.sh` starts it with `--debug-addr` on 127.0.0.1).
+async fn ferretdb_counters(client: &HttpClient) -> std::collections::HashMap<String, f64> {
+    let url = std::env::var("FGP_TEST_FERRETDB_METRICS_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18088/debug/metrics".into());
+    match try_send(client, "GET", &url, &[], "").await {
+        Ok(reply) if reply.status == 200 => parse_counters(&String::from_utf8_lossy(&reply.body)),
+        _ => std::collections::HashMap::new(),
+    }
+}
+
+/// The counters [`counters`] and [`ferretdb_counters`] read, from a
+/// Prometheus text page.
+fn parse_counters(text: &str) -> std::collections::HashMap<String, f64> {
     let mut found = std::collections::HashMap::new();
     for line in text.lines() {
         let Some((name_labels, value)) = line.rsplit_once(' ') else {
@@ -230,6 +238,8 @@ async fn counters(client: &HttpClient, admin: &str) -> std::collections::HashMap
             label("command").map(|c| format!("mongo:{c}"))
         } else if name_labels.starts_with("fgp_clickhouse_statements_total") {
             label("kind").map(|k| format!("clickhouse:{k}"))
+        } else if name_labels.starts_with("ferretdb_client_requests_total") {
+            label("command").map(|c| format!("ferretdb:{c}"))
         } else {
             None
         };
@@ -238,6 +248,39 @@ async fn counters(client: &HttpClient, admin: &str) -> std::collections::HashMap
         }
     }
     found
+}
+
+/// How much each `prefix` counter grew between two readings, divided by
+/// `per` and named without the prefix, largest first (zeros left out).
+fn grown_by_name(
+    before: &std::collections::HashMap<String, f64>,
+    after: &std::collections::HashMap<String, f64>,
+    prefix: &str,
+    per: f64,
+) -> Vec<(String, f64)> {
+    let mut grown: Vec<(String, f64)> = after
+        .iter()
+        .filter_map(|(key, value)| {
+            let name = key.strip_prefix(prefix)?;
+            let n = (value - before.get(key).copied().unwrap_or(0.0)) / per;
+            (n > 0.0).then(|| (name.to_string(), n))
+        })
+        .collect();
+    grown.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    grown
+}
+
+fn total(grown: &[(String, f64)]) -> f64 {
+    grown.iter().map(|(_, n)| n).sum()
+}
+
+/// `find 2.0, insert 2.0, ...` with `decimals` places.
+fn by_name(grown: &[(String, f64)], decimals: usize) -> String {
+    grown
+        .iter()
+        .map(|(name, n)| format!("{name} {n:.decimals$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn pct(samples: &[f64], p: usize) -> f64 {
@@ -404,6 +447,7 @@ async fn store_ratio(
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut cpu_rows = Vec::new();
+    let mut ferretdb_rows = Vec::new();
     for groups in [RATIO_CLIENTS, 1] {
         let before = Cpu::sample(proxy_pid);
         let raw = raw_cas_rate(groups).await;
@@ -416,12 +460,27 @@ async fn store_ratio(
         }
         let raw_on_groups = raw_group_cas_rate(group_database, &ids).await;
         let counted = counters(client, admin).await;
+        let received = ferretdb_counters(client).await;
         let before = Cpu::sample(proxy_pid);
         let (rate, sent, failed) = patches_for(client, base, &ids, RATIO_RUN).await;
         let proxy_cpu = Cpu::sample(proxy_pid).since(&before);
         // Concurrent writes share store commands: these say how much.
         let (mongo, clickhouse) = statements_since(&counted, &counters(client, admin).await);
         let patches = sent.max(1) as f64;
+        let received = grown_by_name(
+            &received,
+            &ferretdb_counters(client).await,
+            "ferretdb:",
+            patches,
+        );
+        ferretdb_rows.push(match received.is_empty() {
+            true => format!("| {groups} | ? | FerretDB serves no metrics here |"),
+            false => format!(
+                "| {groups} | {:.2} | {} |",
+                total(&received),
+                by_name(&received, 2)
+            ),
+        });
         println!(
             "| {groups} | {raw:.0} | {raw_on_groups:.0} | {rate:.0} | {:.2} | {:.2} | {failed} | {:.2} | {:.2} |",
             rate / raw.max(f64::MIN_POSITIVE),
@@ -432,19 +491,25 @@ async fn store_ratio(
         let per = |cpu: &Cpu, n: f64| cpu.per_op_ms(n * RATIO_RUN.as_secs_f64());
         let r = per(&raw_cpu, raw);
         cpu_rows.push(format!(
-            "| {groups} | raw CAS | {} | - | - | {} |",
+            "| {groups} | raw CAS | {} | - | - | - | {} |",
             r.ferretdb, r.bench
         ));
         let p = per(&proxy_cpu, rate);
         cpu_rows.push(format!(
-            "| {groups} | proxy PATCH | {} | {} | {} | {} |",
-            p.ferretdb, p.clickhouse, p.proxy, p.bench
+            "| {groups} | proxy PATCH | {} | {} | {} | {} | {} |",
+            p.ferretdb, p.clickhouse, p.clickhouse_background, p.proxy, p.bench
         ));
     }
-    println!("\nCPU ms per operation in those rows, from `/proc/<pid>/stat` (utime + stime); the bench process holds the clients and the stand-in legacy server (which answers each PATCH's access probe):\n");
-    println!("| documents / Groups | operation | FerretDB | ClickHouse | proxy | bench process |");
-    println!("|---:|---|---:|---:|---:|---:|");
+    println!("\nCPU ms per operation in those rows, from `/proc/<pid>/stat` (utime + stime); the bench process holds the clients and the stand-in legacy server (which answers each PATCH's access probe); ClickHouse's background threads (`BackgrProcPool` on 18.16, `Bg*`/`MergeMutate` on current releases) merge the parts every insert makes:\n");
+    println!("| documents / Groups | operation | FerretDB | ClickHouse | of which background (merges) | proxy | bench process |");
+    println!("|---:|---|---:|---:|---:|---:|---:|");
     for row in cpu_rows {
+        println!("{row}");
+    }
+    println!("\nCommands FerretDB received per member PATCH in the proxy rows, from every client (FerretDB's own metrics): the proxy's and the stand-in legacy server's access probe:\n");
+    println!("| documents / Groups | commands / PATCH | by command |");
+    println!("|---:|---:|---|");
+    for row in ferretdb_rows {
         println!("{row}");
     }
 }
@@ -453,6 +518,7 @@ async fn store_ratio(
 struct Cpu {
     ferretdb: f64,
     clickhouse: f64,
+    clickhouse_background: f64,
     proxy: f64,
     bench: f64,
 }
@@ -461,22 +527,25 @@ struct Cpu {
 struct CpuPerOp {
     ferretdb: String,
     clickhouse: String,
+    clickhouse_background: String,
     proxy: String,
     bench: String,
 }
 
 impl Cpu {
     fn sample(proxy_pid: u32) -> Self {
-        let service = |name: &str| {
+        let pid_of = |name: &str| {
             let run = std::env::var("FGP_RUN_DIR").unwrap_or_else(|_| ".run".into());
             std::fs::read_to_string(format!("{run}/{name}/pid"))
-                .ok()
-                .and_then(|pid| cpu_seconds(pid.trim()))
-                .unwrap_or(f64::NAN)
+                .map(|pid| pid.trim().to_string())
+                .unwrap_or_default()
         };
+        let service = |name: &str| cpu_seconds(&pid_of(name)).unwrap_or(f64::NAN);
         Self {
             ferretdb: service("ferretdb"),
             clickhouse: service("clickhouse"),
+            clickhouse_background: background_cpu_seconds(&pid_of("clickhouse"))
+                .unwrap_or(f64::NAN),
             proxy: cpu_seconds(&proxy_pid.to_string()).unwrap_or(f64::NAN),
             bench: cpu_seconds("self").unwrap_or(f64::NAN),
         }
@@ -486,6 +555,7 @@ impl Cpu {
         Cpu {
             ferretdb: self.ferretdb - before.ferretdb,
             clickhouse: self.clickhouse - before.clickhouse,
+            clickhouse_background: self.clickhouse_background - before.clickhouse_background,
             proxy: self.proxy - before.proxy,
             bench: self.bench - before.bench,
         }
@@ -499,6 +569,7 @@ impl Cpu {
         CpuPerOp {
             ferretdb: ms(self.ferretdb),
             clickhouse: ms(self.clickhouse),
+            clickhouse_background: ms(self.clickhouse_background),
             proxy: ms(self.proxy),
             bench: ms(self.bench),
         }
@@ -508,7 +579,31 @@ impl Cpu {
 /// utime + stime of process `pid` (all its threads), in seconds: fields 14
 /// and 15 of `/proc/<pid>/stat`, in clock ticks of 1/100 s.
 fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// [`cpu_seconds`] of ClickHouse's background threads only: those pools
+/// live as long as the server, so two readings of them subtract.
+fn background_cpu_seconds(pid: &str) -> Option<f64> {
+    let mut seconds = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if ["Backgr", "Bg", "MergeMutate"]
+            .iter()
+            .any(|pool| comm.starts_with(pool))
+        {
+            seconds += stat_cpu_seconds(&path.join("stat").to_string_lossy()).unwrap_or(0.0);
+        }
+    }
+    Some(seconds)
+}
+
+fn stat_cpu_seconds(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name (field 2) may hold spaces: count from its closing paren.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let utime: f64 = fields.get(11)?.parse().ok()?;

@@ -15,9 +15,13 @@ FERRETDB_VERSION="v1.24.2"
 CLICKHOUSE_HTTP_PORT="${FGP_CLICKHOUSE_HTTP_PORT:-18123}"
 CLICKHOUSE_TCP_PORT="${FGP_CLICKHOUSE_TCP_PORT:-19000}"
 FERRETDB_PORT="${FGP_FERRETDB_PORT:-27018}"
+# FerretDB's own Prometheus metrics (commands received, from every client), so
+# the bench can count what the legacy server's probes cost besides the proxy's.
+FERRETDB_DEBUG_PORT="${FGP_FERRETDB_DEBUG_PORT:-18088}"
 
 export FGP_TEST_CLICKHOUSE_URL="${FGP_TEST_CLICKHOUSE_URL:-http://127.0.0.1:$CLICKHOUSE_HTTP_PORT}"
 export FGP_TEST_MONGO_URI="${FGP_TEST_MONGO_URI:-mongodb://127.0.0.1:$FERRETDB_PORT/}"
+export FGP_TEST_FERRETDB_METRICS_URL="${FGP_TEST_FERRETDB_METRICS_URL:-http://127.0.0.1:$FERRETDB_DEBUG_PORT/debug/metrics}"
 
 log() { printf '\033[1m[fhir-group-proxy]\033[0m %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -174,7 +178,7 @@ start_ferretdb() {
   mkdir -p "$dir"/{data,state,log}
   log "starting FerretDB $FERRETDB_VERSION (SQLite backend) on 127.0.0.1:$FERRETDB_PORT"
   setsid "$TOOLS_DIR/bin/ferretdb" --handler=sqlite --sqlite-url="file:$dir/data/" \
-    --state-dir="$dir/state" --listen-addr="127.0.0.1:$FERRETDB_PORT" --debug-addr="-" \
+    --state-dir="$dir/state" --listen-addr="127.0.0.1:$FERRETDB_PORT" --debug-addr="127.0.0.1:$FERRETDB_DEBUG_PORT" \
     --telemetry=disable --log-level=warn </dev/null >"$dir/log/ferretdb.log" 2>&1 &
   echo $! >"$dir/pid"
   wait_until "FerretDB" 30 ferretdb_ready
