@@ -174,6 +174,11 @@ ferretdb_ready() { port_open "$FERRETDB_PORT"; }
 
 start_ferretdb() {
   if ferretdb_ready; then log "FerretDB already answering on :$FERRETDB_PORT"; return; fi
+  # FerretDB exits at once when its metrics port is taken (by another stack's
+  # FerretDB, say); name that instead of waiting for a server that never comes.
+  if port_open "$FERRETDB_DEBUG_PORT"; then
+    die "port $FERRETDB_DEBUG_PORT (FerretDB's metrics) is in use: set FGP_FERRETDB_DEBUG_PORT to a free port"
+  fi
   local dir="$RUN_DIR/ferretdb"
   mkdir -p "$dir"/{data,state,log}
   log "starting FerretDB $FERRETDB_VERSION (SQLite backend) on 127.0.0.1:$FERRETDB_PORT"

@@ -157,6 +157,9 @@ async fn visible_members(client: &HttpClient, proxy: &str, id: &str) -> Option<(
 async fn killed_stores_lose_no_acknowledged_write_and_show_no_unacknowledged_one() {
     let run_dir = std::env::temp_dir().join(unique_name("fgp_faults"));
     let (http_port, tcp_port, mongo_port) = (free_port(), free_port(), free_port());
+    // FerretDB also serves its metrics; the suite's own FerretDB holds the
+    // default port, so this one needs its own.
+    let ferretdb_debug_port = free_port();
     let clickhouse = OwnServer::new(
         "clickhouse",
         &run_dir,
@@ -165,7 +168,14 @@ async fn killed_stores_lose_no_acknowledged_write_and_show_no_unacknowledged_one
             ("FGP_CLICKHOUSE_TCP_PORT", tcp_port),
         ],
     );
-    let ferretdb = OwnServer::new("ferretdb", &run_dir, &[("FGP_FERRETDB_PORT", mongo_port)]);
+    let ferretdb = OwnServer::new(
+        "ferretdb",
+        &run_dir,
+        &[
+            ("FGP_FERRETDB_PORT", mongo_port),
+            ("FGP_FERRETDB_DEBUG_PORT", ferretdb_debug_port),
+        ],
+    );
     clickhouse.start();
     ferretdb.start();
 
