@@ -205,6 +205,20 @@ start_services_for_this_script() {
   if [ "$SERVICES_STARTED_HERE" -eq 1 ]; then trap stop_services EXIT; fi
 }
 
+clickhouse_query() { curl -sf --max-time 120 "http://127.0.0.1:$CLICKHOUSE_HTTP_PORT/" --data-binary "$1"; }
+
+# Drops the ClickHouse databases a test run named with its id (see
+# tests/support's unique_name): left in a ClickHouse that keeps running (the
+# demo stack's is reused), every run added some eighty, whose tables' background
+# work costs CPU while idle and skews the benches.
+drop_databases_of_test_run() {
+  local run="$1" db dropped=0
+  for db in $(clickhouse_query "SHOW DATABASES" | grep -E "^[a-z_]+_${run}[0-9a-f]{24}\$"); do
+    if clickhouse_query "DROP DATABASE IF EXISTS $db" >/dev/null; then dropped=$((dropped + 1)); fi
+  done
+  log "dropped the $dropped ClickHouse databases of test run $run"
+}
+
 # Stops only what this checkout started (pid files under .run/).
 stop_services() {
   local pidfile

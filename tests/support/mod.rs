@@ -78,9 +78,20 @@ pub fn as_sent(value: &serde_json::Value) -> serde_json::Value {
     value
 }
 
-/// A database name no other test uses.
+/// A database name no other test uses. Under `scripts/test.sh` its hex part
+/// starts with the run's id (`FGP_TEST_RUN_ID`, 8 lowercase hex digits), by
+/// which the script drops the ClickHouse databases of its own run, and of no
+/// other run sharing the servers, when it ends.
 pub fn unique_name(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    match std::env::var("FGP_TEST_RUN_ID") {
+        Ok(run) if is_run_id(&run) => format!("{prefix}_{run}{}", &random[run.len()..]),
+        _ => format!("{prefix}_{random}"),
+    }
+}
+
+fn is_run_id(run: &str) -> bool {
+    run.len() == 8 && run.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A port no server listens on now, for a server another process will bind
