@@ -5,12 +5,20 @@
 # store-ratio rows; FGP_BENCH_THROUGHPUT=0 skips
 # the (slow) throughput rows; FGP_BENCH_PASSTHROUGH=0 skips the passthrough CPU
 # comparison against nginx (scripts/passthrough-bench.sh, which then runs last).
+# The benches' ClickHouse databases (Groups of up to a million members) are
+# dropped at the end; FGP_KEEP_TEST_DATABASES=1 keeps them.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ensure_all_installed
 start_services_for_this_script
 cd "$REPO_ROOT"
+begin_test_run
+set +e
 cargo bench --bench member_patch --bench group_read "$@"
+status=$?
+set -e
+end_test_run
+[ "$status" -eq 0 ] || exit "$status"
 if [ "${FGP_BENCH_PASSTHROUGH:-1}" != 0 ]; then
   bash "$REPO_ROOT/scripts/passthrough-bench.sh"
 fi

@@ -219,6 +219,17 @@ drop_databases_of_test_run() {
   log "dropped the $dropped ClickHouse databases of test run $run"
 }
 
+# A run of the tests or benches: its databases are named with this id (see
+# tests/support's unique_name) and dropped when it ends, unless
+# FGP_KEEP_TEST_DATABASES=1 keeps them for a look after a failure.
+begin_test_run() {
+  FGP_TEST_RUN_ID="$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
+  export FGP_TEST_RUN_ID
+}
+end_test_run() {
+  if [ "${FGP_KEEP_TEST_DATABASES:-0}" != 1 ]; then drop_databases_of_test_run "$FGP_TEST_RUN_ID"; fi
+}
+
 # Stops only what this checkout started (pid files under .run/).
 stop_services() {
   local pidfile

@@ -14,18 +14,15 @@ log "module graph: no new import cycles, no upward imports"
 python3 scripts/module-graph.py
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-# Tests name their databases with this run's id, so that this run's, and
-# only this run's, are dropped at the end (FGP_KEEP_TEST_DATABASES=1 keeps
-# them, for a look after a failure).
-FGP_TEST_RUN_ID="$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
-export FGP_TEST_RUN_ID
+# This run's databases, and only this run's, are dropped at the end.
+begin_test_run
 log "cargo test (target dir: $CARGO_TARGET_DIR, test run $FGP_TEST_RUN_ID)"
 mkdir -p "$RUN_DIR"
 set +e
 cargo test --workspace --no-fail-fast 2>&1 | tee "$RUN_DIR/cargo-test.log"
 status=${PIPESTATUS[0]}
 set -e
-if [ "${FGP_KEEP_TEST_DATABASES:-0}" != 1 ]; then drop_databases_of_test_run "$FGP_TEST_RUN_ID"; fi
+end_test_run
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' \
   "$RUN_DIR/cargo-test.log"

@@ -78,7 +78,8 @@ pub fn as_sent(value: &serde_json::Value) -> serde_json::Value {
     value
 }
 
-/// A database name no other test uses. Under `scripts/test.sh` its hex part
+/// A database name no other test uses. Under `scripts/test.sh` (and
+/// `scripts/bench.sh`, whose benches share this module) its hex part
 /// starts with the run's id (`FGP_TEST_RUN_ID`, 8 lowercase hex digits), by
 /// which the script drops the ClickHouse databases of its own run, and of no
 /// other run sharing the servers, when it ends.
