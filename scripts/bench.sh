@@ -17,7 +17,7 @@ set +e
 cargo bench --bench member_patch --bench group_read "$@"
 status=$?
 set -e
-end_test_run
+end_test_run --release
 [ "$status" -eq 0 ] || exit "$status"
 if [ "${FGP_BENCH_PASSTHROUGH:-1}" != 0 ]; then
   bash "$REPO_ROOT/scripts/passthrough-bench.sh"

@@ -226,8 +226,17 @@ begin_test_run() {
   FGP_TEST_RUN_ID="$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
   export FGP_TEST_RUN_ID
 }
+# Arguments: cargo's profile flags of the run (`--release` for the benches), so
+# that the MongoDB half builds on what the run built.
 end_test_run() {
-  if [ "${FGP_KEEP_TEST_DATABASES:-0}" != 1 ]; then drop_databases_of_test_run "$FGP_TEST_RUN_ID"; fi
+  [ "${FGP_KEEP_TEST_DATABASES:-0}" != 1 ] || return 0
+  drop_databases_of_test_run "$FGP_TEST_RUN_ID"
+  local dropped
+  if dropped="$(cargo run --quiet "$@" --example drop_test_run_databases -- "$FGP_TEST_MONGO_URI" "$FGP_TEST_RUN_ID")"; then
+    log "dropped the $dropped MongoDB databases of test run $FGP_TEST_RUN_ID"
+  else
+    log "warning: could not drop the MongoDB databases of test run $FGP_TEST_RUN_ID"
+  fi
 }
 
 # Stops only what this checkout started (pid files under .run/).
