@@ -1,33 +1,61 @@
-//! Drops the MongoDB (FerretDB) databases of one run of the tests or benches:
-//! those whose names carry its run id (see `tests/support`'s `unique_name`).
-//! `scripts/lib.sh`'s `end_test_run` runs it, and drops the run's ClickHouse
-//! databases itself. An example rather than a script because dropping a
-//! MongoDB database needs a MongoDB client, and the test tools have none
-//! besides the driver.
+//! Drops the databases of one run of the tests or benches, in ClickHouse and
+//! in MongoDB (FerretDB): those whose names carry its run id (see
+//! `tests/support`'s `unique_name`). `scripts/lib.sh`'s `end_test_run` runs
+//! it. An example rather than a script because dropping a MongoDB database
+//! needs a MongoDB client, and the test tools have none besides the driver;
+//! both stores are handled here so that which names belong to a run is
+//! decided in one place.
 //!
-//! Usage: `drop_test_run_databases <mongodb-uri> <run-id>`; prints how many it
-//! dropped.
+//! Usage: `drop_test_run_databases <clickhouse-url> <mongodb-uri> <run-id>`;
+//! prints how many it dropped in each.
 
 use std::error::Error;
+
+use fhir_group_proxy::config::ClickHouseSettings;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
-    let (Some(uri), Some(run)) = (args.next(), args.next()) else {
-        return Err("usage: drop_test_run_databases <mongodb-uri> <run-id>".into());
+    let (Some(clickhouse_url), Some(mongo_uri), Some(run)) =
+        (args.next(), args.next(), args.next())
+    else {
+        return Err(
+            "usage: drop_test_run_databases <clickhouse-url> <mongodb-uri> <run-id>".into(),
+        );
     };
     if !is_run_id(&run) {
         return Err(format!("{run:?} is not a run id (8 lowercase hex digits)").into());
     }
-    let client = mongodb::Client::with_uri_str(&uri).await?;
-    let mut dropped = 0;
-    for name in client.list_database_names().await? {
+
+    let clickhouse = fhir_group_proxy::store::clickhouse::connect_server(&ClickHouseSettings {
+        url: clickhouse_url,
+        ..Default::default()
+    });
+    let mut clickhouse_dropped = 0;
+    for name in clickhouse
+        .query("SHOW DATABASES")
+        .fetch_all::<String>()
+        .await?
+    {
         if is_of_run(&name, &run) {
-            client.database(&name).drop().await?;
-            dropped += 1;
+            // The name is checked above: lowercase letters, `_` and hex only.
+            clickhouse
+                .query(&format!("DROP DATABASE IF EXISTS {name}"))
+                .execute()
+                .await?;
+            clickhouse_dropped += 1;
         }
     }
-    println!("{dropped}");
+
+    let mongo = mongodb::Client::with_uri_str(&mongo_uri).await?;
+    let mut mongo_dropped = 0;
+    for name in mongo.list_database_names().await? {
+        if is_of_run(&name, &run) {
+            mongo.database(&name).drop().await?;
+            mongo_dropped += 1;
+        }
+    }
+    println!("{clickhouse_dropped} ClickHouse and {mongo_dropped} MongoDB");
     Ok(())
 }
 

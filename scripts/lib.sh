@@ -205,20 +205,6 @@ start_services_for_this_script() {
   if [ "$SERVICES_STARTED_HERE" -eq 1 ]; then trap stop_services EXIT; fi
 }
 
-clickhouse_query() { curl -sf --max-time 120 "http://127.0.0.1:$CLICKHOUSE_HTTP_PORT/" --data-binary "$1"; }
-
-# Drops the ClickHouse databases a test run named with its id (see
-# tests/support's unique_name): left in a ClickHouse that keeps running (the
-# demo stack's is reused), every run added some eighty, whose tables' background
-# work costs CPU while idle and skews the benches.
-drop_databases_of_test_run() {
-  local run="$1" db dropped=0
-  for db in $(clickhouse_query "SHOW DATABASES" | grep -E "^[a-z_]+_${run}[0-9a-f]{24}\$"); do
-    if clickhouse_query "DROP DATABASE IF EXISTS $db" >/dev/null; then dropped=$((dropped + 1)); fi
-  done
-  log "dropped the $dropped ClickHouse databases of test run $run"
-}
-
 # A run of the tests or benches: its databases are named with this id (see
 # tests/support's unique_name) and dropped when it ends, unless
 # FGP_KEEP_TEST_DATABASES=1 keeps them for a look after a failure.
@@ -226,16 +212,19 @@ begin_test_run() {
   FGP_TEST_RUN_ID="$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
   export FGP_TEST_RUN_ID
 }
+# Left in servers that keep running (the demo stack's are reused), every run
+# added some eighty ClickHouse databases, whose tables' background work costs
+# CPU while idle and skews the benches, and some ninety FerretDB ones.
 # Arguments: cargo's profile flags of the run (`--release` for the benches), so
-# that the MongoDB half builds on what the run built.
+# that the dropping example builds on what the run built.
 end_test_run() {
   [ "${FGP_KEEP_TEST_DATABASES:-0}" != 1 ] || return 0
-  drop_databases_of_test_run "$FGP_TEST_RUN_ID"
   local dropped
-  if dropped="$(cargo run --quiet "$@" --example drop_test_run_databases -- "$FGP_TEST_MONGO_URI" "$FGP_TEST_RUN_ID")"; then
-    log "dropped the $dropped MongoDB databases of test run $FGP_TEST_RUN_ID"
+  if dropped="$(cargo run --quiet "$@" --example drop_test_run_databases -- \
+    "$FGP_TEST_CLICKHOUSE_URL" "$FGP_TEST_MONGO_URI" "$FGP_TEST_RUN_ID")"; then
+    log "dropped the databases of test run $FGP_TEST_RUN_ID: $dropped"
   else
-    log "warning: could not drop the MongoDB databases of test run $FGP_TEST_RUN_ID"
+    log "warning: could not drop the databases of test run $FGP_TEST_RUN_ID"
   fi
 }
 

@@ -81,8 +81,8 @@ pub fn as_sent(value: &serde_json::Value) -> serde_json::Value {
 /// A database name no other test uses. Under `scripts/test.sh` (and
 /// `scripts/bench.sh`, whose benches share this module) its hex part
 /// starts with the run's id (`FGP_TEST_RUN_ID`, 8 lowercase hex digits), by
-/// which the script drops the ClickHouse databases of its own run, and of no
-/// other run sharing the servers, when it ends.
+/// which the script drops the databases of its own run, and of no other run
+/// sharing the servers, when it ends (`examples/drop_test_run_databases.rs`).
 pub fn unique_name(prefix: &str) -> String {
     let random = uuid::Uuid::new_v4().simple().to_string();
     match std::env::var("FGP_TEST_RUN_ID") {
