@@ -441,11 +441,11 @@ async fn store_ratio(
     group_database: &str,
 ) {
     println!("\n## Member PATCHes/s against the store's own compare-and-swap rate ({RATIO_CLIENTS} clients, {} s per row, same run)\n", RATIO_RUN.as_secs());
-    println!("raw = {RATIO_CLIENTS} clients doing `findAndModify` of `{{_id, v: n}}` to `n + 1` directly on FerretDB (retrying a lost race); raw on Groups = the same clients reading a Group by `id` and compare-and-swapping its `meta.versionId` (`findAndModify` of `{{id, meta.versionId}}`), on a copy of the proxy's Group collection taken just before the proxy row (FerretDB's SQLite backend pushes down only a filter that is exactly `{{_id}}`, so both commands decode the collection's documents until the match); proxy = {RATIO_CLIENTS} clients sending single-member adds (`return=minimal`)\n");
+    println!("raw = {RATIO_CLIENTS} clients doing `findAndModify` of `{{_id, v: n}}` to `n + 1` directly on FerretDB (retrying a lost race); raw on Groups = the same clients reading a Group by `id` and compare-and-swapping its `meta.versionId` (`findAndModify` of `{{id, meta.versionId}}`), on a copy of the proxy's Group collection taken just before the proxy row (FerretDB's SQLite backend pushes down only a filter that is exactly `{{_id}}`, so both commands decode the collection's documents until the match); MongoDB floor = the same clients, one per Group, each making the seven MongoDB commands of one single-member PATCH through the proxy's own store code, back to back, on a copy of the proxy's collections (member-state read, lock insert, head read, the legacy server's read for the access probe, compare-and-swap, history entry, lock delete): the most PATCHes/s this MongoDB allows if ClickHouse, HTTP and the proxy cost nothing (16 Groups only: on one Group queued PATCHes share a write); proxy = {RATIO_CLIENTS} clients sending single-member adds (`return=minimal`)\n");
     println!(
-        "| documents / Groups | raw CAS updates/s | raw CAS on Groups/s | proxy PATCHes/s | proxy ÷ raw | proxy ÷ raw on Groups | proxy failed | MongoDB commands / PATCH | ClickHouse statements / PATCH |"
+        "| documents / Groups | raw CAS updates/s | raw CAS on Groups/s | MongoDB floor/s | floor ÷ raw | proxy PATCHes/s | proxy ÷ raw | proxy ÷ raw on Groups | proxy failed | MongoDB commands / PATCH | ClickHouse statements / PATCH |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut cpu_rows = Vec::new();
     let mut ferretdb_rows = Vec::new();
     for groups in [RATIO_CLIENTS, 1] {
@@ -459,6 +459,12 @@ async fn store_ratio(
             ids.push(id);
         }
         let raw_on_groups = raw_group_cas_rate(group_database, &ids).await;
+        // With one Group the proxy shares one write among queued PATCHes,
+        // so one PATCH's commands are no floor there.
+        let floor = match groups == RATIO_CLIENTS {
+            true => Some(store_floor_rate(group_database, &ids).await),
+            false => None,
+        };
         let counted = counters(client, admin).await;
         let received = ferretdb_counters(client).await;
         let before = Cpu::sample(proxy_pid);
@@ -481,8 +487,15 @@ async fn store_ratio(
                 by_name(&received, 2)
             ),
         });
+        let (floor, floor_ratio) = match floor {
+            Some(floor) => (
+                format!("{floor:.0}"),
+                format!("{:.2}", floor / raw.max(f64::MIN_POSITIVE)),
+            ),
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "| {groups} | {raw:.0} | {raw_on_groups:.0} | {rate:.0} | {:.2} | {:.2} | {failed} | {:.2} | {:.2} |",
+            "| {groups} | {raw:.0} | {raw_on_groups:.0} | {floor} | {floor_ratio} | {rate:.0} | {:.2} | {:.2} | {failed} | {:.2} | {:.2} |",
             rate / raw.max(f64::MIN_POSITIVE),
             rate / raw_on_groups.max(f64::MIN_POSITIVE),
             mongo / patches,
@@ -690,6 +703,105 @@ async fn raw_group_cas_rate(database: &str, ids: &[String]) -> f64 {
         }
     })
     .await
+}
+
+/// Member writes per second that MongoDB alone allows on the Groups `ids`
+/// (one client per Group): the MongoDB commands of one single-member PATCH,
+/// made through the proxy's own store code, back to back, on a copy of the
+/// proxy's Group and member-state collections: the routing read of the
+/// member state, the lock insert, the head read, the legacy server's read
+/// for the access probe, the compare-and-swap, the history entry and the
+/// lock delete. What a PATCH could reach if ClickHouse, HTTP, the proxy's
+/// own work and the legacy server's logic cost nothing.
+async fn store_floor_rate(database: &str, ids: &[String]) -> f64 {
+    use fhir_group_proxy::store::group_documents::{
+        GroupDocuments, GROUP_COLLECTION, MEMBER_STATE_COLLECTION,
+    };
+    use fhir_group_proxy::store::group_history::HistoryEntry;
+    use fhir_group_proxy::store::mongo::LeaseHolder;
+    use mongodb::bson::{doc, DateTime, Document};
+    let mongo = mongodb::Client::with_uri_str(mongo_uri())
+        .await
+        .expect("mongo client");
+    let scratch = mongo.database(&format!("fgp_bench_raw_{}", uuid::Uuid::new_v4().simple()));
+    for name in [GROUP_COLLECTION, MEMBER_STATE_COLLECTION] {
+        let documents: Vec<Document> = mongo
+            .database(database)
+            .collection::<Document>(name)
+            .find(doc! {})
+            .await
+            .expect("read the proxy's documents")
+            .try_collect()
+            .await
+            .expect("read the proxy's documents");
+        if !documents.is_empty() {
+            scratch
+                .collection::<Document>(name)
+                .insert_many(documents)
+                .await
+                .expect("copy the proxy's documents");
+        }
+    }
+    let documents = GroupDocuments::new(&scratch, &scratch, LeaseHolder::here("bench", "floor"));
+    let groups = scratch.collection::<Document>(GROUP_COLLECTION);
+    let rate = swaps_per_second(groups.clone(), |groups, c| {
+        let id = ids[c % ids.len()].clone();
+        let documents = &documents;
+        async move {
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let url = format!("/4_0_0/Group/{id}");
+            let state = documents.member_state(&id).await.expect("member state");
+            let taken = documents
+                .locks()
+                .acquire(&id, &token, &url, DateTime::now(), Duration::from_secs(30))
+                .await
+                .expect("lock");
+            if !taken {
+                return false;
+            }
+            let (head, _) = documents
+                .head_with_inline(&id, state.generation)
+                .await
+                .expect("head")
+                .expect("a Group");
+            groups
+                .find_one(doc! { "id": &id })
+                .await
+                .expect("the access probe's read");
+            let committed = documents
+                .commit_version(
+                    &id,
+                    head.version,
+                    head.version + 1,
+                    &token,
+                    DateTime::now(),
+                    state.generation,
+                )
+                .await
+                .expect("compare-and-swap");
+            if let Some(resource) = &committed {
+                documents
+                    .insert_history(vec![HistoryEntry {
+                        resource,
+                        request_id: &token,
+                        method: "PATCH",
+                        url: &url,
+                        patch_ops: &[],
+                    }])
+                    .await
+                    .expect("history entry");
+            }
+            documents
+                .locks()
+                .release(&id, &token)
+                .await
+                .expect("lock delete");
+            committed.is_some()
+        }
+    })
+    .await;
+    let _ = scratch.drop().await;
+    rate
 }
 
 /// `name` in a database of its own, dropped by [`swaps_per_second`].
