@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Passthrough CPU per request: the proxy against Debian's nginx, in one run, in
-# front of the same upstream. CPU comes from /proc/<pid>/stat (utime + stime of
+# front of the same upstream, with pingora's bare forwarding path
+# (examples/bare_pingora_proxy.rs) beside them as the floor of the proxy's
+# stack. CPU comes from /proc/<pid>/stat (utime + stime of
 # the server and its children), so a noisy machine changes the req/s but much
 # less the CPU each request costs. Prints every round, the medians and the
-# ratio proxy / nginx.
+# ratios to nginx.
 #
 # Settings (environment):
-#   BENCH_ROUNDS=3        rounds; each round drives both targets, order alternating
+#   BENCH_ROUNDS=3        rounds; each round drives every target, order rotating
 #   BENCH_SECONDS=10      wrk duration per target and round
 #   BENCH_CONNECTIONS=32  wrk connections (fewer than either keep-alive pool)
 #   BENCH_WRK_THREADS=1   wrk threads
 #   BENCH_WORKERS=1       proxy threads = nginx worker processes
-#   BENCH_PORT_BASE=19180 upstream, proxy and nginx listen on base, +1, +2
+#   BENCH_PORT_BASE=19180 upstream, proxy, nginx and bare pingora listen on base, +1, +2, +3
 #   BENCH_KEEP=1          keep the work directory (configs, logs) under /tmp
 #
 # The upstream is a second nginx serving one ~2 KB FHIR Patient from a file:
@@ -28,6 +30,7 @@ PORT_BASE="${BENCH_PORT_BASE:-19180}"
 UPSTREAM_PORT="$PORT_BASE"
 PROXY_PORT="$((PORT_BASE + 1))"
 NGINX_PORT="$((PORT_BASE + 2))"
+PINGORA_PORT="$((PORT_BASE + 3))"
 BENCH_DB="fgp_passthrough_bench"
 REQUEST_PATH="/4_0_0/Patient/x"
 
@@ -47,8 +50,9 @@ ensure_bench_tools
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 cd "$REPO_ROOT"
 log "building the proxy (release)"
-cargo build --release --quiet --bin fhir-group-proxy
+cargo build --release --quiet --bin fhir-group-proxy --example bare_pingora_proxy
 PROXY_BIN="$CARGO_TARGET_DIR/release/fhir-group-proxy"
+PINGORA_BIN="$CARGO_TARGET_DIR/release/examples/bare_pingora_proxy"
 
 # The proxy starts with member handling on, as deployed, so it needs its stores.
 start_services_for_this_script
@@ -180,11 +184,21 @@ PROXY_PID="$!"
 STARTED_PIDS+=("$PROXY_PID")
 wait_until "proxy" 30 curl -sf "http://127.0.0.1:$PROXY_PORT$REQUEST_PATH"
 
-# The same bytes through both, or the comparison means nothing.
+log "starting bare pingora ($WORKERS thread(s)) on 127.0.0.1:$PINGORA_PORT"
+mkdir -p "$WORK/pingora"
+"$PINGORA_BIN" "127.0.0.1:$PINGORA_PORT" "127.0.0.1:$UPSTREAM_PORT" "$WORKERS" \
+  </dev/null >"$WORK/pingora/stdout.log" 2>&1 &
+PINGORA_PID="$!"
+STARTED_PIDS+=("$PINGORA_PID")
+wait_until "bare pingora" 30 curl -sf "http://127.0.0.1:$PINGORA_PORT$REQUEST_PATH"
+
+# The same bytes through every target, or the comparison means nothing.
 cmp -s <(curl -sf "http://127.0.0.1:$PROXY_PORT$REQUEST_PATH") "$WORK/upstream/html/patient.json" \
   || die "the proxy does not return the upstream's body unchanged"
 cmp -s <(curl -sf "http://127.0.0.1:$NGINX_PORT$REQUEST_PATH") "$WORK/upstream/html/patient.json" \
   || die "nginx does not return the upstream's body unchanged"
+cmp -s <(curl -sf "http://127.0.0.1:$PINGORA_PORT$REQUEST_PATH") "$WORK/upstream/html/patient.json" \
+  || die "bare pingora does not return the upstream's body unchanged"
 
 # Clock ticks of user + system time of a process and its direct children
 # (nginx's workers; the proxy's threads are counted in its own line).
@@ -218,42 +232,61 @@ drive() {
   echo "$requests $rps $((after - before)) $((up_after - up_before))"
 }
 
-log "warming up both targets (2 s each)"
-drive "$PROXY_PORT" "$PROXY_PID" 2 >/dev/null
-drive "$NGINX_PORT" "$NGINX_PID" 2 >/dev/null
+TARGETS=(proxy nginx pingora)
+declare -A PORT=([proxy]="$PROXY_PORT" [nginx]="$NGINX_PORT" [pingora]="$PINGORA_PORT")
+declare -A PID=([proxy]="$PROXY_PID" [nginx]="$NGINX_PID" [pingora]="$PINGORA_PID")
 
-per_request_us() { awk -v t="$1" -v n="$2" -v us="$TICK_US" 'BEGIN {printf "%.1f", t * us / n}'; }
-median() { tr ' ' '\n' | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
-
-log "GET $REQUEST_PATH (${BODY_BYTES}-byte body), $ROUNDS rounds of ${SECONDS_PER_RUN}s per target, wrk -t$WRK_THREADS -c$CONNECTIONS, $WORKERS worker(s)"
-printf '\n%-6s %-6s %10s %12s %14s %8s\n' round target req/s "cpu µs/req" "upstream µs/req" ratio
-proxy_us=() nginx_us=() proxy_rps=() nginx_rps=() proxy_up=() nginx_up=() ratios=()
-for ((round = 1; round <= ROUNDS; round++)); do
-  # Alternate which target goes first, so a drift of the machine's load
-  # during a round does not always favour the same one.
-  if ((round % 2)); then order=(proxy nginx); else order=(nginx proxy); fi
-  for target in "${order[@]}"; do
-    if [ "$target" = proxy ]; then
-      read -r n rps ticks up_ticks < <(drive "$PROXY_PORT" "$PROXY_PID" "$SECONDS_PER_RUN")
-      proxy_us+=("$(per_request_us "$ticks" "$n")") proxy_rps+=("$rps")
-      proxy_up+=("$(per_request_us "$up_ticks" "$n")")
-    else
-      read -r n rps ticks up_ticks < <(drive "$NGINX_PORT" "$NGINX_PID" "$SECONDS_PER_RUN")
-      nginx_us+=("$(per_request_us "$ticks" "$n")") nginx_rps+=("$rps")
-      nginx_up+=("$(per_request_us "$up_ticks" "$n")")
-    fi
-  done
-  i=$((round - 1))
-  ratios+=("$(awk -v p="${proxy_us[$i]}" -v g="${nginx_us[$i]}" 'BEGIN {printf "%.2f", p / g}')")
-  printf '%-6s %-6s %10.0f %12s %14s\n' "$round" proxy "${proxy_rps[$i]}" "${proxy_us[$i]}" "${proxy_up[$i]}"
-  printf '%-6s %-6s %10.0f %12s %14s %8s\n' "$round" nginx "${nginx_rps[$i]}" "${nginx_us[$i]}" "${nginx_up[$i]}" "${ratios[$i]}"
+log "warming up the three targets (2 s each)"
+for target in "${TARGETS[@]}"; do
+  drive "${PORT[$target]}" "${PID[$target]}" 2 >/dev/null
 done
 
-m_proxy="$(median <<<"${proxy_us[*]}")"
-m_nginx="$(median <<<"${nginx_us[*]}")"
-printf '%-6s %-6s %10.0f %12s %14s\n' median proxy "$(median <<<"${proxy_rps[*]}")" "$m_proxy" "$(median <<<"${proxy_up[*]}")"
-printf '%-6s %-6s %10.0f %12s %14s %8s\n' median nginx "$(median <<<"${nginx_rps[*]}")" "$m_nginx" "$(median <<<"${nginx_up[*]}")" "$(median <<<"${ratios[*]}")"
-printf '\nproxy / nginx CPU per request: %s (median of medians: %s / %s)\n' \
-  "$(awk -v p="$m_proxy" -v g="$m_nginx" 'BEGIN {printf "%.2f", p / g}')" "$m_proxy" "$m_nginx"
+per_request_us() { awk -v t="$1" -v n="$2" -v us="$TICK_US" 'BEGIN {printf "%.1f", t * us / n}'; }
+median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+
+log "GET $REQUEST_PATH (${BODY_BYTES}-byte body), $ROUNDS rounds of ${SECONDS_PER_RUN}s per target, wrk -t$WRK_THREADS -c$CONNECTIONS, $WORKERS worker(s)"
+log "targets: proxy = fhir-group-proxy; nginx = Debian's nginx (proxy_pass, keep-alive); pingora = pingora's bare forwarding path (examples/bare_pingora_proxy.rs), the floor under the proxy"
+printf '\n%-6s %-8s %10s %12s %16s %14s\n' round target req/s "cpu µs/req" "upstream µs/req" "÷ nginx"
+# Per target: space-separated values, one per round.
+declare -A US=() RPS=() UP=()
+ratios_proxy="" ratios_pingora=""
+for ((round = 1; round <= ROUNDS; round++)); do
+  # Rotate which target goes first, so a drift of the machine's load during
+  # a round does not always favour the same one.
+  order=()
+  for ((k = 0; k < ${#TARGETS[@]}; k++)); do
+    order+=("${TARGETS[$(((round - 1 + k) % ${#TARGETS[@]}))]}")
+  done
+  declare -A this_round=()
+  for target in "${order[@]}"; do
+    read -r n rps ticks up_ticks < <(drive "${PORT[$target]}" "${PID[$target]}" "$SECONDS_PER_RUN")
+    this_round[$target]="$(per_request_us "$ticks" "$n")"
+    US[$target]+=" ${this_round[$target]}" RPS[$target]+=" $rps"
+    UP[$target]+=" $(per_request_us "$up_ticks" "$n")"
+    this_round[$target.rps]="$rps" this_round[$target.up]="$(per_request_us "$up_ticks" "$n")"
+  done
+  ratios_proxy+=" $(ratio "${this_round[proxy]}" "${this_round[nginx]}")"
+  ratios_pingora+=" $(ratio "${this_round[pingora]}" "${this_round[nginx]}")"
+  for target in "${TARGETS[@]}"; do
+    printf '%-6s %-8s %10.0f %12s %16s %14s\n' "$round" "$target" "${this_round[$target.rps]}" \
+      "${this_round[$target]}" "${this_round[$target.up]}" "$(ratio "${this_round[$target]}" "${this_round[nginx]}")"
+  done
+  unset this_round
+done
+
+declare -A M=()
+for target in "${TARGETS[@]}"; do
+  M[$target]="$(median <<<"${US[$target]}")"
+done
+for target in "${TARGETS[@]}"; do
+  printf '%-6s %-8s %10.0f %12s %16s %14s\n' median "$target" "$(median <<<"${RPS[$target]}")" \
+    "${M[$target]}" "$(median <<<"${UP[$target]}")" "$(ratio "${M[$target]}" "${M[nginx]}")"
+done
+printf '\nproxy / nginx CPU per request: %s (median of medians: %s / %s; median of the rounds: %s)\n' \
+  "$(ratio "${M[proxy]}" "${M[nginx]}")" "${M[proxy]}" "${M[nginx]}" "$(median <<<"$ratios_proxy")"
+printf "bare pingora / nginx: %s (median of the rounds: %s): the floor of the proxy's stack\n" \
+  "$(ratio "${M[pingora]}" "${M[nginx]}")" "$(median <<<"$ratios_pingora")"
+printf 'proxy / bare pingora: %s: what the proxy adds to pingora\n' "$(ratio "${M[proxy]}" "${M[pingora]}")"
 printf 'access lines written: proxy %s, nginx %s\n' \
   "$(grep -c 'request done' "$WORK/proxy/access.log" || true)" "$(wc -l <"$WORK/nginx/access.log")"
