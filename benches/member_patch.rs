@@ -744,7 +744,7 @@ async fn store_floor_rate(database: &str, ids: &[String]) -> f64 {
     }
     let documents = GroupDocuments::new(&scratch, &scratch, LeaseHolder::here("bench", "floor"));
     let groups = scratch.collection::<Document>(GROUP_COLLECTION);
-    let rate = swaps_per_second(groups.clone(), |groups, c| {
+    swaps_per_second(groups, |groups, c| {
         let id = ids[c % ids.len()].clone();
         let documents = &documents;
         async move {
@@ -799,9 +799,7 @@ async fn store_floor_rate(database: &str, ids: &[String]) -> f64 {
             committed.is_some()
         }
     })
-    .await;
-    let _ = scratch.drop().await;
-    rate
+    .await
 }
 
 /// `name` in a database of its own, dropped by [`swaps_per_second`].
@@ -815,7 +813,7 @@ async fn scratch_collection(name: &str) -> mongodb::Collection<mongodb::bson::Do
 
 /// `RATIO_CLIENTS` clients each trying `swap` (client number given) again
 /// and again for `RATIO_RUN`: the successful swaps per second. The
-/// collection is dropped afterwards.
+/// collection's database is dropped afterwards.
 async fn swaps_per_second<F, Fut>(
     collection: mongodb::Collection<mongodb::bson::Document>,
     swap: F,
@@ -842,7 +840,10 @@ where
         .collect()
         .await;
     let rate = done.iter().sum::<u64>() as f64 / started.elapsed().as_secs_f64();
-    let _ = collection.drop().await;
+    // The whole scratch database: FerretDB keeps a database whose last
+    // collection is dropped, as a file of its own.
+    let scratch = collection.namespace().db;
+    let _ = collection.client().database(&scratch).drop().await;
     rate
 }
 
