@@ -659,20 +659,11 @@ async fn raw_cas_rate(documents: usize) -> f64 {
 /// the Group collection of `database` (so as many documents of the same
 /// shape lie in the way of every scan).
 async fn raw_group_cas_rate(database: &str, ids: &[String]) -> f64 {
+    use fhir_group_proxy::store::group_documents::GROUP_COLLECTION;
     use mongodb::bson::doc;
-    let groups: Vec<mongodb::bson::Document> = mongodb::Client::with_uri_str(mongo_uri())
+    let collection = copy_of_collections(database, &[GROUP_COLLECTION])
         .await
-        .expect("mongo client")
-        .database(database)
-        .collection::<mongodb::bson::Document>("Group_4_0_0")
-        .find(doc! {})
-        .await
-        .expect("read Groups")
-        .try_collect()
-        .await
-        .expect("read Groups");
-    let collection = scratch_collection("Group_4_0_0").await;
-    collection.insert_many(groups).await.expect("copy Groups");
+        .collection(GROUP_COLLECTION);
     swaps_per_second(collection, |collection, c| {
         let id = ids[c % ids.len()].clone();
         async move {
@@ -720,28 +711,7 @@ async fn store_floor_rate(database: &str, ids: &[String]) -> f64 {
     use fhir_group_proxy::store::group_history::HistoryEntry;
     use fhir_group_proxy::store::mongo::LeaseHolder;
     use mongodb::bson::{doc, DateTime, Document};
-    let mongo = mongodb::Client::with_uri_str(mongo_uri())
-        .await
-        .expect("mongo client");
-    let scratch = mongo.database(&format!("fgp_bench_raw_{}", uuid::Uuid::new_v4().simple()));
-    for name in [GROUP_COLLECTION, MEMBER_STATE_COLLECTION] {
-        let documents: Vec<Document> = mongo
-            .database(database)
-            .collection::<Document>(name)
-            .find(doc! {})
-            .await
-            .expect("read the proxy's documents")
-            .try_collect()
-            .await
-            .expect("read the proxy's documents");
-        if !documents.is_empty() {
-            scratch
-                .collection::<Document>(name)
-                .insert_many(documents)
-                .await
-                .expect("copy the proxy's documents");
-        }
-    }
+    let scratch = copy_of_collections(database, &[GROUP_COLLECTION, MEMBER_STATE_COLLECTION]).await;
     let documents = GroupDocuments::new(&scratch, &scratch, LeaseHolder::here("bench", "floor"));
     let groups = scratch.collection::<Document>(GROUP_COLLECTION);
     swaps_per_second(groups, |groups, c| {
@@ -800,6 +770,35 @@ async fn store_floor_rate(database: &str, ids: &[String]) -> f64 {
         }
     })
     .await
+}
+
+/// A database of its own (dropped by [`swaps_per_second`]) holding a copy
+/// of the collections `names` of `database`, taken now.
+async fn copy_of_collections(database: &str, names: &[&str]) -> mongodb::Database {
+    use mongodb::bson::{doc, Document};
+    let mongo = mongodb::Client::with_uri_str(mongo_uri())
+        .await
+        .expect("mongo client");
+    let scratch = mongo.database(&format!("fgp_bench_raw_{}", uuid::Uuid::new_v4().simple()));
+    for name in names {
+        let documents: Vec<Document> = mongo
+            .database(database)
+            .collection::<Document>(name)
+            .find(doc! {})
+            .await
+            .expect("read the proxy's documents")
+            .try_collect()
+            .await
+            .expect("read the proxy's documents");
+        if !documents.is_empty() {
+            scratch
+                .collection::<Document>(name)
+                .insert_many(documents)
+                .await
+                .expect("copy the proxy's documents");
+        }
+    }
+    scratch
 }
 
 /// `name` in a database of its own, dropped by [`swaps_per_second`].
