@@ -18,9 +18,6 @@ use pingora::server::Server;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// The proxy's `CLIENT_WRITE_BUFFER`: one send for a small response.
-const CLIENT_WRITE_BUFFER: usize = 16 * 1024;
-
 struct Forward {
     upstream: String,
 }
@@ -68,10 +65,7 @@ fn main() {
             upstream: upstream.clone(),
         },
     );
-    service.add_listener(
-        pingora::listeners::ListenerConfig::tcp(listen.clone())
-            .l4_buffer(pingora::listeners::L4BufferSettings::default().write(CLIENT_WRITE_BUFFER)),
-    );
+    service.add_listener(fhir_group_proxy::proxy::client_listener(listen.clone()));
     server.add_service(service);
     server.run_forever();
 }

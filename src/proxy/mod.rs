@@ -755,6 +755,14 @@ impl ProxyServer {
 /// gathered or the body is complete.
 const CLIENT_WRITE_BUFFER: usize = 16 * 1024;
 
+/// The client-facing listener on `listen`, with the write buffer above:
+/// the proxy's, and the bare pingora the passthrough bench measures it
+/// against (`examples/bare_pingora_proxy.rs`), so both listen alike.
+pub fn client_listener(listen: String) -> pingora::listeners::ListenerConfig {
+    pingora::listeners::ListenerConfig::tcp(listen)
+        .l4_buffer(pingora::listeners::L4BufferSettings::default().write(CLIENT_WRITE_BUFFER))
+}
+
 /// Builds the pingora server with the proxy service listening on
 /// `server.listen`, and starts the admin listener on `server.admin_listen`.
 pub fn build_server(config: Config) -> Result<ProxyServer, ProxyError> {
@@ -793,10 +801,7 @@ pub fn build_server(config: Config) -> Result<ProxyServer, ProxyError> {
     let store_tasks = proxy.store_runtime.clone();
     let store_runtime = proxy.store_runtime_owner.clone();
     let mut service = http_proxy_service(&server.configuration, proxy);
-    service.add_listener(
-        pingora::listeners::ListenerConfig::tcp(listen)
-            .l4_buffer(pingora::listeners::L4BufferSettings::default().write(CLIENT_WRITE_BUFFER)),
-    );
+    service.add_listener(client_listener(listen));
     server.add_service(service);
     Ok(ProxyServer {
         server,
