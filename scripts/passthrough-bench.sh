@@ -262,9 +262,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
   for target in "${order[@]}"; do
     read -r n rps ticks up_ticks < <(drive "${PORT[$target]}" "${PID[$target]}" "$SECONDS_PER_RUN")
     this_round[$target]="$(per_request_us "$ticks" "$n")"
-    US[$target]+=" ${this_round[$target]}" RPS[$target]+=" $rps"
-    UP[$target]+=" $(per_request_us "$up_ticks" "$n")"
     this_round[$target.rps]="$rps" this_round[$target.up]="$(per_request_us "$up_ticks" "$n")"
+    US[$target]+=" ${this_round[$target]}" RPS[$target]+=" $rps" UP[$target]+=" ${this_round[$target.up]}"
   done
   ratios_proxy+=" $(ratio "${this_round[proxy]}" "${this_round[nginx]}")"
   ratios_pingora+=" $(ratio "${this_round[pingora]}" "${this_round[nginx]}")"
